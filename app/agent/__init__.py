@@ -1,0 +1,1 @@
+"""The agent: task schemas, model tiers, the LLM <-> tools loop and the events it yields."""

@@ -1,0 +1,109 @@
+"""Typed task events: what the runner yields and every transport renders, unchanged."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, PrivateAttr
+
+from app.errors import AppError
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ToolCallRecord(BaseModel):
+    call_id: str
+    tool: str
+    arguments: Any
+    result: Any = None
+    error: str | None = None
+    duration_ms: float
+
+
+class TaskResult(BaseModel):
+    id: str
+    status: Literal["completed"] = "completed"
+    output: str
+    tool_calls: list[ToolCallRecord]
+    usage: UsageOut
+    usage_estimated: bool = False
+    cost_usd: float
+    model: str
+    provider: str
+    tier: str | None = None
+    finish_reason: str
+    duration_ms: float
+
+
+class _Event(BaseModel):
+    type: str
+    task_id: str
+    seq: int
+
+
+class TaskStarted(_Event):
+    type: Literal["task.started"] = "task.started"
+    model: str
+    provider: str
+    tier: str | None
+
+
+class TokenDelta(_Event):
+    type: Literal["token.delta"] = "token.delta"
+    delta: str
+
+
+class ToolCallStarted(_Event):
+    type: Literal["tool.call"] = "tool.call"
+    call_id: str
+    tool: str
+    arguments: Any
+
+
+class ToolCallFinished(_Event):
+    type: Literal["tool.result"] = "tool.result"
+    call_id: str
+    tool: str
+    result: Any = None
+    error: str | None = None
+    duration_ms: float
+
+
+class TaskCompleted(TaskResult, _Event):
+    type: Literal["task.completed"] = "task.completed"
+
+
+class TaskFailed(_Event):
+    type: Literal["task.failed"] = "task.failed"
+    code: str
+    detail: str
+    retryable: bool
+    status: int = Field(description="The HTTP status a non-streamed request gets for this failure.")
+    # The error itself (with its headers, e.g. Retry-After), for transports that answer in HTTP.
+    _error: AppError | None = PrivateAttr(default=None)
+
+    @property
+    def error(self) -> AppError:
+        return self._error or AppError(self.detail)
+
+    @error.setter
+    def error(self, value: AppError) -> None:
+        self._error = value
+
+
+TaskEvent = Annotated[
+    TaskStarted | TokenDelta | ToolCallStarted | ToolCallFinished | TaskCompleted | TaskFailed,
+    Field(discriminator="type"),
+]
+TERMINAL_EVENTS = (TaskCompleted, TaskFailed)
+
+
+def outcome_of(last: _Event | None) -> str:
+    """How a task ended, from its last event: completed, a failure code, or cancelled (no end event)."""
+    if isinstance(last, TaskCompleted):
+        return "completed"
+    return last.code if isinstance(last, TaskFailed) else "cancelled"

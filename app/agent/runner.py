@@ -1,0 +1,258 @@
+"""The agent loop: model call -> tool calls -> model call ..., as an async generator of TaskEvents.
+
+The runner knows nothing of transports. It never yields from inside a timeout scope (a suspended
+generator would carry the scope into its consumer); instead every await is bounded by the task's
+deadline on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+
+from app.agent.events import (
+    TaskCompleted,
+    TaskFailed,
+    TaskStarted,
+    TokenDelta,
+    ToolCallFinished,
+    ToolCallRecord,
+    ToolCallStarted,
+    UsageOut,
+)
+from app.agent.model_call import ModelCall
+from app.errors import AppError, MaxIterationsExceeded, RequestTimeout
+from app.observability.metrics import Metrics
+from app.providers.base import LLMRequest, Message, ToolCall, Usage
+from app.providers.registry import ModelRoute
+from app.tools.base import Tool, ToolError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Event = TaskStarted | TokenDelta | ToolCallStarted | ToolCallFinished | TaskCompleted | TaskFailed
+
+
+@dataclass(slots=True)
+class TaskSpec:
+    id: str
+    query: str
+    route: ModelRoute
+    tier: str | None
+    tools: list[Tool[Any]]
+    system_prompt: str
+    max_tokens: int
+    max_iterations: int
+    timeout_s: float
+    stream: bool  # stream from the upstream (worth it only when the client streams)
+    temperature: float | None = None
+    context: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class _Progress:
+    usage: Usage = field(default_factory=Usage)
+    usage_estimated: bool = False
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    seq: int = 0
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+
+async def run_agent(spec: TaskSpec, metrics: Metrics) -> AsyncGenerator[Event, None]:
+    progress = _Progress()
+    started = time.perf_counter()
+    deadline = asyncio.get_running_loop().time() + spec.timeout_s
+    yield TaskStarted(
+        task_id=spec.id,
+        seq=progress.next_seq(),
+        model=spec.route.name,
+        provider=spec.route.provider.name,
+        tier=spec.tier,
+    )
+    try:
+        # aclosing: if our consumer goes away, the inner loop (and its upstream call) closes now.
+        async with aclosing(_loop(spec, progress, metrics, deadline, started)) as events:
+            async for event in events:
+                yield event
+    except TimeoutError:
+        yield _failed(spec, progress, RequestTimeout(f"The task did not finish within {spec.timeout_s:g} s."))
+    except AppError as exc:
+        yield _failed(spec, progress, exc)
+    except Exception:
+        log.exception("task %s failed unexpectedly", spec.id)
+        yield _failed(spec, progress, AppError("The task failed on an internal error."))
+
+
+async def _loop(
+    spec: TaskSpec, progress: _Progress, metrics: Metrics, deadline: float, started: float
+) -> AsyncGenerator[Event, None]:
+    messages = _initial_messages(spec)
+    tools_by_name = {tool.name: tool for tool in spec.tools}
+    definitions = [tool.openai_definition() for tool in spec.tools] or None
+    for _ in range(spec.max_iterations):
+        request = LLMRequest(
+            model=spec.route.upstream_model,
+            messages=messages,
+            stream=spec.stream,
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            tools=definitions,
+        )
+        call = ModelCall(spec.route, request, metrics)
+        try:
+            while True:
+                try:
+                    chunk = await _before(deadline, anext(call))
+                except StopAsyncIteration:
+                    break
+                if chunk.text:
+                    yield TokenDelta(task_id=spec.id, seq=progress.next_seq(), delta=chunk.text)
+        finally:
+            await call.aclose()
+        response = call.response()
+        progress.usage.add(response.usage)
+        progress.usage_estimated |= response.usage_estimated
+
+        if not response.tool_calls:
+            yield TaskCompleted(
+                task_id=spec.id,
+                seq=progress.next_seq(),
+                id=spec.id,
+                output=response.text,
+                tool_calls=progress.tool_calls,
+                usage=_usage_out(progress.usage),
+                usage_estimated=progress.usage_estimated,
+                cost_usd=float(spec.route.cost(progress.usage)),
+                model=spec.route.name,
+                provider=spec.route.provider.name,
+                tier=spec.tier,
+                finish_reason=response.finish_reason,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+            return
+
+        messages.append(_assistant_message(response.text, response.tool_calls))
+        for tool_call in response.tool_calls:
+            arguments = _arguments_for_display(tool_call.arguments)
+            yield ToolCallStarted(
+                task_id=spec.id,
+                seq=progress.next_seq(),
+                call_id=tool_call.id,
+                tool=tool_call.name,
+                arguments=arguments,
+            )
+            record = await _run_tool(tools_by_name, tool_call, arguments, deadline, metrics)
+            progress.tool_calls.append(record)
+            yield ToolCallFinished(
+                task_id=spec.id,
+                seq=progress.next_seq(),
+                call_id=record.call_id,
+                tool=record.tool,
+                result=record.result,
+                error=record.error,
+                duration_ms=record.duration_ms,
+            )
+            content = {"error": record.error} if record.error is not None else record.result
+            messages.append({"role": "tool", "tool_call_id": tool_call.id, "content": _json(content)})
+    raise MaxIterationsExceeded(f"The model was still calling tools after {spec.max_iterations} iterations.")
+
+
+async def _run_tool(
+    tools: dict[str, Tool[Any]],
+    call: ToolCall,
+    arguments: Any,
+    deadline: float,
+    metrics: Metrics,
+) -> ToolCallRecord:
+    """Run one tool call; every failure becomes an error the model gets to read, never a crash."""
+    started = time.perf_counter()
+    result: Any = None
+    error: str | None = None
+    tool = tools.get(call.name)
+    if tool is None:
+        error = f"unknown tool {call.name!r}; available: {', '.join(sorted(tools)) or 'none'}"
+    else:
+        try:
+            result = await _before(deadline, tool.run(tool.parse_arguments(call.arguments)))
+        except ToolError as exc:
+            error = str(exc)
+        except TimeoutError:
+            raise
+        except Exception as exc:
+            log.exception("tool %s raised", call.name)
+            error = f"{call.name} failed: {type(exc).__name__}"
+    metrics.tool_calls.labels(call.name if tool else "unknown", "ok" if error is None else "error").inc()
+    return ToolCallRecord(
+        call_id=call.id,
+        tool=call.name,
+        arguments=arguments,
+        result=result,
+        error=error,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+    )
+
+
+async def _before(deadline: float, awaitable: Awaitable[T]) -> T:
+    async with asyncio.timeout_at(deadline):
+        return await awaitable
+
+
+def _initial_messages(spec: TaskSpec) -> list[Message]:
+    messages: list[Message] = [{"role": "system", "content": spec.system_prompt}]
+    facts = {k: v for k, v in (spec.context or {}).items() if k != "model_tier"}
+    if facts:
+        messages.append({"role": "system", "content": "Context: " + _json(facts)})
+    messages.append({"role": "user", "content": spec.query})
+    return messages
+
+
+def _assistant_message(text: str, calls: list[ToolCall]) -> Message:
+    return {
+        "role": "assistant",
+        "content": text or None,
+        "tool_calls": [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+        ],
+    }
+
+
+def _arguments_for_display(raw: str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw
+
+
+def _usage_out(usage: Usage) -> UsageOut:
+    return UsageOut(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+    )
+
+
+def _failed(spec: TaskSpec, progress: _Progress, exc: AppError) -> TaskFailed:
+    event = TaskFailed(
+        task_id=spec.id,
+        seq=progress.next_seq(),
+        code=exc.code,
+        detail=exc.detail,
+        retryable=exc.retryable,
+        status=exc.status,
+    )
+    event.error = exc
+    return event
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()

@@ -1,0 +1,33 @@
+"""The task request body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.config import Mode, Tier
+
+
+class TaskCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(min_length=1, max_length=200_000, description="What the agent should do.")
+    mode: Mode = Field("simple", description="simple -> small tier, complex -> medium, research -> large.")
+    model_tier: Tier | None = Field(None, description="Overrides the tier chosen from mode.")
+    model: str | None = Field(None, description="A configured model name; overrides mode and tier.")
+    context: dict[str, Any] | None = Field(
+        None, description="Facts for the agent; `context.model_tier` overrides the tier too."
+    )
+    tools: list[str] | None = Field(None, description="Allowlist of tools for this task (default: all).")
+    max_tokens: int | None = Field(None, ge=1, description="Completion tokens per model call.")
+    temperature: float | None = Field(None, ge=0, le=2)
+    timeout_s: float | None = Field(None, gt=0, le=3600, description="Wall-clock limit for the whole task.")
+    stream: bool = Field(False, description="Stream events as SSE (also chosen by Accept: text/event-stream).")
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query must not be blank")
+        return value

@@ -1,0 +1,1 @@
+"""API keys: storage, lookup and the Principal they authenticate."""

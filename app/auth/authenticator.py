@@ -1,0 +1,75 @@
+"""Resolves a presented API key to a Principal, with a bounded TTL cache in front of the database."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from app.auth.keys import hash_key
+from app.auth.principal import Principal
+from app.auth.repository import ApiKeyRepository
+from app.db import SessionMaker
+from app.errors import Unauthenticated
+
+# Unknown keys are remembered too (briefly), so a flood of bad keys costs no database reads.
+NEGATIVE_TTL_FRACTION = 0.2
+
+
+class Authenticator:
+    def __init__(
+        self,
+        session_maker: SessionMaker,
+        *,
+        cache_seconds: float,
+        cache_size: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._session_maker = session_maker
+        self._ttl = cache_seconds
+        self._size = cache_size
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[Principal | None, float]] = OrderedDict()
+
+    async def authenticate(self, presented: str | None) -> Principal:
+        if not presented:
+            raise Unauthenticated("Send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.")
+        key_hash = hash_key(presented)
+        now = self._clock()
+        cached = self._cache.get(key_hash)
+        if cached is not None and cached[1] > now:
+            principal = cached[0]
+        else:
+            principal = await self._load(key_hash)
+            ttl = self._ttl if principal is not None else self._ttl * NEGATIVE_TTL_FRACTION
+            self._remember(key_hash, principal, now + ttl)
+        if principal is None:
+            raise Unauthenticated("The API key is not valid or has been revoked.")
+        return principal
+
+    def forget(self, key_hash: str) -> None:
+        self._cache.pop(key_hash, None)
+
+    async def _load(self, key_hash: str) -> Principal | None:
+        async with self._session_maker() as session:
+            row = await ApiKeyRepository(session).find_active_by_hash(key_hash)
+        if row is None or row.id is None:
+            return None
+        return Principal(key_id=row.id, name=row.name, prefix=row.prefix)
+
+    def _remember(self, key_hash: str, principal: Principal | None, expires: float) -> None:
+        if self._ttl <= 0:
+            return
+        self._cache[key_hash] = (principal, expires)
+        self._cache.move_to_end(key_hash)
+        while len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+
+
+def key_from_headers(authorization: str | None, x_api_key: str | None) -> str | None:
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return None
+    return x_api_key.strip() if x_api_key else None

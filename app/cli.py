@@ -1,0 +1,198 @@
+"""The `pacemaker` console command: serve, migrate, manage API keys, write the OpenAPI schema."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from app.auth.keys import hash_key
+from app.auth.repository import ApiKeyRepository
+from app.config import ConfigError, Settings, load_settings
+from app.db import create_engine, create_session_maker, migrate, session_scope
+
+T = TypeVar("T")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    handler: Callable[[argparse.Namespace, Settings], int] = args.handler
+    sys.exit(handler(args, settings))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pacemaker", description="Pacemaker, an AI agent core.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host", help="default: server.host")
+    serve.add_argument("--port", type=int, help="default: server.port")
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(handler=_serve)
+
+    commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(handler=_migrate)
+    commands.add_parser("check-config", help="validate the settings and exit").set_defaults(handler=_check_config)
+
+    dev = commands.add_parser("dev-key", help="create the development key if there is no key yet, and print it")
+    dev.set_defaults(handler=_dev_key)
+
+    openapi = commands.add_parser("openapi", help="write the OpenAPI schema")
+    openapi.add_argument("--out", type=Path, default=Path("openapi.json"))
+    openapi.set_defaults(handler=_openapi)
+
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(required=True, metavar="ACTION")
+    create = keys.add_parser("create", help="create a key and print it (shown once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--json", action="store_true", help="print {id, name, prefix, key} as JSON")
+    create.set_defaults(handler=_keys_create)
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    listing.set_defaults(handler=_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by id or prefix")
+    revoke.add_argument("key", help="the key's id or its shown prefix (pk_...)")
+    revoke.set_defaults(handler=_keys_revoke)
+    return parser
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host or settings.server.host,
+        port=args.port or settings.server.port,
+        workers=args.workers,
+        access_log=settings.server.access_log,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def _migrate(_args: argparse.Namespace, settings: Settings) -> int:
+    migrate(settings.database.url)
+    return 0
+
+
+def _check_config(_args: argparse.Namespace, settings: Settings) -> int:
+    print(f"configuration ok: {len(settings.models)} models, database {settings.database.url.split(':', 1)[0]}")
+    return 0
+
+
+def _openapi(args: argparse.Namespace, settings: Settings) -> int:
+    from app.main import create_app
+
+    schema = create_app(settings).openapi()
+    args.out.write_text(json.dumps(schema, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    async def create() -> tuple[int, str, str]:
+        async with _repository(settings) as repo:
+            row, plaintext = await repo.create(args.name)
+            assert row.id is not None
+            return row.id, row.prefix, plaintext
+
+    key_id, prefix, plaintext = _run(create)
+    if args.json:
+        print(json.dumps({"id": key_id, "name": args.name, "prefix": prefix, "key": plaintext}))
+    else:
+        print(f"created key {key_id} ({args.name}); it is shown only now:\n{plaintext}")
+    return 0
+
+
+def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    async def listing() -> list[str]:
+        async with _repository(settings) as repo:
+            rows = await repo.list(include_revoked=args.all)
+        return [
+            f"{row.id}\t{row.prefix}\t{row.name}\t{row.created_at:%Y-%m-%d %H:%M}"
+            + ("\trevoked" if row.revoked_at else "")
+            for row in rows
+        ]
+
+    lines = _run(listing)
+    print("id\tprefix\tname\tcreated" if lines else "no keys")
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    async def revoke() -> bool:
+        async with _repository(settings) as repo:
+            return await repo.revoke(args.key) is not None
+
+    if not _run(revoke):
+        print(f"no active key matches {args.key!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key} (other instances stop accepting it within auth.key_cache_seconds)")
+    return 0
+
+
+def _dev_key(_args: argparse.Namespace, settings: Settings) -> int:
+    """For `make run`: make a first key on an empty database and keep it where it can be printed again."""
+    path = settings.auth.dev_key_file
+
+    async def ensure() -> str | None:
+        async with _repository(settings) as repo:
+            if path.is_file():
+                saved = path.read_text().strip()
+                if await repo.find_active_by_hash(hash_key(saved)) is not None:
+                    return saved
+            if await repo.count_active() > 0:
+                return None
+            _row, plaintext = await repo.create("development")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(plaintext + "\n")
+            os.chmod(path, 0o600)
+            return plaintext
+
+    key = _run(ensure)
+    base = f"http://{settings.server.host}:{settings.server.port}"
+    if key is None:
+        print("API keys exist already; create one with: pacemaker keys create --name NAME")
+        return 0
+    print(
+        f"\nDevelopment API key (saved in {path}):\n  {key}\n\nTry it:\n"
+        f"  curl -s {base}/v1/tasks -H 'Authorization: Bearer {key}' "
+        "-H 'Content-Type: application/json' -d '{\"query\": \"What is 17 * 23 + 4?\"}'\n"
+        f"  curl -N {base}/v1/tasks -H 'Authorization: Bearer {key}' "
+        '-H \'Content-Type: application/json\' -d \'{"query": "Tell me about agents", "stream": true}\'\n'
+        f"API docs: {base}/docs\n"
+    )
+    return 0
+
+
+@asynccontextmanager
+async def _repository(settings: Settings) -> AsyncIterator[ApiKeyRepository]:
+    """An ApiKeyRepository in one committed unit of work, its engine disposed afterwards."""
+    engine = create_engine(settings.database)
+    try:
+        async with session_scope(create_session_maker(engine)) as session:
+            yield ApiKeyRepository(session)
+    finally:
+        await engine.dispose()
+
+
+def _run(work: Callable[[], Coroutine[object, object, T]]) -> T:
+    return asyncio.run(work())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The one Settings object: defaults < YAML file (PACEMAKER_CONFIG) < PACEMAKER_* environment."""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+Tier = Literal["small", "medium", "large"]
+Mode = Literal["simple", "complex", "research"]
+
+CONFIG_FILE_ENV = "PACEMAKER_CONFIG"
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
+    access_log: bool = False
+    # A comment line on idle SSE streams, so proxies do not close them.
+    sse_ping_seconds: float = Field(15.0, gt=0)
+    ws_max_tasks_per_socket: int = Field(16, ge=1)
+
+
+class DatabaseSettings(BaseModel):
+    url: str = "sqlite+aiosqlite:///./var/pacemaker.db"
+    echo: bool = False
+    pool_size: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _async_driver(self) -> DatabaseSettings:
+        if not (self.url.startswith("sqlite+aiosqlite://") or self.url.startswith("postgresql+asyncpg://")):
+            raise ValueError("database url must use sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return self
+
+
+class AuthSettings(BaseModel):
+    # How long a key lookup is trusted before the database is asked again (revocation delay
+    # on other instances). A revoke through this process takes effect at once.
+    key_cache_seconds: float = Field(30.0, ge=0)
+    key_cache_size: int = Field(10_000, ge=1)
+    # Where `make run` keeps the plaintext of the development key it creates (mode 0600).
+    dev_key_file: Path = Path("var/dev-key")
+
+
+class ProviderSettings(BaseModel):
+    kind: Literal["openai", "simulated"]
+    # openai: any OpenAI-compatible upstream.
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(120.0, gt=0, description="Longest silence allowed between bytes.")
+    max_connections: int = Field(4096, ge=1)
+    # simulated: how fast tokens are streamed; 0 streams without delay.
+    tokens_per_second: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> ProviderSettings:
+        if self.kind == "openai":
+            if not self.base_url:
+                raise ValueError("an openai provider needs base_url")
+            if not self.base_url.startswith(("http://", "https://")):
+                raise ValueError("base_url must start with http:// or https://")
+        return self
+
+
+class ModelSettings(BaseModel):
+    provider: str
+    # The name the upstream knows the model by; defaults to the public name.
+    upstream_model: str | None = None
+    input_usd_per_mtok: Decimal = Field(Decimal(0), ge=0)
+    output_usd_per_mtok: Decimal = Field(Decimal(0), ge=0)
+    context_window: int = Field(128_000, ge=1)
+
+
+class TierSettings(BaseModel):
+    small: str = "sim-small"
+    medium: str = "sim-medium"
+    large: str = "sim-large"
+
+    def model_for(self, tier: Tier) -> str:
+        name: str = getattr(self, tier)
+        return name
+
+
+class AgentSettings(BaseModel):
+    max_iterations: int = Field(8, ge=1, le=64)
+    default_max_tokens: int = Field(1024, ge=1)
+    max_tokens_ceiling: int = Field(32_768, ge=1)
+    default_timeout_s: float = Field(300.0, gt=0)
+    system_prompt: str = "You are Pacemaker, a helpful agent. Use the tools offered when they help."
+
+
+def _default_providers() -> dict[str, ProviderSettings]:
+    return {"simulated": ProviderSettings(kind="simulated")}
+
+
+def _default_models() -> dict[str, ModelSettings]:
+    return {name: ModelSettings(provider="simulated") for name in ("sim-small", "sim-medium", "sim-large")}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PACEMAKER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    environment: Literal["development", "production", "test"] = "development"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = False
+    server: ServerSettings = ServerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    auth: AuthSettings = AuthSettings()
+    providers: dict[str, ProviderSettings] = Field(default_factory=_default_providers)
+    models: dict[str, ModelSettings] = Field(default_factory=_default_models)
+    tiers: TierSettings = TierSettings()
+    agent: AgentSettings = AgentSettings()
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Settings:
+        for name, model in self.models.items():
+            if model.provider not in self.providers:
+                raise ValueError(f"models.{name}.provider: no provider named {model.provider!r}")
+        for tier in ("small", "medium", "large"):
+            name = self.tiers.model_for(tier)
+            if name not in self.models:
+                raise ValueError(f"tiers.{tier}: no model named {name!r}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file:
+            if not Path(config_file).is_file():
+                raise ConfigError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+class ConfigError(Exception):
+    """Settings that cannot be used; the message names the offending field."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning validation errors into one readable ConfigError."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(part) for part in err["loc"]) or "settings"
+            lines.append(f"  {field}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

@@ -1,0 +1,138 @@
+"""The error hierarchy: every refusal and fault carries its HTTP status, a stable code and retryability."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AppError(Exception):
+    """Base of every error Pacemaker renders; subclasses fix status, code and title."""
+
+    status: int = 500
+    code: str = "internal_error"
+    title: str = "Internal error"
+    retryable: bool = False
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.detail = detail or self.title
+        self.retry_after = retry_after
+        self.headers = headers or {}
+        self.extra = extra or {}
+        super().__init__(self.detail)
+
+    def problem(self, request_id: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": f"https://pacemaker.dev/errors/{self.code}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+            "request_id": request_id,
+            "retryable": self.retryable,
+        }
+        body.update(self.extra)
+        return body
+
+    def response_headers(self) -> dict[str, str]:
+        headers = dict(self.headers)
+        if self.retry_after is not None:
+            # Retry-After is whole seconds; never tell a client to retry sooner than asked.
+            headers["Retry-After"] = str(max(1, int(-(-self.retry_after // 1))))
+        return headers
+
+
+class InvalidRequest(AppError):
+    status, code, title = 422, "invalid_request", "Invalid request"
+
+
+class MalformedJSON(AppError):
+    status, code, title = 400, "malformed_json", "Malformed JSON body"
+
+
+class PayloadTooLarge(AppError):
+    status, code, title = 413, "payload_too_large", "Request body too large"
+
+
+class NotFound(AppError):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class MethodNotAllowed(AppError):
+    status, code, title = 405, "method_not_allowed", "Method not allowed"
+
+
+class ModelNotFound(AppError):
+    status, code, title = 404, "model_not_found", "Unknown model"
+
+
+class Unauthenticated(AppError):
+    status, code, title = 401, "invalid_api_key", "Missing or invalid API key"
+
+    def response_headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="pacemaker"', **super().response_headers()}
+
+
+class ToolNotAllowed(AppError):
+    status, code, title = 403, "tool_not_allowed", "Tool not allowed"
+
+
+class TooManyTasks(AppError):
+    status, code, title, retryable = 429, "too_many_tasks", "Too many tasks on this connection", True
+
+
+class RequestTimeout(AppError):
+    status, code, title, retryable = 504, "request_timeout", "Request timed out", True
+
+
+class Cancelled(AppError):
+    # 499 is the de-facto status for "client closed request"; it never reaches a client.
+    status, code, title = 499, "cancelled", "Cancelled"
+
+
+class MaxIterationsExceeded(AppError):
+    status, code, title = 422, "max_iterations_exceeded", "The agent did not finish within max_iterations"
+
+
+# Upstream faults: the provider layer raises these; retryable ones are worth a client retry.
+class UpstreamError(AppError):
+    status, code, title, retryable = 502, "upstream_error", "Upstream provider error", True
+
+
+class UpstreamUnavailable(UpstreamError):
+    status, code, title = 502, "upstream_unavailable", "Upstream provider unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status, code, title = 504, "upstream_timeout", "Upstream provider timed out"
+
+
+class UpstreamRateLimited(UpstreamError):
+    status, code, title = 503, "upstream_rate_limited", "Upstream provider is rate limiting"
+
+
+class UpstreamProtocolError(UpstreamError):
+    status, code, title = 502, "upstream_protocol_error", "Upstream sent an unreadable response"
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream refused the request itself (4xx): retrying the same request will not help."""
+
+    status, code, title, retryable = 400, "upstream_rejected", "Upstream provider rejected the request", False
+
+
+class UpstreamAuthFailed(UpstreamError):
+    """Our credentials for the upstream were refused: a configuration fault, not the caller's."""
+
+    status, code, title, retryable = (
+        502,
+        "upstream_auth_failed",
+        "Upstream provider refused our credentials",
+        False,
+    )

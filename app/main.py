@@ -1,0 +1,48 @@
+"""create_app(settings): middleware, error handlers and routers; resources come from the lifespan."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from prometheus_fastapi_instrumentator import Instrumentator
+
+from app import __version__
+from app.config import Settings, load_settings
+from app.lifespan import build_lifespan
+from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, TrafficCounters
+from app.observability import health
+from app.observability.logging import configure_logging
+from app.observability.metrics import Metrics
+from app.openai_compat import router as openai_compat
+from app.problems import install_problem_handlers
+from app.tasks import router as tasks
+from app.tasks import websocket
+
+DESCRIPTION = (
+    "Pacemaker runs agent tasks (LLM <-> tool loops) for its callers: authenticated, limited, "
+    "streamed over SSE or WebSocket, and compatible with OpenAI's chat-completions API. "
+    "Errors are application/problem+json with a stable `code` (OpenAI's envelope on the OpenAI routes)."
+)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    configure_logging(settings)
+    metrics = Metrics()
+    counters = TrafficCounters()
+    app = FastAPI(
+        title="Pacemaker",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=build_lifespan(settings, metrics, counters),
+    )
+    install_problem_handlers(app)
+    app.include_router(tasks.router)
+    app.include_router(websocket.router)
+    app.include_router(openai_compat.router)
+    app.include_router(health.router)
+    Instrumentator(registry=metrics.registry, excluded_handlers=["/metrics"]).instrument(app).expose(
+        app, endpoint="/metrics", include_in_schema=True, tags=["health"]
+    )
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.server.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, counters=counters)  # outermost: everything gets an id
+    return app

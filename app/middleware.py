@@ -1,0 +1,136 @@
+"""Pure ASGI middleware: request ids and traffic counters, and the request body size limit."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import PayloadTooLarge
+
+REQUEST_ID_HEADER = b"x-request-id"
+_WELL_FORMED_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+@dataclass(slots=True)
+class TrafficCounters:
+    started_at: float = field(default_factory=time.monotonic)
+    active_requests: int = 0
+    total_requests: int = 0
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (the client's, when well-formed) and counts traffic for /health."""
+
+    def __init__(self, app: ASGIApp, counters: TrafficCounters) -> None:
+        self.app = app
+        self.counters = counters
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        header = (REQUEST_ID_HEADER, request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] in ("http.response.start", "websocket.http.response.start"):
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], header]
+            await send(message)
+
+        counters = self.counters
+        counters.active_requests += 1
+        counters.total_requests += 1
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            counters.active_requests -= 1
+            request_id_var.reset(token)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER:
+            if _WELL_FORMED_ID.match(value):
+                return str(value.decode())
+            break
+    return uuid.uuid4().hex
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over the limit with 413, by Content-Length or while they stream in."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > limit:
+                    await _send_too_large(send, limit)
+                    return
+                break
+
+        received = 0
+        response_started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not response_started:
+                await _send_too_large(send, limit)
+
+
+class _BodyTooLarge(HTTPException):
+    # An HTTPException, because FastAPI re-raises those from body parsing (others become a 400);
+    # the app's handler renders it as 413 problem+json.
+    def __init__(self) -> None:
+        super().__init__(status_code=413)
+
+
+async def _send_too_large(send: Send, limit: int) -> None:
+    error = PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+    body = orjson.dumps(error.problem(request_id_var.get()))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

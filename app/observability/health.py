@@ -1,0 +1,74 @@
+"""Health: a JSON summary, liveness (the process answers) and readiness (its dependencies answer)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+from sqlalchemy import text
+from starlette.responses import JSONResponse
+
+from app import __version__
+from app.dependencies import ResourcesDep
+
+router = APIRouter(tags=["health"])
+
+READINESS_TIMEOUT_S = 2.0
+
+
+class HealthOut(BaseModel):
+    status: str
+    version: str
+    uptime_seconds: float
+    active_requests: int
+    total_requests: int
+
+
+class ReadinessOut(BaseModel):
+    status: str
+    checks: dict[str, str]
+
+
+@router.get("/health", response_model=HealthOut, summary="Service state")
+async def health(resources: ResourcesDep) -> HealthOut:
+    counters = resources.counters
+    return HealthOut(
+        status="ok",
+        version=__version__,
+        uptime_seconds=round(time.monotonic() - counters.started_at, 3),
+        active_requests=counters.active_requests,
+        total_requests=counters.total_requests,
+    )
+
+
+@router.get("/health/live", summary="Liveness: the process is serving")
+async def live() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/health/ready",
+    response_model=ReadinessOut,
+    summary="Readiness: the database answers",
+    responses={503: {"model": ReadinessOut, "description": "A dependency is down"}},
+)
+async def ready(resources: ResourcesDep) -> JSONResponse:
+    checks = {"database": await _check_database(resources)}
+    ok = all(value == "ok" for value in checks.values())
+    body: dict[str, Any] = {"status": "ready" if ok else "unavailable", "checks": checks}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def _check_database(resources: ResourcesDep) -> str:
+    try:
+        async with asyncio.timeout(READINESS_TIMEOUT_S):
+            async with resources.engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+    except TimeoutError:
+        return f"timed out after {READINESS_TIMEOUT_S:g} s"
+    except Exception as exc:
+        return f"error: {type(exc).__name__}"
+    return "ok"

@@ -1,0 +1,49 @@
+"""Pacemaker's own Prometheus metrics, on a registry per app (never the process-global one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.active_streams = Gauge(
+            "pacemaker_active_streams",
+            "Open SSE streams and WebSocket tasks.",
+            ["transport"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "pacemaker_tokens_total",
+            "Tokens by model and kind (prompt, completion).",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+        self.llm_calls = Counter(
+            "pacemaker_llm_calls_total",
+            "Model calls by model and outcome (an error code or ok).",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.llm_seconds = Histogram(
+            "pacemaker_llm_call_seconds",
+            "Duration of model calls.",
+            ["model"],
+            buckets=_LLM_BUCKETS,
+            registry=self.registry,
+        )
+        self.tool_calls = Counter(
+            "pacemaker_tool_calls_total",
+            "Tool calls by tool and outcome.",
+            ["tool", "outcome"],
+            registry=self.registry,
+        )
+        self.tasks = Counter(
+            "pacemaker_tasks_total",
+            "Finished tasks by transport and outcome.",
+            ["transport", "outcome"],
+            registry=self.registry,
+        )

@@ -1,0 +1,54 @@
+"""Errors on the OpenAI-compatible routes use OpenAI's envelope, so SDKs raise their usual exceptions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import orjson
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.errors import AppError, Unauthenticated
+from app.middleware import request_id_var
+from app.problems import http_error, validation_error
+
+
+def openai_error_response(error: AppError) -> Response:
+    kind = "invalid_request_error" if 400 <= error.status < 500 else "api_error"
+    if isinstance(error, Unauthenticated):
+        kind = "authentication_error"
+    body = {
+        "error": {
+            "message": error.detail,
+            "type": kind,
+            "param": None,
+            "code": error.code,
+            "request_id": request_id_var.get(),
+        }
+    }
+    return Response(
+        orjson.dumps(body), status_code=error.status, media_type="application/json", headers=error.response_headers()
+    )
+
+
+class OpenAIErrorRoute(APIRoute):
+    """A route whose errors (auth, validation, limits, upstream) render in OpenAI's error format."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except AppError as exc:
+                return openai_error_response(exc)
+            except RequestValidationError as exc:
+                return openai_error_response(validation_error(exc))
+            except HTTPException as exc:
+                return openai_error_response(http_error(exc))
+
+        return handle

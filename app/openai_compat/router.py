@@ -1,0 +1,169 @@
+"""POST /v1/chat/completions and GET /v1/models, through the same auth, model calls and metrics as tasks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import orjson
+from fastapi import APIRouter
+from starlette.responses import Response
+
+from app.agent.model_call import ModelCall
+from app.dependencies import PrincipalDep, ResourcesDep
+from app.errors import AppError
+from app.middleware import request_id_var
+from app.openai_compat.errors import OpenAIErrorRoute
+from app.openai_compat.schemas import ChatCompletionRequest
+from app.providers.base import LLMChunk, LLMRequest, LLMResponse
+from app.streaming import EventStreamResponse
+
+router = APIRouter(prefix="/v1", tags=["openai-compatible"], route_class=OpenAIErrorRoute)
+
+_DONE = b"data: [DONE]\n\n"
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": "An error in OpenAI's envelope: {error: {message, type, code}}"}
+    for status in (400, 401, 404, 422, 502, 503, 504)
+}
+
+
+@router.get("/models", summary="List models (OpenAI-compatible)", responses=_ERRORS)
+async def list_models(_principal: PrincipalDep, resources: ResourcesDep) -> Response:
+    data = [
+        {"id": route.name, "object": "model", "created": 0, "owned_by": route.provider.name}
+        for route in resources.providers.routes()
+    ]
+    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+@router.post(
+    "/chat/completions",
+    summary="Create a chat completion (OpenAI-compatible)",
+    responses={200: {"content": {"application/json": {}, "text/event-stream": {}}}, **_ERRORS},
+)
+async def chat_completions(body: ChatCompletionRequest, _principal: PrincipalDep, resources: ResourcesDep) -> Response:
+    route = resources.providers.route(body.model)
+    request = LLMRequest(
+        model=route.upstream_model,
+        messages=[message.model_dump(exclude_none=True) for message in body.messages],
+        stream=body.stream,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature,
+        tools=body.tools,
+        tool_choice=body.tool_choice,
+        extra=dict(body.model_extra or {}),
+    )
+    call = ModelCall(route, request, resources.metrics)
+    meta = _Meta(id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()), model=route.name)
+
+    if not body.stream:
+        try:
+            async for _chunk in call:
+                pass
+        finally:
+            await call.aclose()
+        return Response(orjson.dumps(_completion(meta, call.response())), media_type="application/json")
+
+    # Wait for the first chunk before answering 200, so that an upstream that fails at once
+    # gets a proper HTTP error rather than an error inside a stream.
+    try:
+        first = await anext(call, None)
+    except BaseException:
+        await call.aclose()
+        raise
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return EventStreamResponse(
+        _stream(call, first, meta, include_usage),
+        ping_seconds=resources.settings.server.sse_ping_seconds,
+        active=resources.metrics.active_streams.labels("openai"),
+    )
+
+
+class _Meta:
+    __slots__ = ("created", "id", "model")
+
+    def __init__(self, id: str, created: int, model: str) -> None:
+        self.id, self.created, self.model = id, created, model
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        payload = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+        return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def _stream(
+    call: ModelCall, first: LLMChunk | None, meta: _Meta, include_usage: bool
+) -> AsyncGenerator[bytes, None]:
+    try:
+        yield meta.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        chunk = first
+        while chunk is not None:
+            for frame in _frames(meta, chunk):
+                yield frame
+            chunk = await anext(call, None)
+        if include_usage:
+            yield meta.chunk([], usage=_usage(call.response()))
+        else:
+            call.response()  # records the call's tokens even when the client did not ask for them
+        yield _DONE
+    except AppError as exc:
+        # Already streaming: report in-band, in the shape OpenAI's SDKs raise as an APIError.
+        error = {"message": exc.detail, "type": "api_error", "code": exc.code, "request_id": request_id_var.get()}
+        yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+    finally:
+        await call.aclose()
+
+
+def _frames(meta: _Meta, chunk: LLMChunk) -> list[bytes]:
+    frames = []
+    delta: dict[str, Any] = {}
+    if chunk.text:
+        delta["content"] = chunk.text
+    if chunk.tool_calls:
+        delta["tool_calls"] = [
+            {
+                "index": call.index,
+                **({"id": call.id, "type": "function"} if call.id else {}),
+                "function": {**({"name": call.name} if call.name else {}), "arguments": call.arguments},
+            }
+            for call in chunk.tool_calls
+        ]
+    if delta:
+        frames.append(meta.chunk([{"index": 0, "delta": delta, "finish_reason": None}]))
+    if chunk.finish_reason:
+        frames.append(meta.chunk([{"index": 0, "delta": {}, "finish_reason": chunk.finish_reason}]))
+    return frames
+
+
+def _completion(meta: _Meta, response: LLMResponse) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": response.text or None}
+    if response.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in response.tool_calls
+        ]
+    return {
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": response.finish_reason}],
+        "usage": _usage(response),
+    }
+
+
+def _usage(response: LLMResponse) -> dict[str, int]:
+    usage = response.usage
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }

@@ -1,0 +1,127 @@
+"""The OpenAI chat-completions wire format: request bodies out, validated responses and chunks in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from app.errors import UpstreamError, UpstreamProtocolError
+from app.providers.base import LLMChunk, LLMRequest, ToolCallDelta, Usage
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class WireFunction(_Wire):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class WireToolCall(_Wire):
+    index: int | None = None
+    id: str | None = None
+    function: WireFunction | None = None
+
+
+class WireMessage(_Wire):
+    content: str | None = None
+    tool_calls: list[WireToolCall] | None = None
+
+
+class WireChoice(_Wire):
+    index: int = 0
+    message: WireMessage | None = None
+    delta: WireMessage | None = None
+    finish_reason: str | None = None
+
+
+class WireUsage(_Wire):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _ErrorDetail(_Wire):
+    message: str | None = None
+
+
+class _ErrorBody(_Wire):
+    error: _ErrorDetail | str | None = None
+    message: str | None = None
+
+
+class WireCompletion(_Wire):
+    """Both a whole completion and a streamed chunk: they differ only in message vs delta."""
+
+    choices: list[WireChoice] = []
+    usage: WireUsage | None = None
+    # Some upstreams report a failure in-band, as a chunk with an error object.
+    error: _ErrorDetail | None = None
+
+
+def request_body(request: LLMRequest) -> dict[str, Any]:
+    body: dict[str, Any] = dict(request.extra)
+    body["model"] = request.model
+    body["messages"] = request.messages
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.tools:
+        body["tools"] = request.tools
+        if request.tool_choice is not None:
+            body["tool_choice"] = request.tool_choice
+    if request.stream:
+        body["stream"] = True
+        # Ask for the final usage chunk: cost accounting depends on it.
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def parse_completion(raw: bytes | str) -> LLMChunk:
+    """A whole (non-streamed) completion or one streamed chunk, as an LLMChunk."""
+    try:
+        wire = WireCompletion.model_validate_json(raw)
+    except ValidationError as exc:
+        raise UpstreamProtocolError(f"unreadable completion from upstream: {_first_error(exc)}") from None
+    if wire.error is not None:
+        raise UpstreamError(f"upstream reported an error mid-response: {wire.error.message}")
+    chunk = LLMChunk()
+    if wire.usage is not None:
+        chunk.usage = Usage(wire.usage.prompt_tokens, wire.usage.completion_tokens)
+    if not wire.choices:
+        return chunk
+    choice = wire.choices[0]
+    message = choice.delta if choice.delta is not None else choice.message
+    chunk.finish_reason = choice.finish_reason
+    if message is None:
+        return chunk
+    chunk.text = message.content or None
+    if message.tool_calls:
+        chunk.tool_calls = [
+            ToolCallDelta(
+                index=call.index if call.index is not None else position,
+                id=call.id,
+                name=call.function.name if call.function else None,
+                arguments=(call.function.arguments or "") if call.function else "",
+            )
+            for position, call in enumerate(message.tool_calls)
+        ]
+    return chunk
+
+
+def error_message(raw: bytes) -> str:
+    """The human part of an upstream error body, whatever shape it has."""
+    try:
+        body = _ErrorBody.model_validate_json(raw)
+    except ValidationError:
+        return raw[:300].decode(errors="replace")
+    if isinstance(body.error, _ErrorDetail):
+        return body.error.message or ""
+    return str(body.error or body.message or "")
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"

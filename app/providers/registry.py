@@ -1,0 +1,69 @@
+"""Builds the configured providers and resolves public model names to where they run and what they cost."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+
+import aiohttp
+
+from app.config import ProviderSettings, Settings
+from app.errors import ModelNotFound
+from app.providers.base import Provider, Usage
+from app.providers.openai import OpenAICompatibleProvider
+from app.providers.simulated import SimulatedProvider
+
+ProviderFactory = Callable[[str, ProviderSettings, aiohttp.ClientSession], Provider]
+
+PROVIDER_KINDS: dict[str, ProviderFactory] = {
+    "openai": OpenAICompatibleProvider,
+    "simulated": lambda name, settings, _session: SimulatedProvider(name, settings),
+}
+
+_PER_MILLION = Decimal(1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    name: str  # the public name clients use
+    provider: Provider
+    upstream_model: str
+    input_usd_per_mtok: Decimal
+    output_usd_per_mtok: Decimal
+
+    def cost(self, usage: Usage) -> Decimal:
+        return (
+            self.input_usd_per_mtok * usage.prompt_tokens + self.output_usd_per_mtok * usage.completion_tokens
+        ) / _PER_MILLION
+
+
+class ProviderRegistry:
+    def __init__(self, settings: Settings, http: aiohttp.ClientSession) -> None:
+        self.providers: dict[str, Provider] = {
+            name: PROVIDER_KINDS[cfg.kind](name, cfg, http) for name, cfg in settings.providers.items()
+        }
+        self._routes = {
+            name: ModelRoute(
+                name=name,
+                provider=self.providers[cfg.provider],
+                upstream_model=cfg.upstream_model or name,
+                input_usd_per_mtok=cfg.input_usd_per_mtok,
+                output_usd_per_mtok=cfg.output_usd_per_mtok,
+            )
+            for name, cfg in settings.models.items()
+        }
+
+    def route(self, model: str) -> ModelRoute:
+        found = self._routes.get(model)
+        if found is None:
+            known = ", ".join(sorted(self._routes))
+            raise ModelNotFound(f"The model {model!r} does not exist. Known models: {known}.")
+        return found
+
+    def routes(self) -> list[ModelRoute]:
+        return list(self._routes.values())
+
+    async def aclose(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()

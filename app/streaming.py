@@ -1,0 +1,107 @@
+"""A Server-Sent Events response that notices a client leaving at once and keeps idle streams alive.
+
+Starlette's StreamingResponse only learns of a disconnect on its next write; an agent waiting on a
+slow upstream would keep generating (and paying) for nobody. Here a watcher cancels the producer
+as soon as the client goes, which closes the upstream connection, and a comment line is sent when
+nothing else has been for `ping_seconds`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+
+from prometheus_client import Gauge
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+PING = b": ping\n\n"
+_END = object()
+
+EVENT_STREAM_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # tell nginx-like proxies not to buffer the stream
+}
+
+
+class EventStreamResponse(Response):
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        frames: AsyncGenerator[bytes, None],
+        *,
+        ping_seconds: float,
+        active: Gauge | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.frames = frames
+        self.ping_seconds = ping_seconds
+        self.active = active
+        self.status_code = 200
+        self.background = None
+        self.init_headers({**EVENT_STREAM_HEADERS, **(headers or {})})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.active is not None:
+            self.active.inc()
+        writer = asyncio.create_task(self._write(send))
+        watcher = asyncio.create_task(_wait_for_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait({writer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if writer in done:
+                writer.result()  # re-raise a failure of the stream itself
+        finally:
+            for task in (writer, watcher):
+                task.cancel()
+            # Let the producer's cleanup (closing the upstream call) finish before we return.
+            for task in (writer, watcher):
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await task
+            if self.active is not None:
+                self.active.dec()
+
+    async def _write(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        queue: asyncio.Queue[bytes | object] = asyncio.Queue(maxsize=64)
+        producer = asyncio.create_task(_produce(self.frames, queue))
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.ping_seconds):
+                        frame = await queue.get()
+                except TimeoutError:
+                    await send({"type": "http.response.body", "body": PING, "more_body": True})
+                    continue
+                if frame is _END:
+                    break
+                assert isinstance(frame, bytes)
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            producer.result()  # surface a producer failure, if any
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
+
+
+async def _produce(frames: AsyncGenerator[bytes, None], queue: asyncio.Queue[bytes | object]) -> None:
+    failure: Exception | None = None
+    try:
+        async for frame in frames:
+            await queue.put(frame)
+    except Exception as exc:  # the writer re-raises it once the frames before it are sent
+        failure = exc
+    finally:
+        await frames.aclose()
+    await queue.put(_END)
+    if failure is not None:
+        raise failure
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

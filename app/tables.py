@@ -1,0 +1,9 @@
+"""Every table, imported in one place so Alembic and the drift check see the whole schema."""
+
+from sqlmodel import SQLModel
+
+from app.auth.models import ApiKey
+
+metadata = SQLModel.metadata
+
+__all__ = ["ApiKey", "metadata"]

@@ -1,0 +1,1 @@
+"""Task transports: JSON and SSE over HTTP, and the WebSocket."""

@@ -1,0 +1,53 @@
+"""Turns a validated task request into what the runner needs, refusing what cannot run."""
+
+from __future__ import annotations
+
+import uuid
+
+from app.agent.runner import TaskSpec
+from app.agent.schemas import TaskCreate
+from app.agent.tiers import choose_model
+from app.config import Settings
+from app.errors import InvalidRequest
+from app.providers.registry import ProviderRegistry
+from app.tools.registry import ToolRegistry
+
+
+def new_task_id() -> str:
+    return "task_" + uuid.uuid4().hex
+
+
+def build_task_spec(
+    body: TaskCreate,
+    *,
+    settings: Settings,
+    providers: ProviderRegistry,
+    tools: ToolRegistry,
+    stream: bool,
+) -> TaskSpec:
+    model, tier = choose_model(
+        settings.tiers, mode=body.mode, model=body.model, model_tier=body.model_tier, context=body.context
+    )
+    route = providers.route(model)
+    if body.tools is not None:
+        unknown = sorted(set(body.tools) - set(tools.names()))
+        if unknown:
+            raise InvalidRequest(f"Unknown tools: {', '.join(unknown)}. Available: {', '.join(tools.names())}.")
+    agent = settings.agent
+    max_tokens = body.max_tokens or agent.default_max_tokens
+    if max_tokens > agent.max_tokens_ceiling:
+        raise InvalidRequest(f"max_tokens may be at most {agent.max_tokens_ceiling}.")
+    return TaskSpec(
+        id=new_task_id(),
+        query=body.query,
+        route=route,
+        tier=tier,
+        tools=tools.select(body.tools),
+        system_prompt=agent.system_prompt,
+        max_tokens=max_tokens,
+        max_iterations=agent.max_iterations,
+        timeout_s=body.timeout_s or agent.default_timeout_s,
+        stream=stream,
+        temperature=body.temperature,
+        context=body.context,
+    )

@@ -1,0 +1,175 @@
+"""WS /v1/ws: several tasks over one socket, their events interleaved and tagged by task id.
+
+Client messages: {"type": "task.create", "ref"?, ...task fields} and {"type": "task.cancel",
+"task_id"}. A bad message gets {"type": "error", "code", "detail"} and the socket stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import aclosing
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, WebSocket
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect
+
+from app.agent.events import TaskFailed, outcome_of
+from app.agent.runner import Event, run_agent
+from app.agent.schemas import TaskCreate
+from app.auth.authenticator import key_from_headers
+from app.auth.principal import Principal
+from app.dependencies import ResourcesDep
+from app.errors import AppError, Cancelled, TooManyTasks
+from app.lifespan import Resources
+from app.problems import problem_response
+from app.tasks.spec import build_task_spec
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["tasks"])
+
+_OUTBOX_SIZE = 256
+
+
+@router.websocket("/v1/ws")
+async def task_socket(websocket: WebSocket, resources: ResourcesDep) -> None:
+    # Browsers cannot set headers on a WebSocket, so the key may also come as ?api_key=.
+    presented = key_from_headers(
+        websocket.headers.get("authorization"), websocket.headers.get("x-api-key")
+    ) or websocket.query_params.get("api_key")
+    try:
+        principal = await resources.authenticator.authenticate(presented)
+    except AppError as exc:
+        await websocket.send_denial_response(problem_response(exc))
+        return
+    await websocket.accept()
+    await TaskSocket(websocket, resources, principal).serve()
+
+
+class TaskSocket:
+    def __init__(self, websocket: WebSocket, resources: Resources, principal: Principal) -> None:
+        self.websocket = websocket
+        self.resources = resources
+        self.principal = principal
+        self.outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_OUTBOX_SIZE)
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.cancel_requested: set[str] = set()
+
+    async def serve(self) -> None:
+        writer = asyncio.create_task(self._write())
+        try:
+            while True:
+                message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                raw = message.get("text")
+                if raw is None:
+                    raw = message.get("bytes") or b""
+                await self._handle(raw)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            running = list(self.tasks.values())
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    async def _handle(self, raw: str | bytes) -> None:
+        try:
+            message = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            await self._error("invalid_message", "Messages must be JSON objects.")
+            return
+        if not isinstance(message, dict):
+            await self._error("invalid_message", "Messages must be JSON objects.")
+            return
+        kind = message.pop("type", None)
+        ref = message.pop("ref", None)
+        if kind == "task.create":
+            await self._create(message, ref)
+        elif kind == "task.cancel":
+            await self._cancel(message.get("task_id"), ref)
+        else:
+            await self._error("invalid_message", f"Unknown message type {kind!r}; use task.create or task.cancel.", ref)
+
+    async def _create(self, fields: dict[str, Any], ref: Any) -> None:
+        fields.pop("stream", None)  # every task on a socket streams
+        try:
+            body = TaskCreate.model_validate(fields)
+            if len(self.tasks) >= self.resources.settings.server.ws_max_tasks_per_socket:
+                raise TooManyTasks(f"At most {len(self.tasks)} tasks may run at once on one socket.")
+            spec = build_task_spec(
+                body,
+                settings=self.resources.settings,
+                providers=self.resources.providers,
+                tools=self.resources.tools,
+                stream=True,
+            )
+        except ValidationError as exc:
+            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+            await self._error("invalid_request", detail, ref)
+            return
+        except AppError as exc:
+            await self._error(exc.code, exc.detail, ref)
+            return
+        self.tasks[spec.id] = asyncio.create_task(self._run(run_agent(spec, self.resources.metrics), spec.id, ref))
+
+    async def _run(self, events: Any, task_id: str, ref: Any) -> None:
+        gauge = self.resources.metrics.active_streams.labels("ws")
+        gauge.inc()
+        last: Event | None = None
+        seq = 0
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    last, seq = event, event.seq
+                    await self._send_event(event, ref)
+        except asyncio.CancelledError:
+            if task_id not in self.cancel_requested:
+                raise  # the socket is closing: nobody to tell
+            cancelled = Cancelled("The task was cancelled by the client.")
+            last = TaskFailed(
+                task_id=task_id,
+                seq=seq + 1,
+                code=cancelled.code,
+                detail=cancelled.detail,
+                retryable=False,
+                status=cancelled.status,
+            )
+            await self._send_event(last, ref)
+        finally:
+            gauge.dec()
+            self.tasks.pop(task_id, None)
+            self.cancel_requested.discard(task_id)
+            self.resources.metrics.tasks.labels("ws", outcome_of(last)).inc()
+
+    async def _cancel(self, task_id: Any, ref: Any) -> None:
+        task = self.tasks.get(task_id) if isinstance(task_id, str) else None
+        if task is None:
+            await self._error("not_found", f"No running task {task_id!r} on this socket.", ref)
+            return
+        self.cancel_requested.add(task_id)
+        task.cancel()
+
+    async def _send_event(self, event: Event, ref: Any) -> None:
+        payload = event.model_dump(mode="json")
+        if ref is not None:
+            payload["ref"] = ref
+        await self.outbox.put(orjson.dumps(payload))
+
+    async def _error(self, code: str, detail: str, ref: Any = None) -> None:
+        payload: dict[str, Any] = {"type": "error", "code": code, "detail": detail}
+        if ref is not None:
+            payload["ref"] = ref
+        await self.outbox.put(orjson.dumps(payload))
+
+    async def _write(self) -> None:
+        while True:
+            data = await self.outbox.get()
+            await self.websocket.send_text(data.decode())
