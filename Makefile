@@ -1,0 +1,49 @@
+# One task runner for people and CI. `make run` and `make test` install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install run test lint format openapi migrate bench clean
+
+$(INSTALLED): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(INSTALLED)
+
+## run: install, migrate the SQLite database, make a development key, serve on 127.0.0.1:8000
+run: install
+	$(BIN)/pacemaker migrate
+	$(BIN)/pacemaker dev-key
+	$(BIN)/pacemaker serve
+
+## test: install and run the whole suite (needs PostgreSQL and Redis on 127.0.0.1)
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check app tests benchmarks load migrations
+	$(BIN)/ruff format --check app tests benchmarks load migrations
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix app tests benchmarks load migrations
+	$(BIN)/ruff format app tests benchmarks load migrations
+
+## openapi: regenerate the committed openapi.json from the app
+openapi: install
+	$(BIN)/pacemaker openapi --out openapi.json
+
+migrate: install
+	$(BIN)/pacemaker migrate
+
+## bench: the chat-completions benchmark (figures in the README)
+bench: install
+	$(BIN)/python -m benchmarks.chat_proxy
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,215 @@
+"""A fake OpenAI-compatible upstream, run as a real HTTP server process by the tests and benchmarks.
+
+    python -m tests.fakes.upstream --port 9100
+
+It speaks POST /v1/chat/completions (JSON and SSE with a final usage chunk), answers tool calls the
+way a model would, and injects faults on request. Directives go in the last user message, so they
+travel through Pacemaker untouched:
+
+    #status=500        answer with that HTTP status (429 carries Retry-After: 1)
+    #fail=N            fail (500) for the first N requests that carry the same #tag
+    #latency=0.5       wait before answering (seconds)
+    #delay=0.05        wait between streamed chunks (seconds)
+    #tokens=N          answer with N tokens
+    #malformed         a malformed chunk after the first token (stream)
+    #drop=N            drop the connection after N chunks (stream)
+    #nousage           report no usage
+    #tag=abc           name the request in /_control/stats
+
+A message containing an arithmetic expression, with a `calculator` tool offered, gets a tool call;
+a message list ending in a tool result gets an answer quoting it. Its own bookkeeping (requests,
+tokens served, disconnects seen) is at GET /_control/stats and is reset by POST /_control/reset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import time
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+
+ARITHMETIC = re.compile(r"\(*\s*-?\d+(?:\.\d+)?\s*\)*(?:\s*[-+*/]\s*\(*\s*-?\d+(?:\.\d+)?\s*\)*)+")
+DIRECTIVE = re.compile(r"#(\w+)(?:=([\w.\-]+))?")
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests = 0
+        self.active = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.disconnects: list[dict[str, Any]] = []
+        self.by_tag: Counter[str] = Counter()
+        self.last_bodies: list[dict[str, Any]] = []
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests += 1
+        self.last_bodies = [*self.last_bodies[-19:], body]
+        messages = body.get("messages") or []
+        last_user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+        directives = dict(DIRECTIVE.findall(_text(last_user)))
+        tag = directives.get("tag", "")
+        self.by_tag[tag] += 1
+
+        if "latency" in directives:
+            await asyncio.sleep(float(directives["latency"]))
+        status = _failure_status(directives, self.by_tag[tag])
+        if status is not None:
+            headers = {"Retry-After": "1"} if status == 429 else {}
+            return web.json_response(
+                {"error": {"message": f"injected {status}", "type": "fake", "code": str(status)}},
+                status=status,
+                headers=headers,
+            )
+
+        model = body.get("model", "fake")
+        prompt_tokens = sum(len(_text(m).split()) + 3 for m in messages)
+        tool_call = _tool_call(messages, body.get("tools") or [])
+        pieces = [] if tool_call else _answer(messages, int(directives.get("tokens", 12)))
+        completion_tokens = len(pieces) if not tool_call else 10
+        report_usage = "nousage" not in directives
+        if report_usage:
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += completion_tokens
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        finish = "tool_calls" if tool_call else "stop"
+
+        if not body.get("stream"):
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces) or None}
+            if tool_call:
+                message["tool_calls"] = [tool_call]
+            payload: dict[str, Any] = {
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            }
+            if report_usage:
+                payload["usage"] = usage
+            return web.json_response(payload)
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        self.active += 1
+        sent = 0
+        delay = float(directives.get("delay", 0))
+        try:
+            deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+            if tool_call:
+                deltas.append({"tool_calls": [{**tool_call, "index": 0}]})
+            deltas += [{"content": piece} for piece in pieces]
+            for delta in deltas:
+                if delay:
+                    await asyncio.sleep(delay)
+                if "drop" in directives and sent >= int(directives["drop"]):
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                await response.write(_sse(_chunk(model, delta, None)))
+                sent += 1
+                if "malformed" in directives and sent == 2:
+                    await response.write(b'data: {"choices": [{"delta": {"content": 7\n\n')
+            await response.write(_sse(_chunk(model, {}, finish)))
+            if report_usage and (body.get("stream_options") or {}).get("include_usage"):
+                await response.write(_sse({**_chunk(model, {}, None), "choices": [], "usage": usage}))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnects.append({"tag": tag, "at": time.time(), "chunks_sent": sent})
+            raise
+        finally:
+            self.active -= 1
+        return response
+
+    async def stats(self, _request: web.Request) -> web.Response:
+        return web.json_response({
+            "requests": self.requests,
+            "active": self.active,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "disconnects": self.disconnects,
+            "by_tag": dict(self.by_tag),
+            "last_bodies": self.last_bodies,
+        })
+
+    async def reset_handler(self, _request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"ok": True})
+
+
+def _failure_status(directives: dict[str, str], attempt: int) -> int | None:
+    if "status" in directives:
+        return int(directives["status"])
+    if "fail" in directives and attempt <= int(directives["fail"]):
+        return 500
+    return None
+
+
+def _tool_call(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> dict[str, Any] | None:
+    offered = {t.get("function", {}).get("name") for t in tools}
+    if not messages or messages[-1].get("role") != "user" or "calculator" not in offered:
+        return None
+    match = ARITHMETIC.search(DIRECTIVE.sub("", _text(messages[-1])))
+    if match is None:
+        return None
+    return {"id": "call_fake_1", "type": "function",
+            "function": {"name": "calculator", "arguments": json.dumps({"expression": match.group(0).strip()})}}
+
+
+def _answer(messages: list[dict[str, Any]], tokens: int) -> list[str]:
+    if messages and messages[-1].get("role") == "tool":
+        try:
+            value = json.loads(messages[-1].get("content") or "null")
+        except ValueError:
+            value = messages[-1].get("content")
+        result = value.get("result", value) if isinstance(value, dict) else value
+        return ["The", " answer", " is", f" {result}", "."]
+    return [("" if i == 0 else " ") + WORDS[i % len(WORDS)] for i in range(tokens)]
+
+
+def _chunk(model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content or ""
+
+
+def build_app() -> web.Application:
+    fake = FakeUpstream()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", fake.chat)
+    app.router.add_get("/_control/stats", fake.stats)
+    app.router.add_post("/_control/reset", fake.reset_handler)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    # handler_cancellation: a handler learns at once that its client went away.
+    web.run_app(build_app(), host=args.host, port=args.port, handler_cancellation=True, print=None,
+                access_log=None)
+
+
+if __name__ == "__main__":
+    main()

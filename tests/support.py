@@ -1,0 +1,197 @@
+"""Test support: real server processes on free ports, service checks, and an SSE reader."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """A missing PostgreSQL or Redis fails the run in CI and skips the test elsewhere."""
+    if port_open(host, port):
+        return
+    message = f"{name} is not reachable at {host}:{port}"
+    if IN_CI:
+        pytest.fail(message + " (CI=true: a missing service is a failure)")
+    pytest.skip(message)
+
+
+class ManagedProcess:
+    """A child process with its output in a log file, stopped (and reaped) on close."""
+
+    def __init__(self, args: list[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            args, cwd=ROOT, env=dict(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_for_port(self, port: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"process exited with {self.process.returncode}:\n{self.output()}")
+            if port_open("127.0.0.1", port):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"nothing listened on {port} within {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def start_fake_upstream(log_dir: Path) -> tuple[ManagedProcess, str]:
+    port = free_port()
+    process = ManagedProcess(
+        [sys.executable, "-m", "tests.fakes.upstream", "--port", str(port)],
+        os.environ,
+        log_dir / f"fake-upstream-{port}.log",
+    )
+    process.wait_for_port(port)
+    return process, f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class PacemakerServer:
+    process: ManagedProcess
+    base_url: str
+    key: str
+    env: dict[str, str]
+    workdir: Path
+
+    def client(self, key: str | None = None, **kwargs: Any) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {key or self.key}"}
+        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=30, **kwargs)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run_cli(self.env, *args, check=check)
+
+
+def run_cli(env: Mapping[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=dict(env), capture_output=True, text=True,
+        check=check, timeout=60,
+    )
+
+
+def pacemaker_env(workdir: Path, config: dict[str, Any], **extra: str) -> dict[str, str]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "pacemaker.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACEMAKER_")}
+    env.update(PACEMAKER_CONFIG=str(config_path), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def server_config(workdir: Path, upstream_url: str | None, **overrides: Any) -> dict[str, Any]:
+    """Simulated models (no pacing) plus, when given, models served by the fake upstream."""
+    config: dict[str, Any] = {
+        "environment": "test",
+        "database": {"url": f"sqlite+aiosqlite:///{workdir / 'pacemaker.db'}"},
+        "auth": {"dev_key_file": str(workdir / "dev-key")},
+        "providers": {"simulated": {"kind": "simulated", "tokens_per_second": 0}},
+        "models": {name: {"provider": "simulated"} for name in ("sim-small", "sim-medium", "sim-large")},
+    }
+    if upstream_url:
+        config["providers"]["fake"] = {
+            "kind": "openai", "base_url": f"{upstream_url}/v1", "api_key": "sk-fake", "read_timeout_s": 5,
+        }
+        config["models"]["fake-model"] = {
+            "provider": "fake", "upstream_model": "fake-upstream-model",
+            "input_usd_per_mtok": "1.0", "output_usd_per_mtok": "2.0",
+        }
+    _deep_update(config, overrides)
+    return config
+
+
+def start_pacemaker(workdir: Path, config: dict[str, Any], **extra_env: str) -> PacemakerServer:
+    env = pacemaker_env(workdir, config, **extra_env)
+    run_cli(env, "migrate")
+    key = json.loads(run_cli(env, "keys", "create", "--name", "test", "--json").stdout)["key"]
+    port = free_port()
+    process = ManagedProcess(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env, workdir / "server.log"
+    )
+    process.wait_for_port(port)
+    return PacemakerServer(process, f"http://127.0.0.1:{port}", key, env, workdir)
+
+
+def _deep_update(target: dict[str, Any], updates: Mapping[str, Any]) -> None:
+    for key, value in updates.items():
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value
+
+
+@dataclass
+class SSEEvent:
+    id: str | None
+    event: str | None
+    data: str
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+async def read_sse(response: httpx.Response) -> AsyncIterator[SSEEvent]:
+    """Parse a text/event-stream body as it arrives (comments are skipped)."""
+    fields: dict[str, list[str]] = {}
+    async for line in response.aiter_lines():
+        if line == "":
+            if "data" in fields:
+                yield SSEEvent(
+                    id=(fields.get("id") or [None])[0],
+                    event=(fields.get("event") or [None])[0],
+                    data="\n".join(fields["data"]),
+                )
+            fields = {}
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        fields.setdefault(name, []).append(value.removeprefix(" "))
