@@ -7,7 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,7 +21,12 @@ Mode = Literal["simple", "complex", "research"]
 CONFIG_FILE_ENV = "PACEMAKER_CONFIG"
 
 
-class ServerSettings(BaseModel):
+class _Section(BaseModel):
+    # A misspelt setting is an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
@@ -31,7 +36,7 @@ class ServerSettings(BaseModel):
     ws_max_tasks_per_socket: int = Field(16, ge=1)
 
 
-class DatabaseSettings(BaseModel):
+class DatabaseSettings(_Section):
     url: str = "sqlite+aiosqlite:///./var/pacemaker.db"
     echo: bool = False
     pool_size: int = Field(10, ge=1)
@@ -43,7 +48,7 @@ class DatabaseSettings(BaseModel):
         return self
 
 
-class AuthSettings(BaseModel):
+class AuthSettings(_Section):
     # How long a key lookup is trusted before the database is asked again (revocation delay
     # on other instances). A revoke through this process takes effect at once.
     key_cache_seconds: float = Field(30.0, ge=0)
@@ -52,7 +57,7 @@ class AuthSettings(BaseModel):
     dev_key_file: Path = Path("var/dev-key")
 
 
-class ProviderSettings(BaseModel):
+class ProviderSettings(_Section):
     kind: Literal["openai", "simulated"]
     # openai: any OpenAI-compatible upstream.
     base_url: str | None = None
@@ -73,7 +78,7 @@ class ProviderSettings(BaseModel):
         return self
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(_Section):
     provider: str
     # The name the upstream knows the model by; defaults to the public name.
     upstream_model: str | None = None
@@ -82,7 +87,7 @@ class ModelSettings(BaseModel):
     context_window: int = Field(128_000, ge=1)
 
 
-class TierSettings(BaseModel):
+class TierSettings(_Section):
     small: str = "sim-small"
     medium: str = "sim-medium"
     large: str = "sim-large"
@@ -92,7 +97,7 @@ class TierSettings(BaseModel):
         return name
 
 
-class AgentSettings(BaseModel):
+class AgentSettings(_Section):
     max_iterations: int = Field(8, ge=1, le=64)
     default_max_tokens: int = Field(1024, ge=1)
     max_tokens_ceiling: int = Field(32_768, ge=1)
@@ -116,7 +121,6 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
-    environment: Literal["development", "production", "test"] = "development"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
     server: ServerSettings = ServerSettings()
@@ -126,6 +130,16 @@ class Settings(BaseSettings):
     models: dict[str, ModelSettings] = Field(default_factory=_default_models)
     tiers: TierSettings = TierSettings()
     agent: AgentSettings = AgentSettings()
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _default_kind(cls, value: Any) -> Any:
+        # So that PACEMAKER_PROVIDERS__SIMULATED__TOKENS_PER_SECOND=200 alone is enough.
+        if isinstance(value, dict):
+            for name, provider in value.items():
+                if isinstance(provider, dict) and "kind" not in provider:
+                    provider["kind"] = "simulated" if name == "simulated" else "openai"
+        return value
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
@@ -162,6 +176,7 @@ class ConfigError(Exception):
 
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings, turning validation errors into one readable ConfigError."""
+    _refuse_unknown_environment()
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -170,3 +185,13 @@ def load_settings(**overrides: Any) -> Settings:
             field = ".".join(str(part) for part in err["loc"]) or "settings"
             lines.append(f"  {field}: {err['msg']}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def _refuse_unknown_environment() -> None:
+    """pydantic-settings ignores PACEMAKER_* variables that name no setting; a typo should not pass."""
+    known = {name.upper() for name in Settings.model_fields} | {CONFIG_FILE_ENV.removeprefix("PACEMAKER_")}
+    for variable in os.environ:
+        if variable.startswith("PACEMAKER_"):
+            top = variable.removeprefix("PACEMAKER_").split("__", 1)[0]
+            if top not in known:
+                raise ConfigError(f"invalid configuration:\n  {variable}: no such setting")

@@ -69,7 +69,8 @@ class ManagedProcess:
         raise RuntimeError(f"nothing listened on {port} within {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-5000:]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
@@ -113,8 +114,13 @@ class PacemakerServer:
 
 def run_cli(env: Mapping[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=dict(env), capture_output=True, text=True,
-        check=check, timeout=60,
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=60,
     )
 
 
@@ -130,7 +136,6 @@ def pacemaker_env(workdir: Path, config: dict[str, Any], **extra: str) -> dict[s
 def server_config(workdir: Path, upstream_url: str | None, **overrides: Any) -> dict[str, Any]:
     """Simulated models (no pacing) plus, when given, models served by the fake upstream."""
     config: dict[str, Any] = {
-        "environment": "test",
         "database": {"url": f"sqlite+aiosqlite:///{workdir / 'pacemaker.db'}"},
         "auth": {"dev_key_file": str(workdir / "dev-key")},
         "providers": {"simulated": {"kind": "simulated", "tokens_per_second": 0}},
@@ -138,11 +143,16 @@ def server_config(workdir: Path, upstream_url: str | None, **overrides: Any) -> 
     }
     if upstream_url:
         config["providers"]["fake"] = {
-            "kind": "openai", "base_url": f"{upstream_url}/v1", "api_key": "sk-fake", "read_timeout_s": 5,
+            "kind": "openai",
+            "base_url": f"{upstream_url}/v1",
+            "api_key": "sk-fake",
+            "read_timeout_s": 5,
         }
         config["models"]["fake-model"] = {
-            "provider": "fake", "upstream_model": "fake-upstream-model",
-            "input_usd_per_mtok": "1.0", "output_usd_per_mtok": "2.0",
+            "provider": "fake",
+            "upstream_model": "fake-upstream-model",
+            "input_usd_per_mtok": "1.0",
+            "output_usd_per_mtok": "2.0",
         }
     _deep_update(config, overrides)
     return config

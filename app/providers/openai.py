@@ -72,19 +72,18 @@ class OpenAICompatibleProvider:
 
 
 async def _read_event_stream(name: str, response: aiohttp.ClientResponse) -> AsyncGenerator[LLMChunk, None]:
-    ended = False
+    done = finished = False
     async for line in response.content:
-        if ended or not line.startswith(_DATA):
+        if done or not line.startswith(_DATA):
             continue  # blank separators, comments, event:/id: fields, anything after [DONE]
         payload = line[len(_DATA) :].strip()
         if payload == _DONE:
-            ended = True  # read on to the end of the body, so the connection can be reused
+            done = True  # read on to the end of the body, so the connection can be reused
             continue
         chunk = parse_completion(payload)
-        if chunk.finish_reason is not None:
-            ended = True
-        yield chunk
-    if not ended:
+        finished = finished or chunk.finish_reason is not None
+        yield chunk  # the usage chunk comes after the one with finish_reason
+    if not (done or finished):
         raise UpstreamUnavailable(f"{name}: the stream ended before the response was complete")
 
 

@@ -7,7 +7,6 @@ Client messages: {"type": "task.create", "ref"?, ...task fields} and {"type": "t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from contextlib import aclosing
 from typing import Any
@@ -59,26 +58,34 @@ class TaskSocket:
         self.cancel_requested: set[str] = set()
 
     async def serve(self) -> None:
+        reader = asyncio.create_task(self._read())
         writer = asyncio.create_task(self._write())
         try:
-            while True:
-                message = await self.websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                raw = message.get("text")
-                if raw is None:
-                    raw = message.get("bytes") or b""
-                await self._handle(raw)
-        except WebSocketDisconnect:
-            pass
+            # The socket is done when the client leaves (reader) or can no longer be written to (writer).
+            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             running = list(self.tasks.values())
-            for task in running:
+            for task in (*running, reader, writer):
                 task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            await asyncio.gather(*running, reader, writer, return_exceptions=True)
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text")
+            if raw is None:
+                raw = message.get("bytes") or b""
+            await self._handle(raw)
+
+    async def _write(self) -> None:
+        while True:
+            data = await self.outbox.get()
+            try:
+                await self.websocket.send_text(data.decode())
+            except (WebSocketDisconnect, OSError, RuntimeError):
+                return  # the client is gone; the reader will see it, or serve() ends us both
 
     async def _handle(self, raw: str | bytes) -> None:
         try:
@@ -168,8 +175,3 @@ class TaskSocket:
         if ref is not None:
             payload["ref"] = ref
         await self.outbox.put(orjson.dumps(payload))
-
-    async def _write(self) -> None:
-        while True:
-            data = await self.outbox.get()
-            await self.websocket.send_text(data.decode())

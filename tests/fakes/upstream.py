@@ -81,8 +81,11 @@ class FakeUpstream:
         if report_usage:
             self.prompt_tokens += prompt_tokens
             self.completion_tokens += completion_tokens
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         finish = "tool_calls" if tool_call else "stop"
 
         if not body.get("stream"):
@@ -90,7 +93,10 @@ class FakeUpstream:
             if tool_call:
                 message["tool_calls"] = [tool_call]
             payload: dict[str, Any] = {
-                "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             }
             if report_usage:
@@ -131,15 +137,17 @@ class FakeUpstream:
         return response
 
     async def stats(self, _request: web.Request) -> web.Response:
-        return web.json_response({
-            "requests": self.requests,
-            "active": self.active,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "disconnects": self.disconnects,
-            "by_tag": dict(self.by_tag),
-            "last_bodies": self.last_bodies,
-        })
+        return web.json_response(
+            {
+                "requests": self.requests,
+                "active": self.active,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "disconnects": self.disconnects,
+                "by_tag": dict(self.by_tag),
+                "last_bodies": self.last_bodies,
+            }
+        )
 
     async def reset_handler(self, _request: web.Request) -> web.Response:
         self.reset()
@@ -161,8 +169,11 @@ def _tool_call(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> d
     match = ARITHMETIC.search(DIRECTIVE.sub("", _text(messages[-1])))
     if match is None:
         return None
-    return {"id": "call_fake_1", "type": "function",
-            "function": {"name": "calculator", "arguments": json.dumps({"expression": match.group(0).strip()})}}
+    return {
+        "id": "call_fake_1",
+        "type": "function",
+        "function": {"name": "calculator", "arguments": json.dumps({"expression": match.group(0).strip()})},
+    }
 
 
 def _answer(messages: list[dict[str, Any]], tokens: int) -> list[str]:
@@ -177,8 +188,13 @@ def _answer(messages: list[dict[str, Any]], tokens: int) -> list[str]:
 
 
 def _chunk(model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -207,8 +223,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     # handler_cancellation: a handler learns at once that its client went away.
-    web.run_app(build_app(), host=args.host, port=args.port, handler_cancellation=True, print=None,
-                access_log=None)
+    web.run_app(build_app(), host=args.host, port=args.port, handler_cancellation=True, print=None, access_log=None)
 
 
 if __name__ == "__main__":
