@@ -83,6 +83,7 @@ class BodyLimitMiddleware:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if value.isdigit() and int(value) > limit:
+                    await _drain(receive, int(value))
                     await _send_too_large(send, limit)
                     return
                 break
@@ -96,6 +97,8 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    if message.get("more_body", False):
+                        await _drain(receive, received)
                     raise _BodyTooLarge
             return message
 
@@ -119,6 +122,23 @@ class _BodyTooLarge(HTTPException):
         super().__init__(status_code=413)
 
 
+# Reading (and dropping) the rest of an oversized body lets the client read our 413; closing on
+# unread data would reset the connection under it. Past this much, we stop being polite.
+MAX_DRAIN_BYTES = 16 * 1024 * 1024
+
+
+async def _drain(receive: Receive, counted: int) -> None:
+    """Read and drop body chunks until the body ends or `counted` passes MAX_DRAIN_BYTES."""
+    seen = counted
+    while seen <= MAX_DRAIN_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 async def _send_too_large(send: Send, limit: int) -> None:
     error = PayloadTooLarge(f"The request body is larger than {limit} bytes.")
     body = orjson.dumps(error.problem(request_id_var.get()))
@@ -129,7 +149,6 @@ async def _send_too_large(send: Send, limit: int) -> None:
             "headers": [
                 (b"content-type", b"application/problem+json"),
                 (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
             ],
         }
     )

@@ -27,6 +27,7 @@ class ModelCall:
         self._chunks: AsyncGenerator[LLMChunk, None] = route.provider.generate(request)
         self._started = time.perf_counter()
         self._recorded = False
+        self._response: LLMResponse | None = None
 
     def __aiter__(self) -> Self:
         return self
@@ -35,6 +36,7 @@ class ModelCall:
         try:
             chunk = await anext(self._chunks)
         except StopAsyncIteration:
+            self._finish()
             raise
         except AppError as exc:
             self._record(exc.code)
@@ -42,26 +44,28 @@ class ModelCall:
         self._builder.add(chunk)
         return chunk
 
-    @property
-    def text_so_far(self) -> str:
-        return self._builder.text
-
     def response(self) -> LLMResponse:
-        """The whole response, after the chunks are exhausted; estimates usage if none was reported."""
-        estimate = Usage(count_message_tokens(self.request.messages), count_text_tokens(self._builder.text))
-        response = self._builder.build(estimate)
-        if not self._recorded:
-            self._record("ok")
-            model = self.route.name
-            self._metrics.tokens.labels(model, "prompt").inc(response.usage.prompt_tokens)
-            self._metrics.tokens.labels(model, "completion").inc(response.usage.completion_tokens)
-        return response
+        """The whole response; only once the chunks are exhausted."""
+        if self._response is None:
+            raise RuntimeError("the model call has not finished")
+        return self._response
 
     async def aclose(self) -> None:
         """Stop the provider (closing its upstream connection) if the call did not finish."""
         await self._chunks.aclose()
         if not self._recorded:
             self._record("cancelled")
+
+    def _finish(self) -> None:
+        if self._response is not None:
+            return
+        # Upstreams that report no usage get an estimate, flagged as such.
+        estimate = Usage(count_message_tokens(self.request.messages), count_text_tokens(self._builder.text))
+        self._response = self._builder.build(estimate)
+        self._record("ok")
+        model = self.route.name
+        self._metrics.tokens.labels(model, "prompt").inc(self._response.usage.prompt_tokens)
+        self._metrics.tokens.labels(model, "completion").inc(self._response.usage.completion_tokens)
 
     def _record(self, outcome: str) -> None:
         self._recorded = True

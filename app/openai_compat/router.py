@@ -111,8 +111,6 @@ async def _stream(
             chunk = await anext(call, None)
         if include_usage:
             yield meta.chunk([], usage=_usage(call.response()))
-        else:
-            call.response()  # records the call's tokens even when the client did not ask for them
         yield _DONE
     except AppError as exc:
         # Already streaming: report in-band, in the shape OpenAI's SDKs raise as an APIError.

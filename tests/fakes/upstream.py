@@ -104,11 +104,12 @@ class FakeUpstream:
             return web.json_response(payload)
 
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
         self.active += 1
         sent = 0
         delay = float(directives.get("delay", 0))
         try:
+            await response.prepare(request)
+            await response.write(b": stream open\n\n")  # headers go out now, as a real upstream's do
             deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
             if tool_call:
                 deltas.append({"tool_calls": [{**tool_call, "index": 0}]})
@@ -129,7 +130,7 @@ class FakeUpstream:
                 await response.write(_sse({**_chunk(model, {}, None), "choices": [], "usage": usage}))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
-        except (asyncio.CancelledError, ConnectionResetError):
+        except (asyncio.CancelledError, ConnectionError):
             self.disconnects.append({"tag": tag, "at": time.time(), "chunks_sent": sent})
             raise
         finally:
