@@ -183,7 +183,7 @@ def load_settings(**overrides: Any) -> Settings:
         lines = []
         for err in exc.errors():
             field = ".".join(str(part) for part in err["loc"]) or "settings"
-            lines.append(f"  {field}: {err['msg']}")
+            lines.append(f"  {field}: {err['msg'].removeprefix('Value error, ')}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
 
 

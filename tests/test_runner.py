@@ -1,0 +1,97 @@
+"""The agent loop against a scripted in-process model: tool errors go back to the model, limits hold."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from decimal import Decimal
+from typing import Any
+
+from app.agent.events import TaskCompleted, TaskFailed, ToolCallFinished
+from app.agent.runner import TaskSpec, run_agent
+from app.observability.metrics import Metrics
+from app.providers.base import LLMChunk, LLMRequest, ToolCallDelta, Usage
+from app.providers.registry import ModelRoute
+from app.tools.calculator import CalculatorTool
+
+
+class ScriptedModel:
+    """Answers each call with the next scripted turn: a tool call (name, arguments) or text."""
+
+    name = "scripted"
+
+    def __init__(self, turns: list[tuple[str, str] | str]) -> None:
+        self.turns = turns
+        self.requests: list[LLMRequest] = []
+
+    async def generate(self, request: LLMRequest) -> AsyncGenerator[LLMChunk, None]:
+        self.requests.append(request)
+        turn = self.turns[min(len(self.requests), len(self.turns)) - 1]
+        if isinstance(turn, tuple):
+            call = ToolCallDelta(0, f"call_{len(self.requests)}", turn[0], turn[1])
+            yield LLMChunk(tool_calls=[call], finish_reason="tool_calls", usage=Usage(10, 5))
+        else:
+            yield LLMChunk(text=turn, finish_reason="stop", usage=Usage(10, 3))
+
+    async def aclose(self) -> None:
+        pass
+
+
+def spec(model: ScriptedModel, **changes: Any) -> TaskSpec:
+    route = ModelRoute("scripted-model", model, "scripted-model", Decimal(2), Decimal(4))
+    fields: dict[str, Any] = {
+        "id": "task_test",
+        "query": "q",
+        "route": route,
+        "tier": None,
+        "tools": [CalculatorTool()],
+        "system_prompt": "sys",
+        "max_tokens": 100,
+        "max_iterations": 8,
+        "timeout_s": 10,
+        "stream": True,
+    }
+    fields.update(changes)
+    return TaskSpec(**fields)
+
+
+async def run(task: TaskSpec) -> list[Any]:
+    return [event async for event in run_agent(task, Metrics())]
+
+
+async def test_unknown_tools_and_bad_arguments_go_back_to_the_model_as_errors() -> None:
+    model = ScriptedModel([("teleport", "{}"), ("calculator", '{"expr": 1}'), ("calculator", "{oops"), "done"])
+    events = await run(spec(model))
+    results = [e for e in events if isinstance(e, ToolCallFinished)]
+    assert [r.error is not None for r in results] == [True, True, True]
+    assert "unknown tool 'teleport'" in (results[0].error or "")
+    assert "invalid arguments for calculator" in (results[1].error or "")
+    final = events[-1]
+    assert isinstance(final, TaskCompleted) and final.output == "done"
+    # The model saw each error as a tool message.
+    tool_messages = [m for m in model.requests[-1].messages if m["role"] == "tool"]
+    assert len(tool_messages) == 3 and all('"error"' in m["content"] for m in tool_messages)
+
+
+async def test_usage_is_summed_over_every_model_call_and_priced() -> None:
+    model = ScriptedModel([("calculator", '{"expression": "1+1"}'), "two"])
+    final = (await run(spec(model)))[-1]
+    assert isinstance(final, TaskCompleted)
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (20, 8)
+    assert final.cost_usd == float((Decimal(20) * 2 + Decimal(8) * 4) / 1_000_000)
+    assert [e.seq for e in await run(spec(ScriptedModel(["x"])))] == [1, 2, 3]
+
+
+async def test_a_model_that_never_stops_calling_tools_hits_max_iterations() -> None:
+    model = ScriptedModel([("calculator", '{"expression": "1"}')])
+    final = (await run(spec(model, max_iterations=3)))[-1]
+    assert isinstance(final, TaskFailed)
+    assert final.code == "max_iterations_exceeded" and not final.retryable
+    assert len(model.requests) == 3
+
+
+async def test_only_the_tools_of_the_task_are_offered() -> None:
+    model = ScriptedModel(["fine"])
+    await run(spec(model, tools=[]))
+    assert model.requests[0].tools is None
+    await run(spec(model))
+    assert [t["function"]["name"] for t in model.requests[-1].tools or []] == ["calculator"]
