@@ -62,7 +62,7 @@ def test_models_from_a_file_replace_the_defaults_and_tiers_must_follow(
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"models": {"only": {"provider": "simulated"}}, "tiers": {"small": "only"}}))
     monkeypatch.setenv("PACEMAKER_CONFIG", str(config))
-    with pytest.raises(ConfigError, match="tiers.medium: no model named 'sim-medium'"):
+    with pytest.raises(ConfigError, match=r"tiers\.medium: no model named 'sim-medium'"):
         load_settings()
 
 
