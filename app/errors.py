@@ -136,3 +136,45 @@ class UpstreamAuthFailed(UpstreamError):
         "Upstream provider refused our credentials",
         False,
     )
+
+
+# Enforcement: refusals that say when to come back (Retry-After) where retrying makes sense.
+class RateLimitExceeded(AppError):
+    status, code, title, retryable = 429, "rate_limit_exceeded", "Rate limit exceeded", True
+
+
+class ConcurrencyLimitExceeded(AppError):
+    status, code, title, retryable = 429, "concurrency_limit_exceeded", "Too many requests in flight for this key", True
+
+
+class Overloaded(AppError):
+    status, code, title, retryable = 503, "overloaded", "The server is at its limit of requests in flight", True
+
+
+class TokenLimitExceeded(AppError):
+    status, code, title = 400, "token_limit_exceeded", "The request would exceed its token limit"
+
+
+class BudgetExceeded(AppError):
+    status, code, title = 402, "budget_exceeded", "The key's budget is exhausted"
+
+
+class CircuitOpen(AppError):
+    status, code, title, retryable = 503, "circuit_open", "The upstream is failing; calls are paused", True
+
+
+class LimiterUnavailable(AppError):
+    status, code, title, retryable = 503, "limiter_unavailable", "Rate limiting is unavailable", True
+
+
+class IdempotencyInProgress(AppError):
+    status, code, title, retryable = (
+        409,
+        "idempotency_in_progress",
+        "A request with this Idempotency-Key is running",
+        True,
+    )
+
+
+class IdempotencyConflict(AppError):
+    status, code, title = 422, "idempotency_conflict", "This Idempotency-Key was used with a different request"
