@@ -9,10 +9,12 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar
 
 from app.auth.keys import hash_key
+from app.auth.principal import KeyLimits
 from app.auth.repository import ApiKeyRepository
 from app.config import ConfigError, Settings, load_settings
 from app.db import create_engine, create_session_maker, migrate, session_scope
@@ -56,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="create a key and print it (shown once)")
     create.add_argument("--name", required=True)
     create.add_argument("--json", action="store_true", help="print {id, name, prefix, key} as JSON")
+    create.add_argument("--rpm", type=int, help="requests per minute (default: limits.rpm)")
+    create.add_argument("--burst", type=int, help="request burst (default: rpm)")
+    create.add_argument("--tpm", type=int, help="tokens per minute (default: limits.tpm)")
+    create.add_argument("--max-concurrency", type=int, help="requests in flight (default: limits.max_concurrency)")
+    create.add_argument("--max-tokens-per-request", type=int, help="estimated tokens ceiling per request")
+    create.add_argument("--budget-usd", type=Decimal, help="spending limit in USD")
+    create.add_argument("--budget-period", choices=["day", "month"], help="budget resets each UTC day or month")
     create.set_defaults(handler=_keys_create)
     listing = keys.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--all", action="store_true", help="include revoked keys")
@@ -104,7 +113,16 @@ def _openapi(args: argparse.Namespace, settings: Settings) -> int:
 def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
     async def create() -> tuple[int, str, str]:
         async with _repository(settings) as repo:
-            row, plaintext = await repo.create(args.name)
+            limits = KeyLimits(
+                rpm=args.rpm,
+                burst=args.burst,
+                tpm=args.tpm,
+                max_concurrency=args.max_concurrency,
+                max_tokens_per_request=args.max_tokens_per_request,
+                budget_usd=args.budget_usd,
+                budget_period=args.budget_period,
+            )
+            row, plaintext = await repo.create(args.name, limits)
             assert row.id is not None
             return row.id, row.prefix, plaintext
 

@@ -82,6 +82,8 @@ class ModelSettings(_Section):
     provider: str
     # The name the upstream knows the model by; defaults to the public name.
     upstream_model: str | None = None
+    # Used while this model's circuit breaker is open (a model name from `models`).
+    fallback: str | None = None
     input_usd_per_mtok: Decimal = Field(Decimal(0), ge=0)
     output_usd_per_mtok: Decimal = Field(Decimal(0), ge=0)
     context_window: int = Field(128_000, ge=1)
@@ -95,6 +97,39 @@ class TierSettings(_Section):
     def model_for(self, tier: Tier) -> str:
         name: str = getattr(self, tier)
         return name
+
+
+class LimitSettings(_Section):
+    """Defaults for keys that set no limit of their own, and the process-wide limits."""
+
+    rpm: int | None = Field(600, ge=1, description="Requests per minute per key (None: unlimited).")
+    burst: int | None = Field(None, ge=1, description="Request bucket size (default: rpm).")
+    tpm: int | None = Field(2_000_000, ge=1, description="Tokens per minute per key (None: unlimited).")
+    max_concurrency: int = Field(10, ge=1, description="Requests in flight per key, per instance.")
+    max_tokens_per_request: int | None = Field(None, ge=1, description="Estimated tokens ceiling per request.")
+    budget_usd: Decimal | None = Field(None, ge=0)
+    budget_period: Literal["day", "month"] | None = None
+    global_max_in_flight: int = Field(2000, ge=1, description="Requests in flight on this instance.")
+    # Shared limits across instances: all of them point at one Redis.
+    redis_url: str | None = None
+    redis_failure_policy: Literal["fail_open", "fail_closed"] = "fail_open"
+    expected_instances: int = Field(1, ge=1, description="fail_open: each instance allows limit / this.")
+
+
+class BreakerSettings(_Section):
+    failure_rate_threshold: float = Field(0.5, gt=0, le=1)
+    window_s: float = Field(30.0, gt=0)
+    min_calls: int = Field(10, ge=1)
+    open_s: float = Field(30.0, gt=0)
+    half_open_probes: int = Field(1, ge=1)
+
+
+class RetrySettings(_Section):
+    max_retries: int = Field(2, ge=0, le=10)
+    base_delay_s: float = Field(0.2, ge=0)
+    max_delay_s: float = Field(5.0, ge=0)
+    timeout_step_s: float = Field(0.5, ge=0)
+    max_retry_after_s: float = Field(10.0, ge=0)
 
 
 class AgentSettings(_Section):
@@ -130,6 +165,9 @@ class Settings(BaseSettings):
     models: dict[str, ModelSettings] = Field(default_factory=_default_models)
     tiers: TierSettings = TierSettings()
     agent: AgentSettings = AgentSettings()
+    limits: LimitSettings = LimitSettings()
+    breakers: BreakerSettings = BreakerSettings()
+    retries: RetrySettings = RetrySettings()
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -146,6 +184,8 @@ class Settings(BaseSettings):
         for name, model in self.models.items():
             if model.provider not in self.providers:
                 raise ValueError(f"models.{name}.provider: no provider named {model.provider!r}")
+            if model.fallback is not None and (model.fallback not in self.models or model.fallback == name):
+                raise ValueError(f"models.{name}.fallback: no other model named {model.fallback!r}")
         for tier in ("small", "medium", "large"):
             name = self.tiers.model_for(tier)
             if name not in self.models:

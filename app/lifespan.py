@@ -11,11 +11,21 @@ from typing import Any
 import aiohttp
 import orjson
 from fastapi import FastAPI
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.auth.authenticator import Authenticator
 from app.config import Settings
 from app.db import SessionMaker, create_engine, create_session_maker
+from app.enforcement.breaker import BreakerConfig, BreakerRegistry, BreakerState
+from app.enforcement.concurrency import ConcurrencyLimiter
+from app.enforcement.enforcer import Enforcer
+from app.enforcement.idempotency import IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
+from app.enforcement.limits import Limiter
+from app.enforcement.memory_limiter import MemoryLimiter
+from app.enforcement.redis_limiter import RedisLimiter, build_redis
+from app.enforcement.resilient_limiter import ResilientLimiter
+from app.enforcement.retry import RetryPolicy
 from app.middleware import TrafficCounters
 from app.observability.metrics import Metrics
 from app.providers.registry import ProviderRegistry
@@ -26,6 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Resources:
+    # Every field is built by the lifespan below and closed by it.
     settings: Settings
     metrics: Metrics
     counters: TrafficCounters
@@ -35,6 +46,9 @@ class Resources:
     providers: ProviderRegistry
     tools: ToolRegistry
     authenticator: Authenticator
+    redis: Redis | None
+    enforcer: Enforcer
+    idempotency: IdempotencyStore
 
 
 def upstream_http_session(settings: Settings) -> aiohttp.ClientSession:
@@ -50,6 +64,34 @@ def upstream_http_session(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
+def build_enforcer(settings: Settings, metrics: Metrics, redis: Redis | None) -> Enforcer:
+    limits = settings.limits
+    limiter: Limiter
+    if redis is None:
+        limiter = MemoryLimiter()
+    else:
+        limiter = ResilientLimiter(
+            RedisLimiter(redis),
+            # When Redis is down and we fail open, each instance allows its share of the limit.
+            MemoryLimiter(scale=1 / limits.expected_instances),
+            policy=limits.redis_failure_policy,
+            expected_instances=limits.expected_instances,
+            on_error=metrics.limiter_errors.inc,
+        )
+
+    def on_breaker_change(name: str, state: BreakerState) -> None:
+        metrics.breaker_state.labels(name).set(int(state))
+
+    return Enforcer(
+        limits,
+        limiter,
+        ConcurrencyLimiter(limits.global_max_in_flight),
+        BreakerRegistry(BreakerConfig(**settings.breakers.model_dump()), on_change=on_breaker_change),
+        RetryPolicy(**settings.retries.model_dump()),
+        metrics,
+    )
+
+
 def build_lifespan(
     settings: Settings, metrics: Metrics, counters: TrafficCounters
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[dict[str, Any]]]:
@@ -59,6 +101,9 @@ def build_lifespan(
         http = upstream_http_session(settings)
         providers = ProviderRegistry(settings, http)
         session_maker = create_session_maker(engine)
+        redis = build_redis(settings.limits.redis_url) if settings.limits.redis_url else None
+        enforcer = build_enforcer(settings, metrics, redis)
+        idempotency: IdempotencyStore = RedisIdempotencyStore(redis) if redis is not None else MemoryIdempotencyStore()
         resources = Resources(
             settings=settings,
             metrics=metrics,
@@ -73,12 +118,18 @@ def build_lifespan(
                 cache_seconds=settings.auth.key_cache_seconds,
                 cache_size=settings.auth.key_cache_size,
             ),
+            redis=redis,
+            enforcer=enforcer,
+            idempotency=idempotency,
         )
         log.info("pacemaker started: %d models, database %s", len(providers.routes()), engine.url.get_backend_name())
         try:
             yield {"resources": resources}
         finally:
             await providers.aclose()
+            await enforcer.limiter.aclose()
+            if redis is not None:
+                await redis.aclose()
             await http.close()
             await engine.dispose()
             log.info("pacemaker stopped")

@@ -19,6 +19,15 @@ _WELL_FORMED_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
+# Request state entry: a list of (name, value) byte pairs added to the response's headers.
+RESPONSE_HEADERS_KEY = "response_headers"
+
+
+def add_response_headers(scope: Scope, headers: dict[str, str]) -> None:
+    """Adds headers to the eventual response of the request (or WebSocket handshake) of `scope`."""
+    pairs: list[tuple[bytes, bytes]] = scope.setdefault("state", {}).setdefault(RESPONSE_HEADERS_KEY, [])
+    pairs.extend((name.lower().encode(), value.encode()) for name, value in headers.items())
+
 
 @dataclass(slots=True)
 class TrafficCounters:
@@ -43,10 +52,13 @@ class RequestContextMiddleware:
         token = request_id_var.set(request_id)
         header = (REQUEST_ID_HEADER, request_id.encode())
 
+        state = scope["state"]
+
         async def send_with_id(message: Message) -> None:
             if message["type"] in ("http.response.start", "websocket.http.response.start"):
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], header]
+                # Headers decided along the way (rate-limit state, cost) reach every kind of response.
+                extra = state.get(RESPONSE_HEADERS_KEY, ())
+                message["headers"] = [*message.get("headers", ()), header, *extra]
             await send(message)
 
         counters = self.counters

@@ -27,9 +27,16 @@ def fake_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iterator[PacemakerServer]:
-    """A Pacemaker server process: simulated models (unpaced) and `fake-model` on the fake upstream."""
+    """A Pacemaker server process: simulated models (unpaced) and `fake-model` on the fake upstream.
+
+    Its breaker never opens and it never retries, so that fault tests see each fault as it is;
+    enforcement tests run servers of their own.
+    """
     workdir = tmp_path_factory.mktemp("pacemaker")
-    started = start_pacemaker(workdir, server_config(workdir, fake_upstream))
+    config = server_config(
+        workdir, fake_upstream, breakers={"min_calls": 1_000_000}, retries={"max_retries": 0}
+    )
+    started = start_pacemaker(workdir, config)
     yield started
     _stop(started.process)
 

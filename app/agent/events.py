@@ -52,6 +52,15 @@ class TaskStarted(_Event):
     tier: str | None
 
 
+class ModelFallback(_Event):
+    """The model's circuit breaker is open: the task goes on with the configured fallback model."""
+
+    type: Literal["model.fallback"] = "model.fallback"
+    model: str
+    fallback: str
+    reason: str
+
+
 class TokenDelta(_Event):
     type: Literal["token.delta"] = "token.delta"
     delta: str
@@ -96,7 +105,7 @@ class TaskFailed(_Event):
 
 
 TaskEvent = Annotated[
-    TaskStarted | TokenDelta | ToolCallStarted | ToolCallFinished | TaskCompleted | TaskFailed,
+    TaskStarted | ModelFallback | TokenDelta | ToolCallStarted | ToolCallFinished | TaskCompleted | TaskFailed,
     Field(discriminator="type"),
 ]
 TERMINAL_EVENTS = (TaskCompleted, TaskFailed)

@@ -1,8 +1,10 @@
 """One model call, shared by the agent loop and the OpenAI-compatible route.
 
 It passes the provider's chunks through, folds them into a response, and records the outcome
-(tokens, latency, errors) once, whichever transport consumes it. Limits, breakers and retries
-around each model call belong here too, so every way in gets them.
+(tokens, latency, errors) once, whichever transport consumes it. With a Ticket (an admitted
+request) it also enforces: a reservation for this call, the upstream's circuit breaker, retries
+until the first chunk (never after: the client may already have it), and settlement to the
+usage actually spent, also when the call fails or the client leaves.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Self
 
-from app.errors import AppError
+from app.enforcement.breaker import CircuitBreaker, classify
+from app.enforcement.enforcer import Reservation, Ticket
+from app.errors import AppError, CircuitOpen
 from app.observability.metrics import Metrics
 from app.providers.base import LLMChunk, LLMRequest, LLMResponse, ResponseBuilder, Usage
 from app.providers.registry import ModelRoute
@@ -19,12 +23,17 @@ from app.providers.tokens import count_message_tokens, count_text_tokens
 
 
 class ModelCall:
-    def __init__(self, route: ModelRoute, request: LLMRequest, metrics: Metrics) -> None:
+    def __init__(self, route: ModelRoute, request: LLMRequest, metrics: Metrics, ticket: Ticket | None = None) -> None:
         self.route = route
         self.request = request
+        self.retries = 0
         self._metrics = metrics
+        self._ticket = ticket
         self._builder = ResponseBuilder()
-        self._chunks: AsyncGenerator[LLMChunk, None] = route.provider.generate(request)
+        self._prompt_estimate = count_message_tokens(request.messages)
+        self._chunks: AsyncGenerator[LLMChunk, None] | None = None
+        self._breaker: CircuitBreaker | None = None
+        self._reservation: Reservation | None = None
         self._started = time.perf_counter()
         self._recorded = False
         self._response: LLMResponse | None = None
@@ -34,12 +43,15 @@ class ModelCall:
 
     async def __anext__(self) -> LLMChunk:
         try:
-            chunk = await anext(self._chunks)
+            if self._chunks is None:
+                chunk = await self._open()
+            else:
+                chunk = await anext(self._chunks)
         except StopAsyncIteration:
-            self._finish()
+            await self._finish()
             raise
         except AppError as exc:
-            self._record(exc.code)
+            await self._fail(exc)
             raise
         self._builder.add(chunk)
         return chunk
@@ -52,20 +64,84 @@ class ModelCall:
 
     async def aclose(self) -> None:
         """Stop the provider (closing its upstream connection) if the call did not finish."""
-        await self._chunks.aclose()
+        if self._chunks is not None:
+            await self._chunks.aclose()
         if not self._recorded:
             self._record("cancelled")
+            if self._breaker is not None:
+                self._breaker.record_ignored()  # a client leaving says nothing of the upstream
+            await self._settle(self._usage_so_far())
 
-    def _finish(self) -> None:
+    async def _open(self) -> LLMChunk:
+        """Start the call: reserve, pass the breaker, and retry until the first chunk arrives."""
+        ticket = self._ticket
+        if ticket is not None:
+            self._reservation = await ticket.reserve(self.route, self._prompt_estimate, self.request.max_tokens or 0)
+            self._breaker = ticket.enforcer.breaker(self.route)
+        attempt = 0
+        while True:
+            if self._breaker is not None:
+                self._breaker.before_call()
+            chunks = self.route.provider.generate(self.request)
+            try:
+                first = await anext(chunks)
+            except AppError as exc:
+                await chunks.aclose()
+                delay = ticket.enforcer.retry.delay_before_retry(attempt + 1, exc) if ticket else None
+                if delay is None:
+                    raise
+                self._record_breaker(exc)
+                attempt += 1
+                self.retries += 1
+                self._metrics.llm_retries.labels(self.route.name).inc()
+                await ticket.enforcer.sleep(delay)  # type: ignore[union-attr]  # delay implies a ticket
+                continue
+            except BaseException:
+                await chunks.aclose()
+                raise
+            self._chunks = chunks
+            return first
+
+    async def _finish(self) -> None:
         if self._response is not None:
             return
         # Upstreams that report no usage get an estimate, flagged as such.
-        estimate = Usage(count_message_tokens(self.request.messages), count_text_tokens(self._builder.text))
-        self._response = self._builder.build(estimate)
+        estimate = Usage(self._prompt_estimate, count_text_tokens(self._builder.text))
+        self._response = response = self._builder.build(estimate)
         self._record("ok")
+        if self._breaker is not None:
+            self._breaker.record_success()
         model = self.route.name
-        self._metrics.tokens.labels(model, "prompt").inc(self._response.usage.prompt_tokens)
-        self._metrics.tokens.labels(model, "completion").inc(self._response.usage.completion_tokens)
+        self._metrics.tokens.labels(model, "prompt").inc(response.usage.prompt_tokens)
+        self._metrics.tokens.labels(model, "completion").inc(response.usage.completion_tokens)
+        await self._settle(response.usage)
+
+    async def _fail(self, exc: AppError) -> None:
+        if self._recorded:
+            return
+        self._record(exc.code)
+        self._record_breaker(exc)
+        await self._settle(self._usage_so_far())
+
+    def _record_breaker(self, exc: BaseException) -> None:
+        if self._breaker is None or isinstance(exc, CircuitOpen):
+            return  # the breaker's own refusal is not an outcome of the upstream
+        if classify(exc) == "failure":
+            self._breaker.record_failure()
+        else:
+            self._breaker.record_ignored()
+
+    def _usage_so_far(self) -> Usage:
+        """What a call that did not finish has spent: its prompt, if it started, and the text so far."""
+        if self._chunks is None:
+            return Usage()
+        return Usage(self._prompt_estimate, count_text_tokens(self._builder.text))
+
+    async def _settle(self, usage: Usage) -> None:
+        if self._ticket is None or self._reservation is None:
+            return
+        reservation, self._reservation = self._reservation, None
+        await self._ticket.settle(reservation, usage, self.route.cost(usage))
 
     def _record(self, outcome: str) -> None:
         self._recorded = True

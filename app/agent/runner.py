@@ -13,11 +13,13 @@ import time
 from collections.abc import AsyncGenerator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import orjson
 
 from app.agent.events import (
+    ModelFallback,
     TaskCompleted,
     TaskFailed,
     TaskStarted,
@@ -28,7 +30,8 @@ from app.agent.events import (
     UsageOut,
 )
 from app.agent.model_call import ModelCall
-from app.errors import AppError, MaxIterationsExceeded, RequestTimeout
+from app.enforcement.enforcer import Ticket
+from app.errors import AppError, CircuitOpen, MaxIterationsExceeded, RequestTimeout
 from app.observability.metrics import Metrics
 from app.providers.base import LLMRequest, Message, ToolCall, Usage
 from app.providers.registry import ModelRoute
@@ -37,7 +40,7 @@ from app.tools.base import Tool, ToolError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Event = TaskStarted | TokenDelta | ToolCallStarted | ToolCallFinished | TaskCompleted | TaskFailed
+Event = TaskStarted | ModelFallback | TokenDelta | ToolCallStarted | ToolCallFinished | TaskCompleted | TaskFailed
 
 
 @dataclass(slots=True)
@@ -54,11 +57,13 @@ class TaskSpec:
     stream: bool  # stream from the upstream (worth it only when the client streams)
     temperature: float | None = None
     context: dict[str, Any] | None = None
+    ticket: Ticket | None = None  # the admitted request, which pays for each model call
 
 
 @dataclass(slots=True)
 class _Progress:
     usage: Usage = field(default_factory=Usage)
+    cost_usd: Decimal = Decimal(0)
     usage_estimated: bool = False
     tool_calls: list[ToolCallRecord] = field(default_factory=list)
     seq: int = 0
@@ -96,25 +101,42 @@ async def run_agent(spec: TaskSpec, metrics: Metrics) -> AsyncGenerator[Event, N
 async def _loop(
     spec: TaskSpec, progress: _Progress, metrics: Metrics, deadline: float, started: float
 ) -> AsyncGenerator[Event, None]:
-    messages = _initial_messages(spec)
+    messages = initial_messages(spec)
     tools_by_name = {tool.name: tool for tool in spec.tools}
     definitions = [tool.openai_definition() for tool in spec.tools] or None
+    route = spec.route
     for _ in range(spec.max_iterations):
         request = LLMRequest(
-            model=spec.route.upstream_model,
+            model=route.upstream_model,
             messages=messages,
             stream=spec.stream,
             max_tokens=spec.max_tokens,
             temperature=spec.temperature,
             tools=definitions,
         )
-        call = ModelCall(spec.route, request, metrics)
+        call = ModelCall(route, request, metrics, spec.ticket)
         try:
             while True:
                 try:
                     chunk = await _before(deadline, anext(call))
                 except StopAsyncIteration:
                     break
+                except CircuitOpen as exc:
+                    if route.fallback is None:
+                        raise
+                    # The breaker refused before anything was sent: switch to the fallback for good.
+                    yield ModelFallback(
+                        task_id=spec.id,
+                        seq=progress.next_seq(),
+                        model=route.name,
+                        fallback=route.fallback.name,
+                        reason=exc.code,
+                    )
+                    await call.aclose()
+                    route = route.fallback
+                    request.model = route.upstream_model
+                    call = ModelCall(route, request, metrics, spec.ticket)
+                    continue
                 if chunk.text:
                     yield TokenDelta(task_id=spec.id, seq=progress.next_seq(), delta=chunk.text)
         finally:
@@ -122,6 +144,7 @@ async def _loop(
         response = call.response()
         progress.usage.add(response.usage)
         progress.usage_estimated |= response.usage_estimated
+        progress.cost_usd += route.cost(response.usage)
 
         if not response.tool_calls:
             yield TaskCompleted(
@@ -132,9 +155,9 @@ async def _loop(
                 tool_calls=progress.tool_calls,
                 usage=_usage_out(progress.usage),
                 usage_estimated=progress.usage_estimated,
-                cost_usd=float(spec.route.cost(progress.usage)),
-                model=spec.route.name,
-                provider=spec.route.provider.name,
+                cost_usd=float(progress.cost_usd),
+                model=route.name,
+                provider=route.provider.name,
                 tier=spec.tier,
                 finish_reason=response.finish_reason,
                 duration_ms=round((time.perf_counter() - started) * 1000, 3),
@@ -207,7 +230,8 @@ async def _before(deadline: float, awaitable: Awaitable[T]) -> T:
         return await awaitable
 
 
-def _initial_messages(spec: TaskSpec) -> list[Message]:
+def initial_messages(spec: TaskSpec) -> list[Message]:
+    """The conversation a task starts with: system prompt, context facts, the query."""
     messages: list[Message] = [{"role": "system", "content": spec.system_prompt}]
     facts = {k: v for k, v in (spec.context or {}).items() if k != "model_tier"}
     if facts:

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from app.auth.keys import hash_key
-from app.auth.principal import Principal
+from app.auth.principal import KeyLimits, Principal
 from app.auth.repository import ApiKeyRepository
 from app.db import SessionMaker
 from app.errors import Unauthenticated
@@ -55,7 +55,16 @@ class Authenticator:
             row = await ApiKeyRepository(session).find_active_by_hash(key_hash)
         if row is None or row.id is None:
             return None
-        return Principal(key_id=row.id, name=row.name, prefix=row.prefix)
+        limits = KeyLimits(
+            rpm=row.rpm,
+            burst=row.burst,
+            tpm=row.tpm,
+            max_concurrency=row.max_concurrency,
+            max_tokens_per_request=row.max_tokens_per_request,
+            budget_usd=row.budget_usd,
+            budget_period=row.budget_period,
+        )
+        return Principal(key_id=row.id, name=row.name, prefix=row.prefix, limits=limits)
 
     def _remember(self, key_hash: str, principal: Principal | None, expires: float) -> None:
         if self._ttl <= 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from sqlalchemy import DateTime
 from sqlmodel import Field, SQLModel
@@ -24,3 +25,11 @@ class ApiKey(SQLModel, table=True):
     key_hash: str = Field(max_length=64, unique=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     revoked_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    # Limits of this key; None takes the default from Settings.limits.
+    rpm: int | None = None
+    burst: int | None = None
+    tpm: int | None = None
+    max_concurrency: int | None = None
+    max_tokens_per_request: int | None = None
+    budget_usd: Decimal | None = Field(default=None, max_digits=18, decimal_places=9)
+    budget_period: str | None = Field(default=None, max_length=8)

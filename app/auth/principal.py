@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """The key's own limits; None means the deployment default (Settings.limits)."""
+
+    rpm: int | None = None
+    burst: int | None = None
+    tpm: int | None = None
+    max_concurrency: int | None = None
+    max_tokens_per_request: int | None = None
+    budget_usd: Decimal | None = None
+    budget_period: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -10,3 +24,4 @@ class Principal:
     key_id: int
     name: str
     prefix: str
+    limits: KeyLimits = KeyLimits()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 from sqlmodel import col, select
@@ -10,16 +11,22 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.auth.keys import generate_key, hash_key, shown_prefix
 from app.auth.models import ApiKey
+from app.auth.principal import KeyLimits
 
 
 class ApiKeyRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def create(self, name: str) -> tuple[ApiKey, str]:
+    async def create(self, name: str, limits: KeyLimits | None = None) -> tuple[ApiKey, str]:
         """Store a new key; the plaintext is returned once and never stored."""
         plaintext = generate_key()
-        row = ApiKey(name=name, prefix=shown_prefix(plaintext), key_hash=hash_key(plaintext))
+        row = ApiKey(
+            name=name,
+            prefix=shown_prefix(plaintext),
+            key_hash=hash_key(plaintext),
+            **asdict(limits or KeyLimits()),
+        )
         self.session.add(row)
         await self.session.flush()
         return row, plaintext

@@ -52,14 +52,28 @@ async def live() -> dict[str, str]:
 @router.get(
     "/health/ready",
     response_model=ReadinessOut,
-    summary="Readiness: the database answers",
+    summary="Readiness: the database (and Redis, when configured) answer",
     responses={503: {"model": ReadinessOut, "description": "A dependency is down"}},
 )
 async def ready(resources: ResourcesDep) -> JSONResponse:
     checks = {"database": await _check_database(resources)}
+    if resources.redis is not None:
+        checks["redis"] = await _check_redis(resources)
     ok = all(value == "ok" for value in checks.values())
     body: dict[str, Any] = {"status": "ready" if ok else "unavailable", "checks": checks}
     return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def _check_redis(resources: ResourcesDep) -> str:
+    assert resources.redis is not None
+    try:
+        async with asyncio.timeout(READINESS_TIMEOUT_S):
+            await resources.redis.ping()
+    except TimeoutError:
+        return f"timed out after {READINESS_TIMEOUT_S:g} s"
+    except Exception as exc:
+        return f"error: {type(exc).__name__}"
+    return "ok"
 
 
 async def _check_database(resources: ResourcesDep) -> str:

@@ -41,6 +41,36 @@ class Metrics:
             ["tool", "outcome"],
             registry=self.registry,
         )
+        self.rejections = Counter(
+            "pacemaker_rejections_total",
+            "Requests refused by enforcement, by reason (the error code).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.breaker_state = Gauge(
+            "pacemaker_breaker_state",
+            "Circuit breaker state per upstream and tool: 0 closed, 1 half-open, 2 open.",
+            ["breaker"],
+            registry=self.registry,
+        )
+        self.limiter_errors = Counter(
+            "pacemaker_limiter_backend_errors_total",
+            "Calls to the shared limiter backend (Redis) that failed.",
+            registry=self.registry,
+        )
+        # Labelled by key id (bounded by the number of keys); never by the key itself.
+        self.budget_remaining = Gauge(
+            "pacemaker_budget_remaining_usd",
+            "Budget left for the current period, per key id.",
+            ["key_id"],
+            registry=self.registry,
+        )
+        self.llm_retries = Counter(
+            "pacemaker_llm_retries_total",
+            "Model calls retried after an upstream error, by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.tasks = Counter(
             "pacemaker_tasks_total",
             "Finished tasks by transport and outcome.",

@@ -5,27 +5,31 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter
+from fastapi import APIRouter, Header, Request
 from starlette.responses import Response
 
 from app.agent.model_call import ModelCall
 from app.dependencies import PrincipalDep, ResourcesDep
-from app.errors import AppError
+from app.enforcement.enforcer import Ticket
+from app.enforcement.idempotent import run_once
+from app.errors import AppError, InvalidRequest
 from app.middleware import request_id_var
-from app.openai_compat.errors import OpenAIErrorRoute
+from app.openai_compat.errors import OpenAIErrorRoute, openai_error_response
 from app.openai_compat.schemas import ChatCompletionRequest
 from app.providers.base import LLMChunk, LLMRequest, LLMResponse
+from app.providers.tokens import count_message_tokens
 from app.streaming import EventStreamResponse
+from app.tasks.router import COST_HEADER
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"], route_class=OpenAIErrorRoute)
 
 _DONE = b"data: [DONE]\n\n"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"description": "An error in OpenAI's envelope: {error: {message, type, code}}"}
-    for status in (400, 401, 404, 422, 502, 503, 504)
+    for status in (400, 401, 402, 404, 409, 422, 429, 502, 503, 504)
 }
 
 
@@ -43,39 +47,73 @@ async def list_models(_principal: PrincipalDep, resources: ResourcesDep) -> Resp
     summary="Create a chat completion (OpenAI-compatible)",
     responses={200: {"content": {"application/json": {}, "text/event-stream": {}}}, **_ERRORS},
 )
-async def chat_completions(body: ChatCompletionRequest, _principal: PrincipalDep, resources: ResourcesDep) -> Response:
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    principal: PrincipalDep,
+    resources: ResourcesDep,
+    idempotency_key: Annotated[str | None, Header(description="Run at most once per key (non-streamed).")] = None,
+) -> Response:
+    if body.stream and idempotency_key is not None:
+        raise InvalidRequest("Idempotency-Key applies to non-streamed requests; a stream cannot be replayed.")
     route = resources.providers.route(body.model)
-    request = LLMRequest(
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None and resources.enforcer.spec_for(principal).budget_usd is not None:
+        # A budget is only safe against a bounded completion: cap what the caller left open.
+        max_tokens = resources.settings.agent.default_max_tokens
+    llm_request = LLMRequest(
         model=route.upstream_model,
         messages=[message.model_dump(exclude_none=True) for message in body.messages],
         stream=body.stream,
-        max_tokens=body.max_completion_tokens or body.max_tokens,
+        max_tokens=max_tokens,
         temperature=body.temperature,
         tools=body.tools,
         tool_choice=body.tool_choice,
         extra=dict(body.model_extra or {}),
     )
-    call = ModelCall(route, request, resources.metrics)
     meta = _Meta(id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()), model=route.name)
 
-    if not body.stream:
-        try:
-            async for _chunk in call:
-                pass
-        finally:
-            await call.aclose()
-        return Response(orjson.dumps(_completion(meta, call.response())), media_type="application/json")
+    async def admit() -> Ticket:
+        return await resources.enforcer.admit(
+            principal,
+            route=route,
+            prompt_tokens=count_message_tokens(llm_request.messages),
+            max_tokens=max_tokens or resources.settings.agent.default_max_tokens,
+            scope=request.scope,
+        )
 
+    if not body.stream:
+
+        async def run() -> Response:
+            ticket = await admit()
+            call = ModelCall(route, llm_request, resources.metrics, ticket)
+            try:
+                async for _chunk in call:
+                    pass
+            finally:
+                await call.aclose()
+                await ticket.close()
+            response = call.response()
+            cost = f"{route.cost(response.usage):.9f}"
+            return Response(
+                orjson.dumps(_completion(meta, response)), media_type="application/json", headers={COST_HEADER: cost}
+            )
+
+        return await run_once(request, principal, resources.idempotency, idempotency_key, run, openai_error_response)
+
+    ticket = await admit()
+    call = ModelCall(route, llm_request, resources.metrics, ticket)
     # Wait for the first chunk before answering 200, so that an upstream that fails at once
     # gets a proper HTTP error rather than an error inside a stream.
     try:
         first = await anext(call, None)
     except BaseException:
         await call.aclose()
+        await ticket.close()
         raise
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return EventStreamResponse(
-        _stream(call, first, meta, include_usage),
+        _stream(call, ticket, first, meta, include_usage),
         ping_seconds=resources.settings.server.sse_ping_seconds,
         active=resources.metrics.active_streams.labels("openai"),
     )
@@ -100,7 +138,7 @@ class _Meta:
 
 
 async def _stream(
-    call: ModelCall, first: LLMChunk | None, meta: _Meta, include_usage: bool
+    call: ModelCall, ticket: Ticket, first: LLMChunk | None, meta: _Meta, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
     try:
         yield meta.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
@@ -118,6 +156,7 @@ async def _stream(
         yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
     finally:
         await call.aclose()
+        await ticket.close()
 
 
 def _frames(meta: _Meta, chunk: LLMChunk) -> list[bytes]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 import aiohttp
@@ -31,6 +31,7 @@ class ModelRoute:
     upstream_model: str
     input_usd_per_mtok: Decimal
     output_usd_per_mtok: Decimal
+    fallback: ModelRoute | None = None  # where calls go while this model's breaker is open
 
     def cost(self, usage: Usage) -> Decimal:
         return (
@@ -43,7 +44,7 @@ class ProviderRegistry:
         self.providers: dict[str, Provider] = {
             name: PROVIDER_KINDS[cfg.kind](name, cfg, http) for name, cfg in settings.providers.items()
         }
-        self._routes = {
+        plain = {
             name: ModelRoute(
                 name=name,
                 provider=self.providers[cfg.provider],
@@ -52,6 +53,11 @@ class ProviderRegistry:
                 output_usd_per_mtok=cfg.output_usd_per_mtok,
             )
             for name, cfg in settings.models.items()
+        }
+        # One level of fallback: a fallback's own fallback is not followed.
+        self._routes = {
+            name: replace(route, fallback=plain[fb]) if (fb := settings.models[name].fallback) else route
+            for name, route in plain.items()
         }
 
     def route(self, model: str) -> ModelRoute:

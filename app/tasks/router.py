@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from starlette.responses import Response
 
 from app.agent.events import TaskCompleted, TaskFailed, TaskResult, outcome_of
-from app.agent.runner import Event, run_agent
+from app.agent.runner import Event, TaskSpec, initial_messages, run_agent
 from app.agent.schemas import TaskCreate
 from app.dependencies import PrincipalDep, ResourcesDep
+from app.enforcement.enforcer import Ticket
+from app.enforcement.idempotent import run_once
+from app.errors import InvalidRequest
 from app.observability.metrics import Metrics
-from app.problems import PROBLEM_JSON
+from app.problems import PROBLEM_JSON, problem_response
+from app.providers.tokens import count_message_tokens
 from app.streaming import EventStreamResponse
 from app.tasks.spec import build_task_spec
 
@@ -23,6 +27,7 @@ router = APIRouter(prefix="/v1", tags=["tasks"])
 
 _PROBLEM: dict[str, Any] = {"content": {PROBLEM_JSON: {}}, "description": "A problem+json error"}
 _RESULT_FIELDS = set(TaskResult.model_fields)
+COST_HEADER = "x-pacemaker-cost-usd"
 
 
 def sse_frame(event: Event) -> bytes:
@@ -35,42 +40,73 @@ def sse_frame(event: Event) -> bytes:
     summary="Run a task",
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "The result, or its events as SSE"},
-        **{status: _PROBLEM for status in (400, 401, 404, 413, 422, 502, 503, 504)},
+        **{status: _PROBLEM for status in (400, 401, 402, 404, 409, 413, 422, 429, 502, 503, 504)},
     },
 )
 async def create_task(
-    body: TaskCreate, request: Request, _principal: PrincipalDep, resources: ResourcesDep
+    body: TaskCreate,
+    request: Request,
+    principal: PrincipalDep,
+    resources: ResourcesDep,
+    idempotency_key: Annotated[
+        str | None, Header(description="Run at most once per key; repeats get the stored result (non-streamed).")
+    ] = None,
 ) -> Response:
     stream = body.stream or "text/event-stream" in request.headers.get("accept", "")
+    if stream and idempotency_key is not None:
+        raise InvalidRequest("Idempotency-Key applies to non-streamed requests; a stream cannot be replayed.")
     spec = build_task_spec(
         body, settings=resources.settings, providers=resources.providers, tools=resources.tools, stream=stream
     )
-    events = run_agent(spec, resources.metrics)
+
+    async def admit() -> Ticket:
+        return await resources.enforcer.admit(
+            principal,
+            route=spec.route,
+            prompt_tokens=count_message_tokens(initial_messages(spec)),
+            max_tokens=spec.max_tokens,
+            scope=request.scope,
+        )
+
     if stream:
+        spec.ticket = await admit()
         return EventStreamResponse(
-            _sse(events, resources.metrics),
+            _sse(spec, resources.metrics),
             ping_seconds=resources.settings.server.sse_ping_seconds,
             active=resources.metrics.active_streams.labels("sse"),
         )
 
+    async def run() -> Response:
+        spec.ticket = await admit()
+        try:
+            return await _run_to_result(spec, resources.metrics)
+        finally:
+            await spec.ticket.close()
+
+    return await run_once(request, principal, resources.idempotency, idempotency_key, run, problem_response)
+
+
+async def _run_to_result(spec: TaskSpec, metrics: Metrics) -> Response:
     last: Event | None = None
-    async with aclosing(events):
+    async with aclosing(run_agent(spec, metrics)) as events:
         async for event in events:
             last = event
-    resources.metrics.tasks.labels("json", outcome_of(last)).inc()
+    metrics.tasks.labels("json", outcome_of(last)).inc()
     if isinstance(last, TaskCompleted):
         body_json = orjson.dumps(last.model_dump(mode="json", include=_RESULT_FIELDS))
-        return Response(body_json, media_type="application/json")
+        return Response(body_json, media_type="application/json", headers={COST_HEADER: f"{last.cost_usd:.9f}"})
     assert isinstance(last, TaskFailed), "the runner always ends with task.completed or task.failed"
     raise last.error
 
 
-async def _sse(events: AsyncGenerator[Event, None], metrics: Metrics) -> AsyncGenerator[bytes, None]:
+async def _sse(spec: TaskSpec, metrics: Metrics) -> AsyncGenerator[bytes, None]:
     last: Event | None = None
     try:
-        async with aclosing(events):
+        async with aclosing(run_agent(spec, metrics)) as events:
             async for event in events:
                 last = event
                 yield sse_frame(event)
     finally:
         metrics.tasks.labels("sse", outcome_of(last)).inc()
+        if spec.ticket is not None:
+            await spec.ticket.close()  # the stream held its concurrency slot until now

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from app.agent.events import TaskFailed, outcome_of
-from app.agent.runner import Event, run_agent
+from app.agent.runner import Event, TaskSpec, initial_messages, run_agent
 from app.agent.schemas import TaskCreate
 from app.auth.authenticator import key_from_headers
 from app.auth.principal import Principal
@@ -25,6 +25,7 @@ from app.dependencies import ResourcesDep
 from app.errors import AppError, Cancelled, TooManyTasks
 from app.lifespan import Resources
 from app.problems import problem_response
+from app.providers.tokens import count_message_tokens
 from app.tasks.spec import build_task_spec
 
 log = logging.getLogger(__name__)
@@ -118,16 +119,24 @@ class TaskSocket:
                 tools=self.resources.tools,
                 stream=True,
             )
+            spec.ticket = await self.resources.enforcer.admit(
+                self.principal,
+                route=spec.route,
+                prompt_tokens=count_message_tokens(initial_messages(spec)),
+                max_tokens=spec.max_tokens,
+            )
         except ValidationError as exc:
             detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
             await self._error("invalid_request", detail, ref)
             return
         except AppError as exc:
-            await self._error(exc.code, exc.detail, ref)
+            await self._error(exc.code, exc.detail, ref, retry_after=exc.retry_after)
             return
-        self.tasks[spec.id] = asyncio.create_task(self._run(run_agent(spec, self.resources.metrics), spec.id, ref))
+        self.tasks[spec.id] = asyncio.create_task(self._run(spec, ref))
 
-    async def _run(self, events: Any, task_id: str, ref: Any) -> None:
+    async def _run(self, spec: TaskSpec, ref: Any) -> None:
+        task_id = spec.id
+        events = run_agent(spec, self.resources.metrics)
         gauge = self.resources.metrics.active_streams.labels("ws")
         gauge.inc()
         last: Event | None = None
@@ -152,6 +161,8 @@ class TaskSocket:
             await self._send_event(last, ref)
         finally:
             gauge.dec()
+            if spec.ticket is not None:
+                await spec.ticket.close()
             self.tasks.pop(task_id, None)
             self.cancel_requested.discard(task_id)
             self.resources.metrics.tasks.labels("ws", outcome_of(last)).inc()
@@ -170,8 +181,10 @@ class TaskSocket:
             payload["ref"] = ref
         await self.outbox.put(orjson.dumps(payload))
 
-    async def _error(self, code: str, detail: str, ref: Any = None) -> None:
+    async def _error(self, code: str, detail: str, ref: Any = None, retry_after: float | None = None) -> None:
         payload: dict[str, Any] = {"type": "error", "code": code, "detail": detail}
+        if retry_after is not None:
+            payload["retry_after"] = retry_after
         if ref is not None:
             payload["ref"] = ref
         await self.outbox.put(orjson.dumps(payload))

@@ -1,0 +1,1 @@
+"""Enforcement: who may spend what, protecting upstreams and tools."""

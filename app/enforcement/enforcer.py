@@ -1,0 +1,214 @@
+"""The enforcement chain, one component for every way in.
+
+At admission: token ceiling -> budget reservation and rate limits (one atomic limiter step) ->
+concurrency. Around each model call (see ModelCall): a reservation for that call, the circuit
+breaker, retries, and settlement to the real usage. Refusals carry the headers a client needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from decimal import Decimal
+
+from starlette.types import Scope
+
+from app.auth.principal import Principal
+from app.config import LimitSettings
+from app.enforcement.breaker import BreakerRegistry, CircuitBreaker
+from app.enforcement.concurrency import ConcurrencyLimiter, Slot
+from app.enforcement.limits import Admission, Limiter, LimitSpec
+from app.enforcement.retry import RetryPolicy
+from app.errors import AppError, BudgetExceeded, RateLimitExceeded, TokenLimitExceeded
+from app.middleware import add_response_headers
+from app.observability.metrics import Metrics
+from app.providers.base import Usage
+from app.providers.registry import ModelRoute
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    tokens: int
+    cost_usd: Decimal
+
+
+class Enforcer:
+    def __init__(
+        self,
+        defaults: LimitSettings,
+        limiter: Limiter,
+        concurrency: ConcurrencyLimiter,
+        breakers: BreakerRegistry,
+        retry: RetryPolicy,
+        metrics: Metrics,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.defaults = defaults
+        self.limiter = limiter
+        self.concurrency = concurrency
+        self.breakers = breakers
+        self.retry = retry
+        self.metrics = metrics
+        self.sleep = sleep
+
+    def spec_for(self, principal: Principal) -> LimitSpec:
+        own, default = principal.limits, self.defaults
+        period = own.budget_period if own.budget_usd is not None else default.budget_period
+        return LimitSpec(
+            rpm=own.rpm if own.rpm is not None else default.rpm,
+            burst=own.burst if own.burst is not None else default.burst,
+            tpm=own.tpm if own.tpm is not None else default.tpm,
+            budget_usd=own.budget_usd if own.budget_usd is not None else default.budget_usd,
+            budget_period=period if period in ("day", "month") else None,  # type: ignore[arg-type]
+        )
+
+    async def admit(
+        self,
+        principal: Principal,
+        *,
+        route: ModelRoute,
+        prompt_tokens: int,
+        max_tokens: int,
+        scope: Scope | None = None,
+    ) -> Ticket:
+        """Admit one request (its first model call pre-paid), or raise the refusal."""
+        estimated = prompt_tokens + max_tokens
+        ceiling = principal.limits.max_tokens_per_request or self.defaults.max_tokens_per_request
+        spec = self.spec_for(principal)
+        if ceiling is not None and estimated > ceiling:
+            raise self._rejected(
+                TokenLimitExceeded(f"The request may use {estimated} tokens; this key allows {ceiling} per request.")
+            )
+        if spec.never_fits(estimated):
+            raise self._rejected(
+                TokenLimitExceeded(
+                    f"The request may use {estimated} tokens, more than this key's {spec.tpm} tokens per minute."
+                )
+            )
+        cost = route.cost(Usage(prompt_tokens, max_tokens))
+        admission = await self.limiter.admit(principal.key_id, spec, tokens=estimated, cost_usd=cost)
+        headers = rate_limit_headers(admission)
+        if scope is not None:
+            add_response_headers(scope, headers)
+        self._observe_budget(principal, admission)
+        if not admission.allowed:
+            raise self._rejected(_refusal(admission, spec, headers))
+        reservation = Reservation(estimated, cost)
+        try:
+            slot = self.concurrency.acquire(principal.key_id, self._max_concurrency(principal))
+        except AppError as exc:
+            await self._settle(principal, spec, reservation, Usage(), Decimal(0))
+            raise self._rejected(exc) from None
+        return Ticket(self, principal, spec, slot, reservation)
+
+    def breaker(self, route: ModelRoute) -> CircuitBreaker:
+        return self.breakers.get(f"model:{route.provider.name}/{route.upstream_model}")
+
+    def _max_concurrency(self, principal: Principal) -> int:
+        return principal.limits.max_concurrency or self.defaults.max_concurrency
+
+    def _rejected(self, error: AppError) -> AppError:
+        self.metrics.rejections.labels(error.code).inc()
+        return error
+
+    def _observe_budget(self, principal: Principal, admission: Admission) -> None:
+        if admission.budget_remaining_usd is not None:
+            self.metrics.budget_remaining.labels(str(principal.key_id)).set(float(admission.budget_remaining_usd))
+
+    async def _settle(
+        self, principal: Principal, spec: LimitSpec, reservation: Reservation, usage: Usage, cost: Decimal
+    ) -> None:
+        await self.limiter.settle(
+            principal.key_id,
+            spec,
+            reserved_tokens=reservation.tokens,
+            actual_tokens=usage.total_tokens,
+            reserved_cost_usd=reservation.cost_usd,
+            actual_cost_usd=cost,
+        )
+
+
+class Ticket:
+    """An admitted request: it holds a concurrency slot and pays for each of its model calls."""
+
+    def __init__(
+        self, enforcer: Enforcer, principal: Principal, spec: LimitSpec, slot: Slot, first: Reservation
+    ) -> None:
+        self.enforcer = enforcer
+        self.principal = principal
+        self._spec = spec
+        self._slot = slot
+        self._prepaid: Reservation | None = first
+
+    async def reserve(self, route: ModelRoute, prompt_tokens: int, max_tokens: int) -> Reservation:
+        """The reservation for one model call: the admission's for the first, a new one after."""
+        if self._prepaid is not None:
+            reservation, self._prepaid = self._prepaid, None
+            return reservation
+        enforcer = self.enforcer
+        tokens = prompt_tokens + max_tokens
+        cost = route.cost(Usage(prompt_tokens, max_tokens))
+        # Later calls of the same task spend tokens and budget, but are not new requests.
+        spec = replace(self._spec, rpm=None, burst=None)
+        admission = await enforcer.limiter.admit(self.principal.key_id, spec, tokens=tokens, cost_usd=cost)
+        enforcer._observe_budget(self.principal, admission)
+        if not admission.allowed:
+            raise enforcer._rejected(_refusal(admission, spec, rate_limit_headers(admission)))
+        return Reservation(tokens, cost)
+
+    async def settle(self, reservation: Reservation, usage: Usage, cost: Decimal) -> None:
+        await self.enforcer._settle(self.principal, self._spec, reservation, usage, cost)
+
+    async def close(self) -> None:
+        """Free the slot, and the pre-paid reservation if no model call used it."""
+        self._slot.release()
+        if self._prepaid is not None:
+            prepaid, self._prepaid = self._prepaid, None
+            await self.settle(prepaid, Usage(), Decimal(0))
+
+
+def _refusal(admission: Admission, spec: LimitSpec, headers: dict[str, str]) -> AppError:
+    if admission.reason == "budget":
+        period = f" for this {spec.budget_period}" if spec.budget_period else ""
+        return BudgetExceeded(f"The key's budget of {spec.budget_usd} USD{period} is spent.")
+    if admission.retry_after_s is None:
+        return TokenLimitExceeded("The request needs more tokens than the key's tokens per minute.")
+    bucket = admission.requests if admission.reason == "rpm" else admission.tokens
+    limits = {}
+    if bucket is not None:
+        # The short names some clients (and our DESIGN) expect on a 429, for the refusing bucket.
+        limits = {
+            "X-RateLimit-Limit": str(bucket.limit),
+            "X-RateLimit-Remaining": str(bucket.remaining),
+            "X-RateLimit-Reset": str(math.ceil(bucket.reset_s)),
+        }
+    what = "requests" if admission.reason == "rpm" else "tokens"
+    return RateLimitExceeded(
+        f"Too many {what} per minute for this key; retry in {admission.retry_after_s:.1f} s.",
+        retry_after=admission.retry_after_s,
+        headers={**headers, **limits},
+    )
+
+
+def rate_limit_headers(admission: Admission) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers, for the request and token buckets that apply."""
+    headers: dict[str, str] = {}
+    for kind, bucket in (("requests", admission.requests), ("tokens", admission.tokens)):
+        if bucket is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(bucket.limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(bucket.remaining)
+            headers[f"x-ratelimit-reset-{kind}"] = _duration(bucket.reset_s)
+    return headers
+
+
+def _duration(seconds: float) -> str:
+    """1.5 -> '1.5s', 360 -> '6m0s', 0.02 -> '20ms': the format OpenAI uses."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60)
+    text = f"{rest:.3g}s" if rest % 1 else f"{int(rest)}s"
+    return f"{int(minutes)}m{text}" if minutes else text

@@ -1,0 +1,284 @@
+"""A Limiter shared by every instance: each admit and settle is one Lua script run on Redis's own clock."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from app.enforcement.limits import (
+    Admission,
+    LimitSpec,
+    Reason,
+    bucket_state,
+    check_request,
+    nanos_to_usd,
+    never_fits_admission,
+    refill_wait,
+    usd_to_nanos,
+)
+
+# Shared by both scripts. Every time comes from the server (TIME), so instances whose clocks
+# disagree still share one bucket; budget periods are UTC days and months of that same clock.
+LUA_PRELUDE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+-- Float refill arithmetic must not refuse a caller who waited exactly the retry_after we gave.
+local EPSILON = 1e-9
+-- Kept past the end of its period so a settle arriving just after the boundary still finds it.
+local BUDGET_MARGIN_MS = 3600000
+
+local function fmt(x) return string.format('%.17g', x) end
+
+local function level(key, capacity, rate)
+  local stored = redis.call('HMGET', key, 'tokens', 'ts')
+  local tokens, ts = tonumber(stored[1]), tonumber(stored[2])
+  if tokens == nil or ts == nil then return capacity end
+  local elapsed = now - ts
+  if elapsed < 0 then elapsed = 0 end  -- the server clock may step back after a failover
+  return math.min(capacity, tokens + elapsed * rate)
+end
+
+local function store(key, capacity, rate, tokens)
+  redis.call('HSET', key, 'tokens', fmt(tokens), 'ts', fmt(now))
+  -- A full bucket and a missing key mean the same: let the key go once it has refilled.
+  redis.call('PEXPIRE', key, math.ceil((capacity - tokens) / rate * 1000) + 1000)
+end
+
+-- Days since 1970-01-01 to a Gregorian date. Years are counted from 1 March, so the leap day
+-- is the last day of a year; 146097 days make 400 years, 36524 a century, 1461 four years.
+local function civil_from_days(days)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local day_of_era = z - era * 146097
+  local year_of_era = math.floor((day_of_era - math.floor(day_of_era / 1460)
+    + math.floor(day_of_era / 36524) - math.floor(day_of_era / 146096)) / 365)
+  local day_of_year = day_of_era - (365 * year_of_era + math.floor(year_of_era / 4) - math.floor(year_of_era / 100))
+  local march_month = math.floor((5 * day_of_year + 2) / 153)
+  local day = day_of_year - math.floor((153 * march_month + 2) / 5) + 1
+  local month = march_month < 10 and march_month + 3 or march_month - 9
+  local year = year_of_era + era * 400
+  if month <= 2 then year = year + 1 end
+  return year, month, day
+end
+
+local MONTH_DAYS = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31}
+
+-- The current budget period's id and the seconds until it ends (nil: a lifetime budget).
+local function period(kind)
+  if kind == '' then return 'life', nil end
+  local days = math.floor(now / 86400)
+  local year, month, day = civil_from_days(days)
+  if kind == 'day' then
+    return string.format('%04d-%02d-%02d', year, month, day), (days + 1) * 86400 - now
+  end
+  local length = MONTH_DAYS[month]
+  if month == 2 and ((year % 4 == 0 and year % 100 ~= 0) or year % 400 == 0) then length = 29 end
+  return string.format('%04d-%02d', year, month), (days - day + 1 + length) * 86400 - now
+end
+
+local function spent_in(key, period_id)
+  local stored = redis.call('HMGET', key, 'period', 'spent')
+  if stored[1] ~= period_id then return 0 end  -- a new period starts from nothing
+  return tonumber(stored[2]) or 0
+end
+
+-- HINCRBY keeps the nano-USD counter an exact 64-bit integer.
+local function charge(key, period_id, ends_in, nanos)
+  if redis.call('HGET', key, 'period') ~= period_id then
+    redis.call('HSET', key, 'period', period_id, 'spent', 0)
+  end
+  local spent = redis.call('HINCRBY', key, 'spent', nanos)
+  if ends_in == nil then
+    redis.call('PERSIST', key)
+  else
+    redis.call('PEXPIRE', key, math.ceil(ends_in * 1000) + BUDGET_MARGIN_MS)
+  end
+  return spent
+end
+"""
+
+# KEYS: request bucket, token bucket, budget.
+# ARGV: rpm, request capacity, tpm, tokens wanted, budget nano-USD, cost nano-USD, period kind;
+# an empty rpm, tpm or budget means unlimited. Returns reason ('' when admitted), the request
+# and token levels after the call and the nano-USD spent in the period ('' when unlimited).
+ADMIT_LUA = (
+    LUA_PRELUDE
+    + """
+local rpm, request_capacity = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tpm, wanted = tonumber(ARGV[3]), tonumber(ARGV[4])
+local budget, cost, kind = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+
+local reason = ''
+local requests, tokens, spent, period_id, ends_in
+if rpm then
+  requests = level(KEYS[1], request_capacity, rpm / 60)
+  if requests + EPSILON < 1 then reason = 'rpm' end
+end
+if tpm then
+  tokens = level(KEYS[2], tpm, tpm / 60)
+  if reason == '' and tokens + EPSILON < wanted then reason = 'tpm' end
+end
+if budget then
+  period_id, ends_in = period(kind)
+  spent = spent_in(KEYS[3], period_id)
+  if reason == '' and spent + cost > budget then reason = 'budget' end
+end
+
+-- Nothing is written on a refusal: the refilled levels follow from the stored ones anyway.
+if reason == '' then
+  if rpm then
+    requests = requests - 1
+    store(KEYS[1], request_capacity, rpm / 60, requests)
+  end
+  if tpm then
+    tokens = tokens - wanted
+    store(KEYS[2], tpm, tpm / 60, tokens)
+  end
+  if budget then spent = charge(KEYS[3], period_id, ends_in, cost) end
+end
+return {
+  reason,
+  requests and fmt(requests) or '',
+  tokens and fmt(tokens) or '',
+  spent and string.format('%.0f', spent) or '',
+}
+"""
+)
+
+# KEYS: token bucket, budget. ARGV: tpm ('' unlimited), tokens to give back (negative: take),
+# budget flag ('' unlimited), nano-USD to add to the spend (negative: refund), period kind.
+SETTLE_LUA = (
+    LUA_PRELUDE
+    + """
+local tpm, give_back = tonumber(ARGV[1]), tonumber(ARGV[2])
+local has_budget, delta, kind = ARGV[3] ~= '', tonumber(ARGV[4]), ARGV[5]
+if tpm and give_back ~= 0 then
+  -- Going negative is the point: an overshoot is paid back before the next request passes.
+  local tokens = math.min(tpm, level(KEYS[1], tpm, tpm / 60) + give_back)
+  store(KEYS[1], tpm, tpm / 60, tokens)
+end
+if has_budget and delta ~= 0 then
+  local period_id, ends_in = period(kind)
+  -- Never below zero: a refund settled after a period boundary must not credit the new period.
+  if charge(KEYS[2], period_id, ends_in, delta) < 0 then redis.call('HSET', KEYS[2], 'spent', 0) end
+end
+return 1
+"""
+)
+
+
+def build_redis(url: str) -> Redis:
+    """One pooled client that fails fast: a limiter must not hold requests hostage to a slow Redis."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        # redis-py 8's default pool raises once 100 connections are busy, which would look like an
+        # outage under load; a bounded blocking pool queues briefly instead (a script takes < 1 ms).
+        max_connections=64,
+        timeout=0.5,
+        socket_connect_timeout=0.25,
+        socket_timeout=0.25,
+        # redis-py 8 retries 10 times by default; the ResilientLimiter decides what a failure means.
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=2,
+    )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
+
+
+class RedisLimiter:
+    """Keys live under `{prefix}:{{key_id}}:...`; the hash tag keeps one key's state in one cluster slot.
+
+    The client is not owned: whoever built it (the lifespan) closes it.
+    """
+
+    def __init__(self, redis: Redis, prefix: str = "pacemaker:limits") -> None:
+        self._redis = redis
+        self._prefix = prefix
+        # register_script sends EVALSHA and loads the script only when the server lacks it.
+        self._admit = redis.register_script(ADMIT_LUA)
+        self._settle = redis.register_script(SETTLE_LUA)
+
+    def keys_for(self, key_id: int) -> tuple[str, str, str]:
+        """The request bucket, token bucket and budget keys of one API key."""
+        base = f"{self._prefix}:{{{key_id}}}"
+        return f"{base}:requests", f"{base}:tokens", f"{base}:budget"
+
+    async def admit(self, key_id: int, spec: LimitSpec, *, tokens: int, cost_usd: Decimal) -> Admission:
+        check_request(tokens, cost_usd)
+        if spec.never_fits(tokens):
+            return never_fits_admission()
+        budget = None if spec.budget_usd is None else usd_to_nanos(spec.budget_usd, round_up=False)
+        args: list[Any] = [
+            _optional(spec.rpm),
+            _optional(spec.request_capacity),
+            _optional(spec.tpm),
+            tokens,
+            _optional(budget),
+            usd_to_nanos(cost_usd, round_up=True),
+            spec.budget_period or "",
+        ]
+        reply = await self._admit(keys=self.keys_for(key_id), args=args)
+        reason_text, requests_text, tokens_text, spent_text = (_text(part) for part in reply)
+        reason: Reason | None = None
+        retry_after: float | None = None
+        if reason_text == "rpm" and spec.rpm is not None:
+            reason, retry_after = "rpm", refill_wait(float(requests_text), 1, spec.rpm / 60)
+        elif reason_text == "tpm" and spec.tpm is not None:
+            reason, retry_after = "tpm", refill_wait(float(tokens_text), tokens, spec.tpm / 60)
+        elif reason_text == "budget":
+            reason = "budget"
+        elif reason_text:
+            raise RuntimeError(f"limiter script answered an unknown reason {reason_text!r}")
+        request_capacity = spec.request_capacity
+        return Admission(
+            allowed=reason is None,
+            reason=reason,
+            retry_after_s=retry_after,
+            requests=None
+            if spec.rpm is None or request_capacity is None
+            else bucket_state(request_capacity, spec.rpm / 60, float(requests_text)),
+            tokens=None if spec.tpm is None else bucket_state(spec.tpm, spec.tpm / 60, float(tokens_text)),
+            budget_remaining_usd=None if budget is None else nanos_to_usd(max(0, budget - int(spent_text))),
+        )
+
+    async def settle(
+        self,
+        key_id: int,
+        spec: LimitSpec,
+        *,
+        reserved_tokens: int,
+        actual_tokens: int,
+        reserved_cost_usd: Decimal,
+        actual_cost_usd: Decimal,
+    ) -> None:
+        check_request(reserved_tokens, reserved_cost_usd)
+        check_request(actual_tokens, actual_cost_usd)
+        give_back = reserved_tokens - actual_tokens if spec.tpm is not None else 0
+        delta = 0
+        if spec.budget_usd is not None:
+            delta = usd_to_nanos(actual_cost_usd, round_up=True) - usd_to_nanos(reserved_cost_usd, round_up=True)
+        if give_back == 0 and delta == 0:
+            return  # the reservation was exact: no round trip
+        _, token_key, budget_key = self.keys_for(key_id)
+        args: list[Any] = [
+            _optional(spec.tpm),
+            give_back,
+            "" if spec.budget_usd is None else "1",
+            delta,
+            spec.budget_period or "",
+        ]
+        await self._settle(keys=[token_key, budget_key], args=args)
+
+    async def aclose(self) -> None:
+        """Nothing to release: the Redis client belongs to whoever built it."""
+
+
+def _optional(value: int | None) -> int | str:
+    return "" if value is None else value
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

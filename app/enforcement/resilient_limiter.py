@@ -1,0 +1,160 @@
+"""A Limiter that survives its shared backend: on a Redis failure it fails open to a local share or fails closed."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Literal
+
+from redis.exceptions import RedisError
+
+from app.enforcement.limits import Admission, Limiter, LimitSpec
+from app.enforcement.memory_limiter import MemoryLimiter
+from app.errors import LimiterUnavailable
+
+log = logging.getLogger(__name__)
+
+Policy = Literal["fail_open", "fail_closed"]
+
+# What "the backend is down" looks like; anything else is a bug and propagates.
+BACKEND_ERRORS: tuple[type[BaseException], ...] = (RedisError, ConnectionError, TimeoutError, OSError)
+
+
+class ResilientLimiter:
+    """Asks `primary`; while it fails, answers from `fallback` (fail_open) or refuses with 503 (fail_closed).
+
+    After a failure the primary is skipped for `cooldown_s`, so an outage costs one timeout, not
+    one per request; then a single call probes it again, so it recovers without a restart.
+    A backend failure is never reported as a rate-limit refusal.
+    """
+
+    def __init__(
+        self,
+        primary: Limiter,
+        fallback: MemoryLimiter,
+        *,
+        policy: Policy,
+        expected_instances: int,
+        on_error: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        retry_after_s: float = 1.0,
+        cooldown_s: float = 1.0,
+    ) -> None:
+        if expected_instances < 1:
+            raise ValueError("expected_instances must be at least 1")
+        # Each instance may only spend its share locally, or N instances would allow N times the limit.
+        if policy == "fail_open" and not math.isclose(fallback.scale, 1 / expected_instances):
+            raise ValueError(
+                f"the fallback's scale must be 1/expected_instances ({1 / expected_instances:.4g}), "
+                f"got {fallback.scale:.4g}"
+            )
+        self._primary = primary
+        self._fallback = fallback
+        self._policy = policy
+        self._on_error = on_error
+        self._clock = clock
+        self._retry_after_s = retry_after_s
+        self._cooldown_s = cooldown_s
+        self._down = False
+        self._skip_until = 0.0
+        self._probing = False
+
+    @property
+    def degraded(self) -> bool:
+        """True while the primary is considered down (for a health check)."""
+        return self._down
+
+    async def admit(self, key_id: int, spec: LimitSpec, *, tokens: int, cost_usd: Decimal) -> Admission:
+        if self._use_primary():
+            probe = self._start_probe()
+            try:
+                admission = await self._primary.admit(key_id, spec, tokens=tokens, cost_usd=cost_usd)
+            except BACKEND_ERRORS as exc:
+                self._failed(exc)
+            else:
+                self._answered()
+                return admission
+            finally:
+                self._end_probe(probe)
+        if self._policy == "fail_closed":
+            raise LimiterUnavailable(
+                "The rate limiter's backend is unreachable; try again shortly.", retry_after=self._retry_after_s
+            )
+        return await self._fallback.admit(key_id, spec, tokens=tokens, cost_usd=cost_usd)
+
+    async def settle(
+        self,
+        key_id: int,
+        spec: LimitSpec,
+        *,
+        reserved_tokens: int,
+        actual_tokens: int,
+        reserved_cost_usd: Decimal,
+        actual_cost_usd: Decimal,
+    ) -> None:
+        if self._use_primary():
+            probe = self._start_probe()
+            try:
+                await self._primary.settle(
+                    key_id,
+                    spec,
+                    reserved_tokens=reserved_tokens,
+                    actual_tokens=actual_tokens,
+                    reserved_cost_usd=reserved_cost_usd,
+                    actual_cost_usd=actual_cost_usd,
+                )
+            except BACKEND_ERRORS as exc:
+                self._failed(exc)
+            else:
+                self._answered()
+                return
+            finally:
+                self._end_probe(probe)
+        if self._policy == "fail_open":
+            await self._fallback.settle(
+                key_id,
+                spec,
+                reserved_tokens=reserved_tokens,
+                actual_tokens=actual_tokens,
+                reserved_cost_usd=reserved_cost_usd,
+                actual_cost_usd=actual_cost_usd,
+            )
+        else:
+            log.debug("limiter backend down: settle for key %s dropped", key_id)
+
+    async def aclose(self) -> None:
+        await self._primary.aclose()
+        await self._fallback.aclose()
+
+    def _use_primary(self) -> bool:
+        if not self._down:
+            return True
+        # One probe at a time: concurrent requests keep using the fallback instead of each timing out.
+        return not self._probing and self._clock() >= self._skip_until
+
+    def _start_probe(self) -> bool:
+        probe = self._down
+        if probe:
+            self._probing = True
+        return probe
+
+    def _end_probe(self, probe: bool) -> None:
+        if probe:
+            self._probing = False
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._on_error is not None:
+            self._on_error()
+        self._skip_until = self._clock() + self._cooldown_s
+        if not self._down:
+            self._down = True
+            action = "answering from the local share" if self._policy == "fail_open" else "refusing with 503"
+            log.warning("rate limiter backend unavailable (%s: %s); %s", type(exc).__name__, exc, action)
+
+    def _answered(self) -> None:
+        if self._down:
+            self._down = False
+            log.info("rate limiter backend is answering again")

@@ -1,0 +1,276 @@
+"""The in-process limiter: buckets, reservations, budget periods and bounded state, on fake clocks."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from app.enforcement.limits import LimitSpec, nanos_to_usd, usd_to_nanos
+from app.enforcement.memory_limiter import MemoryLimiter
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def wall_at(iso: str) -> FakeClock:
+    return FakeClock(datetime.fromisoformat(iso).replace(tzinfo=UTC).timestamp())
+
+
+def limiter(**kwargs: object) -> tuple[MemoryLimiter, FakeClock, FakeClock]:
+    clock, wall = FakeClock(1000.0), wall_at("2025-03-15T12:00:00")
+    return MemoryLimiter(clock=clock, wall_clock=wall, **kwargs), clock, wall  # type: ignore[arg-type]
+
+
+ZERO = Decimal(0)
+
+
+async def test_burst_is_admitted_at_once_then_the_next_request_is_refused_for_rpm() -> None:
+    limits, _, _ = limiter()
+    spec = LimitSpec(rpm=60, burst=5)
+    answers = [await limits.admit(1, spec, tokens=0, cost_usd=ZERO) for _ in range(6)]
+    assert [a.allowed for a in answers] == [True] * 5 + [False]
+    refused = answers[-1]
+    assert refused.reason == "rpm"
+    assert refused.retry_after_s == pytest.approx(1.0)
+    assert refused.requests is not None
+    assert (refused.requests.limit, refused.requests.remaining) == (5, 0)
+    assert refused.requests.reset_s == pytest.approx(5.0)
+
+
+async def test_retry_after_is_exactly_the_refill_time_and_waiting_it_is_enough() -> None:
+    limits, clock, _ = limiter()
+    spec = LimitSpec(rpm=120, burst=2)  # two per second
+    for _ in range(2):
+        assert (await limits.admit(1, spec, tokens=0, cost_usd=ZERO)).allowed
+    first = await limits.admit(1, spec, tokens=0, cost_usd=ZERO)
+    assert first.retry_after_s == pytest.approx(0.5)
+    clock.advance(0.2)
+    second = await limits.admit(1, spec, tokens=0, cost_usd=ZERO)
+    assert not second.allowed and second.retry_after_s == pytest.approx(0.3)
+    assert second.retry_after_s is not None
+    clock.advance(second.retry_after_s)
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=ZERO)).allowed
+
+
+async def test_burst_defaults_to_rpm() -> None:
+    limits, _, _ = limiter()
+    spec = LimitSpec(rpm=3)
+    answers = [await limits.admit(1, spec, tokens=0, cost_usd=ZERO) for _ in range(4)]
+    assert [a.allowed for a in answers] == [True, True, True, False]
+    assert answers[0].requests is not None and answers[0].requests.limit == 3
+
+
+async def test_settle_gives_unused_tokens_back_to_the_tpm_bucket() -> None:
+    limits, _, _ = limiter()
+    spec = LimitSpec(tpm=600)  # ten tokens per second
+    admitted = await limits.admit(1, spec, tokens=500, cost_usd=ZERO)
+    assert admitted.tokens is not None and admitted.tokens.remaining == 100
+    refused = await limits.admit(1, spec, tokens=200, cost_usd=ZERO)
+    assert refused.reason == "tpm" and refused.retry_after_s == pytest.approx(10.0)
+    await limits.settle(1, spec, reserved_tokens=500, actual_tokens=200, reserved_cost_usd=ZERO, actual_cost_usd=ZERO)
+    after = await limits.admit(1, spec, tokens=200, cost_usd=ZERO)
+    assert after.allowed and after.tokens is not None and after.tokens.remaining == 200
+
+
+async def test_an_overshoot_is_paid_back_before_the_next_request_passes() -> None:
+    limits, clock, _ = limiter()
+    spec = LimitSpec(tpm=600)
+    assert (await limits.admit(1, spec, tokens=500, cost_usd=ZERO)).allowed
+    # The response used 600 tokens more than reserved: the bucket goes to -500.
+    await limits.settle(1, spec, reserved_tokens=500, actual_tokens=1100, reserved_cost_usd=ZERO, actual_cost_usd=ZERO)
+    refused = await limits.admit(1, spec, tokens=100, cost_usd=ZERO)
+    assert refused.reason == "tpm" and refused.retry_after_s == pytest.approx(60.0)
+    assert refused.tokens is not None and refused.tokens.remaining == 0
+    clock.advance(59.9)
+    assert not (await limits.admit(1, spec, tokens=100, cost_usd=ZERO)).allowed
+    clock.advance(0.1)
+    assert (await limits.admit(1, spec, tokens=100, cost_usd=ZERO)).allowed
+
+
+async def test_a_request_larger_than_the_tpm_capacity_is_refused_without_a_retry_time_and_takes_nothing() -> None:
+    limits, _, _ = limiter()
+    spec = LimitSpec(rpm=10, tpm=1000)
+    refused = await limits.admit(1, spec, tokens=1001, cost_usd=ZERO)
+    assert (refused.allowed, refused.reason, refused.retry_after_s) == (False, "tpm", None)
+    fits = await limits.admit(1, spec, tokens=1000, cost_usd=ZERO)
+    assert fits.allowed and fits.requests is not None and fits.requests.remaining == 9
+
+
+async def test_a_refusal_takes_nothing_from_the_other_dimensions() -> None:
+    limits, _, _ = limiter()
+    spec = LimitSpec(rpm=60, burst=2, tpm=1000, budget_usd=Decimal(10))
+    assert (await limits.admit(1, spec, tokens=900, cost_usd=Decimal(1))).allowed
+    refused = await limits.admit(1, spec, tokens=200, cost_usd=Decimal(1))
+    assert refused.reason == "tpm"
+    assert refused.requests is not None and refused.requests.remaining == 1
+    assert refused.budget_remaining_usd == Decimal(9)
+
+
+async def test_rpm_is_reported_before_tpm_and_tpm_before_budget() -> None:
+    limits, _, _ = limiter()
+    spec = LimitSpec(rpm=1, tpm=100, budget_usd=Decimal(1))
+    assert (await limits.admit(1, spec, tokens=100, cost_usd=Decimal(1))).allowed
+    # Now all three are exhausted: each refusal names the first in the order rpm, tpm, budget.
+    assert (await limits.admit(1, spec, tokens=100, cost_usd=Decimal(1))).reason == "rpm"
+    no_rpm = LimitSpec(tpm=100, budget_usd=Decimal(1))
+    assert (await limits.admit(1, no_rpm, tokens=100, cost_usd=Decimal(1))).reason == "tpm"
+    assert (await limits.admit(1, no_rpm, tokens=0, cost_usd=Decimal(1))).reason == "budget"
+
+
+async def test_budget_reservations_let_exactly_what_fits_through_concurrent_admits() -> None:
+    limits, _, _ = limiter()
+    spec = LimitSpec(budget_usd=Decimal("5.5"))
+    answers = await asyncio.gather(*(limits.admit(7, spec, tokens=0, cost_usd=Decimal(1)) for _ in range(10)))
+    assert sum(a.allowed for a in answers) == 5
+    refused = [a for a in answers if not a.allowed]
+    assert all(a.reason == "budget" and a.retry_after_s is None for a in refused)
+    assert refused[0].budget_remaining_usd == Decimal("0.5")
+
+
+async def test_settling_to_the_actual_cost_frees_the_rest_of_the_reservation() -> None:
+    limits, _, _ = limiter()
+    spec = LimitSpec(budget_usd=Decimal("2"))
+    for _ in range(2):
+        assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal("0.5"))).reason == "budget"
+    await limits.settle(
+        1, spec, reserved_tokens=0, actual_tokens=0, reserved_cost_usd=Decimal(1), actual_cost_usd=Decimal("0.25")
+    )
+    admitted = await limits.admit(1, spec, tokens=0, cost_usd=Decimal("0.5"))
+    assert admitted.allowed and admitted.budget_remaining_usd == Decimal("0.25")
+
+
+async def test_a_settled_cost_above_the_reservation_is_charged() -> None:
+    limits, _, _ = limiter()
+    spec = LimitSpec(budget_usd=Decimal(1))
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal("0.1"))).allowed
+    await limits.settle(
+        1, spec, reserved_tokens=0, actual_tokens=0, reserved_cost_usd=Decimal("0.1"), actual_cost_usd=Decimal("1.2")
+    )
+    refused = await limits.admit(1, spec, tokens=0, cost_usd=Decimal("0.000000001"))
+    assert refused.reason == "budget" and refused.budget_remaining_usd == 0
+
+
+async def test_a_daily_budget_resets_at_the_utc_day_boundary() -> None:
+    clock, wall = FakeClock(0.0), wall_at("2025-03-31T23:59:59")
+    limits = MemoryLimiter(clock=clock, wall_clock=wall)
+    spec = LimitSpec(budget_usd=Decimal(1), budget_period="day")
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).reason == "budget"
+    wall.advance(1)  # 2025-04-01T00:00:00Z
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
+    wall.advance(86399)
+    assert not (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
+
+
+async def test_a_monthly_budget_resets_at_the_utc_month_boundary_and_not_before() -> None:
+    clock, wall = FakeClock(0.0), wall_at("2024-02-01T00:00:00")
+    limits = MemoryLimiter(clock=clock, wall_clock=wall)
+    spec = LimitSpec(budget_usd=Decimal(1), budget_period="month")
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
+    wall.advance(28 * 86400 + 86399)  # 2024-02-29T23:59:59Z, a leap day
+    assert not (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
+    wall.advance(1)
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
+
+
+async def test_a_lifetime_budget_never_resets() -> None:
+    limits, _, wall = limiter()
+    spec = LimitSpec(budget_usd=Decimal(1))
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
+    wall.advance(400 * 86400)
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).reason == "budget"
+
+
+async def test_unlimited_dimensions_admit_everything_and_report_no_state() -> None:
+    limits, _, _ = limiter()
+    for _ in range(1000):
+        answer = await limits.admit(1, LimitSpec(), tokens=10**9, cost_usd=Decimal(10**6))
+        assert answer.allowed
+    assert (answer.requests, answer.tokens, answer.budget_remaining_usd) == (None, None, None)
+    only_rpm = await limits.admit(2, LimitSpec(rpm=5), tokens=10**9, cost_usd=Decimal(10**6))
+    assert only_rpm.allowed and only_rpm.tokens is None and only_rpm.budget_remaining_usd is None
+
+
+async def test_state_is_bounded_by_max_keys_and_an_evicted_key_starts_fresh() -> None:
+    limits, _, _ = limiter(max_keys=3)
+    spec = LimitSpec(rpm=60, burst=1)
+    for key_id in range(10):
+        assert (await limits.admit(key_id, spec, tokens=0, cost_usd=ZERO)).allowed
+    assert len(limits) == 3
+    assert not (await limits.admit(9, spec, tokens=0, cost_usd=ZERO)).allowed  # still tracked
+    assert (await limits.admit(0, spec, tokens=0, cost_usd=ZERO)).allowed  # evicted: full again
+
+
+async def test_idle_keys_are_dropped_once_refilled_but_unspent_budgets_are_kept() -> None:
+    limits, clock, _ = limiter()
+    await limits.admit(1, LimitSpec(rpm=60, burst=1), tokens=0, cost_usd=ZERO)
+    await limits.admit(2, LimitSpec(budget_usd=Decimal(1)), tokens=0, cost_usd=Decimal("0.5"))
+    clock.advance(1.5)
+    await limits.admit(3, LimitSpec(rpm=60), tokens=0, cost_usd=ZERO)
+    assert len(limits) == 2  # key 1 refilled and went; key 2's spend must survive
+    answer = await limits.admit(2, LimitSpec(budget_usd=Decimal(1)), tokens=0, cost_usd=Decimal("0.6"))
+    assert answer.reason == "budget"
+
+
+async def test_scale_multiplies_every_limit() -> None:
+    limits, _, _ = limiter(scale=0.5)
+    spec = LimitSpec(rpm=60, burst=10, tpm=1000, budget_usd=Decimal(10))
+    first = await limits.admit(1, spec, tokens=100, cost_usd=Decimal(1))
+    assert first.requests is not None and first.tokens is not None
+    assert (first.requests.limit, first.tokens.limit) == (5, 500)
+    assert first.budget_remaining_usd == Decimal(4)
+    answers = [await limits.admit(1, spec, tokens=0, cost_usd=ZERO) for _ in range(5)]
+    assert [a.allowed for a in answers] == [True] * 4 + [False]
+    assert answers[-1].retry_after_s == pytest.approx(2.0)  # half the rate: 0.5 requests per second
+
+
+async def test_under_scale_a_request_larger_than_the_share_waits_for_a_full_bucket_then_overdraws() -> None:
+    limits, clock, _ = limiter(scale=0.25)
+    spec = LimitSpec(tpm=600)  # local share: 150 tokens, 2.5 per second
+    assert (await limits.admit(1, spec, tokens=50, cost_usd=ZERO)).allowed
+    refused = await limits.admit(1, spec, tokens=400, cost_usd=ZERO)
+    assert refused.reason == "tpm" and refused.retry_after_s == pytest.approx(20.0)
+    clock.advance(20.0)
+    big = await limits.admit(1, spec, tokens=400, cost_usd=ZERO)
+    assert big.allowed and big.tokens is not None and big.tokens.reset_s == pytest.approx(160.0)
+
+
+async def test_a_tiny_scale_still_lets_one_request_through() -> None:
+    limits, _, _ = limiter(scale=0.1)
+    assert (await limits.admit(1, LimitSpec(rpm=2), tokens=0, cost_usd=ZERO)).allowed
+
+
+def test_money_is_exact_nano_usd_rounding_charges_up_and_budgets_down() -> None:
+    per_token = Decimal("0.15") / Decimal(1_000_000)
+    assert usd_to_nanos(per_token, round_up=True) == 150
+    assert usd_to_nanos(per_token * 1234, round_up=True) == 185_100
+    tiny = Decimal("0.0000000001")
+    assert (usd_to_nanos(tiny, round_up=True), usd_to_nanos(tiny, round_up=False)) == (1, 0)
+    huge = Decimal("123456789012345678901234567890.123456789")  # beyond Decimal's 28 digits
+    assert usd_to_nanos(huge, round_up=True) == 123456789012345678901234567890123456789
+    assert nanos_to_usd(1_500_000_001) == Decimal("1.500000001")
+
+
+def test_limits_that_could_never_refill_are_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="rpm"):
+        LimitSpec(rpm=0)
+    with pytest.raises(ValueError, match="budget_usd"):
+        LimitSpec(budget_usd=Decimal(-1))
+
+
+async def test_negative_amounts_are_a_caller_bug() -> None:
+    limits, _, _ = limiter()
+    with pytest.raises(ValueError, match="tokens"):
+        await limits.admit(1, LimitSpec(), tokens=-1, cost_usd=ZERO)

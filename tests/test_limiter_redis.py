@@ -1,0 +1,206 @@
+"""The Redis limiter against a real Redis: atomic admits under concurrency, server-clock periods and key expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from redis.asyncio import Redis
+
+from app.enforcement.limits import LimitSpec
+from app.enforcement.redis_limiter import LUA_PRELUDE, RedisLimiter, build_redis
+from tests.support import require_service
+
+ZERO = Decimal(0)
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Redis]:
+    require_service("Redis", "127.0.0.1", 6379)
+    client = build_redis("redis://127.0.0.1:6379/0")
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def limiter(redis: Redis) -> AsyncIterator[RedisLimiter]:
+    prefix = f"pacemaker-test:{uuid.uuid4().hex}"
+    yield RedisLimiter(redis, prefix=prefix)
+    keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await redis.delete(*keys)
+
+
+async def test_burst_is_admitted_then_the_next_request_is_refused_with_a_retry_time(limiter: RedisLimiter) -> None:
+    spec = LimitSpec(rpm=6, burst=3)  # one request per ten seconds
+    answers = [await limiter.admit(1, spec, tokens=0, cost_usd=ZERO) for _ in range(4)]
+    assert [a.allowed for a in answers] == [True, True, True, False]
+    refused = answers[-1]
+    assert refused.reason == "rpm" and refused.retry_after_s is not None
+    assert 9.0 < refused.retry_after_s <= 10.0
+    assert refused.requests is not None and (refused.requests.limit, refused.requests.remaining) == (3, 0)
+
+
+async def test_waiting_the_retry_time_is_enough(limiter: RedisLimiter) -> None:
+    spec = LimitSpec(rpm=600, burst=1)  # ten per second
+    assert (await limiter.admit(1, spec, tokens=0, cost_usd=ZERO)).allowed
+    refused = await limiter.admit(1, spec, tokens=0, cost_usd=ZERO)
+    assert refused.reason == "rpm" and refused.retry_after_s is not None
+    assert 0 < refused.retry_after_s <= 0.1
+    await asyncio.sleep(refused.retry_after_s + 0.01)
+    assert (await limiter.admit(1, spec, tokens=0, cost_usd=ZERO)).allowed
+
+
+async def test_concurrent_admits_take_exactly_the_burst(limiter: RedisLimiter) -> None:
+    spec = LimitSpec(rpm=1, burst=50)  # a refill of one a minute cannot add one during the test
+    answers = await asyncio.gather(*(limiter.admit(3, spec, tokens=0, cost_usd=ZERO) for _ in range(200)))
+    assert sum(a.allowed for a in answers) == 50
+    assert {a.reason for a in answers if not a.allowed} == {"rpm"}
+
+
+async def test_concurrent_admits_never_overspend_the_budget(limiter: RedisLimiter) -> None:
+    spec = LimitSpec(budget_usd=Decimal("1.05"))
+    answers = await asyncio.gather(*(limiter.admit(4, spec, tokens=0, cost_usd=Decimal("0.1")) for _ in range(100)))
+    assert sum(a.allowed for a in answers) == 10
+    refused = [a for a in answers if not a.allowed]
+    assert all(a.reason == "budget" and a.retry_after_s is None for a in refused)
+    assert refused[0].budget_remaining_usd == Decimal("0.05")
+
+
+async def test_settle_gives_tokens_back_and_an_overshoot_must_be_paid_back(limiter: RedisLimiter) -> None:
+    spec = LimitSpec(tpm=6000)  # a hundred tokens per second
+    admitted = await limiter.admit(5, spec, tokens=5000, cost_usd=ZERO)
+    assert admitted.tokens is not None and admitted.tokens.remaining in (1000, 1001)
+    await limiter.settle(5, spec, reserved_tokens=5000, actual_tokens=1000, reserved_cost_usd=ZERO, actual_cost_usd=ZERO)
+    again = await limiter.admit(5, spec, tokens=5000, cost_usd=ZERO)
+    assert again.allowed and again.tokens is not None and again.tokens.remaining < 100
+    # 6000 used against 5000 reserved: the bucket goes about 1000 below zero.
+    await limiter.settle(5, spec, reserved_tokens=5000, actual_tokens=11000, reserved_cost_usd=ZERO, actual_cost_usd=ZERO)
+    refused = await limiter.admit(5, spec, tokens=100, cost_usd=ZERO)
+    assert refused.reason == "tpm" and refused.retry_after_s is not None
+    assert 58.0 < refused.retry_after_s <= 61.0
+    assert refused.tokens is not None and refused.tokens.remaining == 0
+
+
+async def test_a_request_larger_than_the_tpm_capacity_never_fits(limiter: RedisLimiter) -> None:
+    refused = await limiter.admit(6, LimitSpec(tpm=100), tokens=101, cost_usd=ZERO)
+    assert (refused.allowed, refused.reason, refused.retry_after_s) == (False, "tpm", None)
+
+
+async def test_settling_to_the_actual_cost_frees_the_rest_of_the_reservation(
+    limiter: RedisLimiter, redis: Redis
+) -> None:
+    spec = LimitSpec(budget_usd=Decimal(2), budget_period="day")
+    for _ in range(2):
+        assert (await limiter.admit(7, spec, tokens=0, cost_usd=Decimal(1))).allowed
+    assert (await limiter.admit(7, spec, tokens=0, cost_usd=Decimal("0.5"))).reason == "budget"
+    await limiter.settle(
+        7, spec, reserved_tokens=0, actual_tokens=0, reserved_cost_usd=Decimal(1), actual_cost_usd=Decimal("0.25")
+    )
+    admitted = await limiter.admit(7, spec, tokens=0, cost_usd=Decimal("0.5"))
+    assert admitted.allowed and admitted.budget_remaining_usd == Decimal("0.25")
+    _, _, budget_key = limiter.keys_for(7)
+    assert await redis.hget(budget_key, "spent") == b"1750000000"  # integer nano-USD
+
+
+async def test_refusals_take_nothing(limiter: RedisLimiter) -> None:
+    spec = LimitSpec(rpm=60, burst=2, tpm=1000, budget_usd=Decimal(10))
+    assert (await limiter.admit(8, spec, tokens=900, cost_usd=Decimal(1))).allowed
+    refused = await limiter.admit(8, spec, tokens=200, cost_usd=Decimal(1))
+    assert refused.reason == "tpm"
+    assert refused.requests is not None and refused.requests.remaining == 1
+    assert refused.budget_remaining_usd == Decimal(9)
+
+
+async def test_unlimited_dimensions_admit_everything_and_store_nothing(limiter: RedisLimiter, redis: Redis) -> None:
+    for _ in range(20):
+        answer = await limiter.admit(9, LimitSpec(), tokens=10**9, cost_usd=Decimal(10**6))
+        assert answer.allowed and (answer.requests, answer.tokens, answer.budget_remaining_usd) == (None, None, None)
+    assert await redis.exists(*limiter.keys_for(9)) == 0
+
+
+async def test_bucket_keys_expire_once_refilled_and_budget_keys_at_the_end_of_their_period(
+    limiter: RedisLimiter, redis: Redis
+) -> None:
+    spec = LimitSpec(rpm=60, burst=10, tpm=600, budget_usd=Decimal(5), budget_period="day")
+    await limiter.admit(10, spec, tokens=300, cost_usd=Decimal(1))
+    requests_key, tokens_key, budget_key = limiter.keys_for(10)
+    assert 1000 < await redis.pttl(requests_key) <= 2000  # one second to refill one request, plus a margin
+    assert 30_000 < await redis.pttl(tokens_key) <= 31_000  # thirty seconds for 300 tokens at ten a second
+    seconds, _ = await redis.time()
+    until_midnight_ms = (86400 - seconds % 86400) * 1000
+    assert until_midnight_ms < await redis.pttl(budget_key) <= until_midnight_ms + 3_600_000
+    await limiter.admit(11, LimitSpec(budget_usd=Decimal(5)), tokens=0, cost_usd=Decimal(1))
+    assert await redis.ttl(limiter.keys_for(11)[2]) == -1  # a lifetime budget never expires
+
+
+async def test_budget_periods_are_named_from_the_redis_server_clock(limiter: RedisLimiter, redis: Redis) -> None:
+    await limiter.admit(12, LimitSpec(budget_usd=Decimal(5), budget_period="day"), tokens=0, cost_usd=ZERO)
+    await limiter.admit(13, LimitSpec(budget_usd=Decimal(5), budget_period="month"), tokens=0, cost_usd=ZERO)
+    seconds, _ = await redis.time()
+    today = datetime.fromtimestamp(seconds, UTC)
+    assert await redis.hget(limiter.keys_for(12)[2], "period") == today.strftime("%Y-%m-%d").encode()
+    assert await redis.hget(limiter.keys_for(13)[2], "period") == today.strftime("%Y-%m").encode()
+
+
+async def test_the_lua_calendar_matches_python_across_centuries(redis: Redis) -> None:
+    check = redis.register_script(
+        LUA_PRELUDE
+        + """
+local out = {}
+for i = 1, #ARGV do
+  local y, m, d = civil_from_days(tonumber(ARGV[i]))
+  out[i] = string.format('%04d-%02d-%02d', y, m, d)
+end
+return out
+"""
+    )
+    days = [*range(-800, 800), *range(-146097 * 3, 146097 * 3, 97)]
+    answers = await check(keys=[], args=days)
+    epoch = date(1970, 1, 1)
+    assert [a.decode() for a in answers] == [(epoch + timedelta(days=n)).isoformat() for n in days]
+
+
+@pytest.mark.parametrize(
+    ("at", "kind", "period", "ends"),
+    [
+        ("2024-12-31T23:59:59", "day", "2024-12-31", "2025-01-01T00:00:00"),
+        ("2024-12-31T23:59:59", "month", "2024-12", "2025-01-01T00:00:00"),
+        ("2024-02-10T08:00:00", "month", "2024-02", "2024-03-01T00:00:00"),
+        ("2100-02-10T08:00:00", "month", "2100-02", "2100-03-01T00:00:00"),
+        ("2000-02-29T08:00:00", "month", "2000-02", "2000-03-01T00:00:00"),
+        ("2025-04-30T00:00:00", "month", "2025-04", "2025-05-01T00:00:00"),
+        ("2025-04-30T00:00:00", "", "life", None),
+    ],
+)
+async def test_the_lua_period_ends_at_the_utc_boundary(
+    redis: Redis, at: str, kind: str, period: str, ends: str | None
+) -> None:
+    check = redis.register_script(
+        LUA_PRELUDE
+        + """
+now = tonumber(ARGV[1])
+local id, ends_in = period(ARGV[2])
+return {id, ends_in and fmt(ends_in) or ''}
+"""
+    )
+    now = datetime.fromisoformat(at).replace(tzinfo=UTC).timestamp()
+    period_id, ends_in = await check(keys=[], args=[now, kind])
+    assert period_id.decode() == period
+    if ends is None:
+        assert ends_in == b""
+    else:
+        assert now + float(ends_in) == datetime.fromisoformat(ends).replace(tzinfo=UTC).timestamp()
+
+
+async def test_an_admit_is_one_evalsha_of_a_cached_script(limiter: RedisLimiter, redis: Redis) -> None:
+    await limiter.admit(14, LimitSpec(rpm=10), tokens=0, cost_usd=ZERO)
+    before = await redis.info("commandstats")
+    await limiter.admit(14, LimitSpec(rpm=10, tpm=100, budget_usd=Decimal(1)), tokens=1, cost_usd=ZERO)
+    after = await redis.info("commandstats")
+    # Other tests may share this Redis, so only the minimum is certain: our call was an EVALSHA.
+    assert after["cmdstat_evalsha"]["calls"] >= before["cmdstat_evalsha"]["calls"] + 1
