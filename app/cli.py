@@ -58,12 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="create a key and print it (shown once)")
     create.add_argument("--name", required=True)
     create.add_argument("--json", action="store_true", help="print {id, name, prefix, key} as JSON")
-    create.add_argument("--rpm", type=int, help="requests per minute (default: limits.rpm)")
-    create.add_argument("--burst", type=int, help="request burst (default: rpm)")
-    create.add_argument("--tpm", type=int, help="tokens per minute (default: limits.tpm)")
-    create.add_argument("--max-concurrency", type=int, help="requests in flight (default: limits.max_concurrency)")
-    create.add_argument("--max-tokens-per-request", type=int, help="estimated tokens ceiling per request")
-    create.add_argument("--budget-usd", type=Decimal, help="spending limit in USD")
+    create.add_argument("--rpm", type=_positive, help="requests per minute (default: limits.rpm)")
+    create.add_argument("--burst", type=_positive, help="request burst (default: rpm)")
+    create.add_argument("--tpm", type=_positive, help="tokens per minute (default: limits.tpm)")
+    create.add_argument(
+        "--max-concurrency", type=_positive, help="requests in flight (default: limits.max_concurrency)"
+    )
+    create.add_argument("--max-tokens-per-request", type=_positive, help="estimated tokens ceiling per request")
+    create.add_argument("--budget-usd", type=_amount, help="spending limit in USD")
     create.add_argument("--budget-period", choices=["day", "month"], help="budget resets each UTC day or month")
     create.set_defaults(handler=_keys_create)
     listing = keys.add_parser("list", help="list keys (never their secrets)")
@@ -73,6 +75,23 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("key", help="the key's id or its shown prefix (pk_...)")
     revoke.set_defaults(handler=_keys_revoke)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _amount(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except ArithmeticError:
+        raise argparse.ArgumentTypeError("must be an amount in USD, e.g. 25 or 0.50") from None
+    if not value.is_finite() or value < 0:
+        raise argparse.ArgumentTypeError("must be a non-negative amount")
+    return value
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:

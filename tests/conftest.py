@@ -33,9 +33,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iter
     enforcement tests run servers of their own.
     """
     workdir = tmp_path_factory.mktemp("pacemaker")
-    config = server_config(
-        workdir, fake_upstream, breakers={"min_calls": 1_000_000}, retries={"max_retries": 0}
-    )
+    config = server_config(workdir, fake_upstream, breakers={"min_calls": 1_000_000}, retries={"max_retries": 0})
     started = start_pacemaker(workdir, config)
     yield started
     _stop(started.process)

@@ -215,11 +215,11 @@ async def test_state_is_bounded_by_max_keys_and_an_evicted_key_starts_fresh() ->
 
 async def test_idle_keys_are_dropped_once_refilled_but_unspent_budgets_are_kept() -> None:
     limits, clock, _ = limiter()
-    await limits.admit(1, LimitSpec(rpm=60, burst=1), tokens=0, cost_usd=ZERO)
     await limits.admit(2, LimitSpec(budget_usd=Decimal(1)), tokens=0, cost_usd=Decimal("0.5"))
+    await limits.admit(1, LimitSpec(rpm=60, burst=1), tokens=0, cost_usd=ZERO)
     clock.advance(1.5)
     await limits.admit(3, LimitSpec(rpm=60), tokens=0, cost_usd=ZERO)
-    assert len(limits) == 2  # key 1 refilled and went; key 2's spend must survive
+    assert len(limits) == 2  # key 1 refilled and went, though key 2 is older; key 2's spend must survive
     answer = await limits.admit(2, LimitSpec(budget_usd=Decimal(1)), tokens=0, cost_usd=Decimal("0.6"))
     assert answer.reason == "budget"
 

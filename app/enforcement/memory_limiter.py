@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import OrderedDict
@@ -183,13 +184,12 @@ class MemoryLimiter:
         return state
 
     def _purge_idle(self, now: float) -> None:
-        """Drop the oldest keys whose buckets are full again and whose budget holds nothing."""
+        """Drop, among the least recently used keys, those whose buckets are full and whose budget holds nothing."""
         wall = self._wall_clock()
-        for _ in range(min(_PURGE_PER_CALL, len(self._keys))):
-            key_id, state = next(iter(self._keys.items()))
-            if now < state.full_at or (state.budget_spent and wall < state.budget_ends_at):
-                return
-            del self._keys[key_id]
+        oldest = list(itertools.islice(self._keys.items(), _PURGE_PER_CALL))
+        for key_id, state in oldest:
+            if now >= state.full_at and not (state.budget_spent and wall < state.budget_ends_at):
+                del self._keys[key_id]
 
     def _spent(self, state: _KeyState, period: BudgetPeriod | None) -> int:
         period_id, ends_at = _period(period, self._wall_clock())

@@ -1,0 +1,184 @@
+"""Enforcement end to end on a real server: limits per transport, ceilings, concurrency, retries, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from tests.support import PacemakerServer, read_sse, server_config, start_pacemaker
+
+
+@pytest.fixture(scope="module")
+def enforced(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iterator[PacemakerServer]:
+    """In-process limits; quick retries; a breaker that stays closed (breakers have their own tests)."""
+    workdir = tmp_path_factory.mktemp("enforced")
+    config = server_config(
+        workdir,
+        fake_upstream,
+        breakers={"min_calls": 1_000_000},
+        retries={"max_retries": 2, "base_delay_s": 0.01, "max_delay_s": 0.05},
+    )
+    server = start_pacemaker(workdir, config)
+    yield server
+    server.process.stop()
+
+
+def new_key(server: PacemakerServer, **limits: Any) -> str:
+    args = ["keys", "create", "--name", f"k-{uuid.uuid4().hex[:6]}", "--json"]
+    for name, value in limits.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    key: str = json.loads(server.cli(*args).stdout)["key"]
+    return key
+
+
+async def upstream_count(upstream: httpx.AsyncClient, tag: str) -> int:
+    count: int = (await upstream.get("/_control/stats")).json()["by_tag"].get(tag, 0)
+    return count
+
+
+async def test_rate_limited_json_requests_get_429_with_a_computed_retry_after(enforced: PacemakerServer) -> None:
+    key = new_key(enforced, rpm=6, burst=2)  # one request every 10 s after a burst of 2
+    async with enforced.client(key=key) as http:
+        first = await http.post("/v1/tasks", json={"query": "one"})
+        second = await http.post("/v1/tasks", json={"query": "two"})
+        third = await http.post("/v1/tasks", json={"query": "three"})
+    assert first.status_code == second.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert second.headers["x-ratelimit-remaining-requests"] == "0"
+    assert "x-ratelimit-remaining-tokens" in first.headers
+    assert third.status_code == 429
+    problem = third.json()
+    assert problem["code"] == "rate_limit_exceeded" and problem["retryable"] is True
+    # The bucket refills one request per 10 s: the wait is derived from it, not a constant.
+    assert 8 <= int(third.headers["retry-after"]) <= 10
+    assert third.headers["x-ratelimit-limit"] == "2"
+    assert third.headers["x-ratelimit-remaining"] == "0"
+
+
+async def test_sse_chat_and_websocket_are_limited_like_json(enforced: PacemakerServer) -> None:
+    key = new_key(enforced, rpm=6, burst=1)
+    async with enforced.client(key=key) as http:
+        async with http.stream("POST", "/v1/tasks", json={"query": "s", "stream": True}) as ok:
+            assert ok.status_code == 200
+            assert [e.event async for e in read_sse(ok)][-1] == "task.completed"
+        sse = await http.post("/v1/tasks", json={"query": "s", "stream": True})
+        chat = await http.post(
+            "/v1/chat/completions", json={"model": "sim-small", "messages": [{"role": "user", "content": "c"}]}
+        )
+    assert sse.status_code == 429 and sse.json()["code"] == "rate_limit_exceeded"
+    assert chat.status_code == 429 and chat.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "retry-after" in chat.headers
+
+    url = enforced.base_url.replace("http://", "ws://") + "/v1/ws"
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as socket:
+        await socket.send(json.dumps({"type": "task.create", "query": "w", "ref": "r1"}))
+        refused = json.loads(await socket.recv())
+    assert refused["type"] == "error" and refused["code"] == "rate_limit_exceeded"
+    assert refused["ref"] == "r1" and refused["retry_after"] > 0
+
+
+async def test_token_ceiling_refuses_before_any_upstream_call(
+    enforced: PacemakerServer, upstream_stats: httpx.AsyncClient
+) -> None:
+    key = new_key(enforced, max_tokens_per_request=200)
+    tag = uuid.uuid4().hex[:10]
+    async with enforced.client(key=key) as http:
+        too_big = await http.post(
+            "/v1/tasks", json={"query": f"x #tag={tag}", "model": "fake-model", "max_tokens": 500}
+        )
+        fits = await http.post("/v1/tasks", json={"query": f"x #tag={tag}", "model": "fake-model", "max_tokens": 50})
+    assert too_big.status_code == 400 and too_big.json()["code"] == "token_limit_exceeded"
+    assert fits.status_code == 200
+    assert await upstream_count(upstream_stats, tag) == 1
+
+
+async def test_a_stream_holds_its_concurrency_slot_until_it_ends(enforced: PacemakerServer) -> None:
+    key = new_key(enforced, max_concurrency=1)
+    async with enforced.client(key=key) as http:
+        body = {"query": "hold #delay=0.05 #tokens=20", "model": "fake-model", "stream": True}
+        async with http.stream("POST", "/v1/tasks", json=body) as holding:
+            events = read_sse(holding)
+            assert (await anext(events)).event == "task.started"
+            refused = await http.post("/v1/tasks", json={"query": "meanwhile"})
+            async for _event in events:
+                pass
+        after = await http.post("/v1/tasks", json={"query": "after"})
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "concurrency_limit_exceeded"
+    assert "retry-after" in refused.headers
+    assert after.status_code == 200
+
+
+async def test_upstream_failing_twice_then_succeeding_is_one_success_after_two_retries(
+    enforced: PacemakerServer, upstream_stats: httpx.AsyncClient
+) -> None:
+    tag = uuid.uuid4().hex[:10]
+    async with enforced.client() as http:
+        before = _metric(await http.get("/metrics"), 'pacemaker_llm_retries_total{model="fake-model"}')
+        response = await http.post("/v1/tasks", json={"query": f"flaky #fail=2 #tag={tag}", "model": "fake-model"})
+        after = _metric(await http.get("/metrics"), 'pacemaker_llm_retries_total{model="fake-model"}')
+    assert response.status_code == 200, response.text
+    assert await upstream_count(upstream_stats, tag) == 3
+    assert after - before == 2
+
+
+async def test_a_stream_that_fails_after_its_first_token_is_not_retried(
+    enforced: PacemakerServer, upstream_stats: httpx.AsyncClient
+) -> None:
+    tag = uuid.uuid4().hex[:10]
+    async with enforced.client() as http:
+        body = {"query": f"drop #drop=3 #tag={tag}", "model": "fake-model", "stream": True}
+        async with http.stream("POST", "/v1/tasks", json=body) as response:
+            events = [e.json() async for e in read_sse(response)]
+    assert events[-1]["type"] == "task.failed"
+    assert events[-1]["code"] == "upstream_unavailable"
+    assert any(e["type"] == "token.delta" for e in events)
+    assert await upstream_count(upstream_stats, tag) == 1
+
+
+async def test_idempotency_key_replays_the_stored_result_and_is_never_charged_twice(
+    enforced: PacemakerServer, upstream_stats: httpx.AsyncClient
+) -> None:
+    tag = uuid.uuid4().hex[:10]
+    body = {"query": f"once #tag={tag} #latency=0.3", "model": "fake-model"}
+    headers = {"Idempotency-Key": f"order-{tag}"}
+    async with enforced.client() as http:
+        # The repeat arrives while the first still runs: it waits for it.
+        first, repeat = await asyncio.gather(
+            http.post("/v1/tasks", json=body, headers=headers),
+            _after(0.1, http.post("/v1/tasks", json=body, headers=headers)),
+        )
+        later = await http.post("/v1/tasks", json=body, headers=headers)
+        conflict = await http.post("/v1/tasks", json={**body, "query": "changed"}, headers=headers)
+        chat_body = {"model": "fake-model", "messages": [{"role": "user", "content": f"c #tag={tag}"}]}
+        chat_once = await http.post("/v1/chat/completions", json=chat_body, headers={"Idempotency-Key": tag})
+        chat_again = await http.post("/v1/chat/completions", json=chat_body, headers={"Idempotency-Key": tag})
+        streamed = await http.post("/v1/tasks", json={**body, "stream": True}, headers=headers)
+    assert first.status_code == repeat.status_code == later.status_code == 200
+    assert first.json() == repeat.json() == later.json()
+    assert later.headers["idempotent-replayed"] == "true"
+    assert conflict.status_code == 422 and conflict.json()["code"] == "idempotency_conflict"
+    assert chat_once.json() == chat_again.json()
+    assert streamed.status_code == 422
+    assert await upstream_count(upstream_stats, tag) == 2  # one task, one chat completion
+
+
+async def _after(delay: float, request: Any) -> httpx.Response:
+    await asyncio.sleep(delay)
+    response: httpx.Response = await request
+    return response
+
+
+def _metric(response: httpx.Response, sample: str) -> float:
+    for line in response.text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

@@ -1,0 +1,258 @@
+"""The resilient limiter: a Redis of our own is killed and restarted under it; it must never hang or lie."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from app.enforcement.limits import Admission, LimitSpec
+from app.enforcement.memory_limiter import MemoryLimiter
+from app.enforcement.redis_limiter import RedisLimiter, build_redis
+from app.enforcement.resilient_limiter import ResilientLimiter
+from app.errors import LimiterUnavailable
+from tests.support import IN_CI, ManagedProcess, free_port
+
+LOGGER = "app.enforcement.resilient_limiter"
+ZERO = Decimal(0)
+SPEC = LimitSpec(rpm=6000, burst=100, tpm=100_000, budget_usd=Decimal(100))
+COOLDOWN_S = 0.3
+
+
+class RedisServer:
+    """A redis-server of our own on a free port, which a test may kill and start again."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._log_dir = log_dir
+        self._starts = 0
+        self._process: ManagedProcess | None = None
+
+    def start(self) -> None:
+        self._starts += 1
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self._process = ManagedProcess(args, os.environ, self._log_dir / f"redis-{self._starts}.log")
+        self._process.wait_for_port(self.port)
+
+    def kill(self) -> None:
+        if self._process is not None:
+            self._process.stop(signal.SIGKILL)
+            self._process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        message = "redis-server is not installed"
+        if IN_CI:
+            pytest.fail(message + " (CI=true: a missing service is a failure)")
+        pytest.skip(message)
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    redis = build_redis(redis_server.url)
+    yield redis
+    await redis.aclose()
+
+
+@dataclass
+class Errors:
+    count: int = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+def resilient(client: Redis, policy: str, errors: Errors) -> tuple[ResilientLimiter, RedisLimiter]:
+    primary = RedisLimiter(client, prefix=f"pacemaker-test:{uuid.uuid4().hex}")
+    limiter = ResilientLimiter(
+        primary,
+        MemoryLimiter(scale=0.5),
+        policy=policy,  # type: ignore[arg-type]
+        expected_instances=2,
+        on_error=errors,
+        cooldown_s=COOLDOWN_S,
+    )
+    return limiter, primary
+
+
+async def timed_admit(limiter: ResilientLimiter) -> tuple[Admission, float]:
+    started = time.monotonic()
+    answer = await limiter.admit(1, SPEC, tokens=10, cost_usd=Decimal("0.01"))
+    return answer, time.monotonic() - started
+
+
+def answered_by_redis(answer: Admission) -> bool:
+    # The fallback holds half the limits (two expected instances): the bucket's size tells who answered.
+    assert answer.requests is not None
+    return answer.requests.limit == 100
+
+
+async def test_fail_open_answers_locally_without_hanging_and_returns_to_redis_after_a_restart(
+    redis_server: RedisServer, client: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    errors = Errors()
+    limiter, primary = resilient(client, "fail_open", errors)
+    answer, _ = await timed_admit(limiter)
+    assert answer.allowed and answered_by_redis(answer)
+
+    redis_server.kill()
+    for _ in range(20):
+        answer, elapsed = await timed_admit(limiter)
+        assert elapsed < 0.5
+        assert answer.allowed and not answered_by_redis(answer)
+    await limiter.settle(1, SPEC, reserved_tokens=10, actual_tokens=5, reserved_cost_usd=ZERO, actual_cost_usd=ZERO)
+    assert errors.count == 1  # the calls inside the cool-down did not even try Redis
+    await asyncio.sleep(COOLDOWN_S)
+    answer, elapsed = await timed_admit(limiter)  # a probe, which fails: still one warning
+    assert elapsed < 0.5 and not answered_by_redis(answer)
+    assert errors.count == 2
+
+    redis_server.start()
+    await asyncio.sleep(COOLDOWN_S)
+    answer, _ = await timed_admit(limiter)
+    assert answer.allowed and answered_by_redis(answer)
+    assert await client.exists(primary.keys_for(1)[0]) == 1  # the restarted Redis holds the bucket
+    warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    recoveries = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.INFO]
+    assert len(warnings) == 1 and "unavailable" in warnings[0].getMessage()
+    assert len(recoveries) == 1 and "answering again" in recoveries[0].getMessage()
+
+
+async def test_fail_closed_refuses_with_limiter_unavailable_never_a_rate_limit_refusal(
+    redis_server: RedisServer, client: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    errors = Errors()
+    limiter, _ = resilient(client, "fail_closed", errors)
+    assert (await limiter.admit(1, SPEC, tokens=10, cost_usd=ZERO)).allowed
+
+    redis_server.kill()
+    for _ in range(5):
+        started = time.monotonic()
+        with pytest.raises(LimiterUnavailable) as refused:
+            await limiter.admit(1, SPEC, tokens=10, cost_usd=ZERO)
+        assert time.monotonic() - started < 0.5
+        assert (refused.value.status, refused.value.retry_after) == (503, 1.0)
+        assert refused.value.response_headers()["Retry-After"] == "1"
+    # A settle during the outage is dropped: it must not fail the response that is already done.
+    await limiter.settle(1, SPEC, reserved_tokens=10, actual_tokens=5, reserved_cost_usd=ZERO, actual_cost_usd=ZERO)
+    assert errors.count == 1
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+    redis_server.start()
+    await asyncio.sleep(COOLDOWN_S)
+    assert (await limiter.admit(1, SPEC, tokens=10, cost_usd=ZERO)).allowed
+
+
+@dataclass
+class FlakyPrimary:
+    """A primary that fails while `down`, and whose calls can be held open to test probing."""
+
+    down: bool = True
+    calls: int = 0
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def admit(self, key_id: int, spec: LimitSpec, *, tokens: int, cost_usd: Decimal) -> Admission:
+        self.calls += 1
+        await self.gate.wait()
+        if self.down:
+            raise ConnectionError("refused")
+        return Admission(True, None, None, None, None, None)
+
+    async def settle(
+        self,
+        key_id: int,
+        spec: LimitSpec,
+        *,
+        reserved_tokens: int,
+        actual_tokens: int,
+        reserved_cost_usd: Decimal,
+        actual_cost_usd: Decimal,
+    ) -> None:
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("refused")
+
+    async def aclose(self) -> None:
+        pass
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_the_primary_is_skipped_during_the_cooldown_then_probed_by_one_call_at_a_time() -> None:
+    primary, clock, errors = FlakyPrimary(), FakeClock(), Errors()
+    primary.gate.set()
+    limiter = ResilientLimiter(
+        primary, MemoryLimiter(), policy="fail_open", expected_instances=1, on_error=errors, clock=clock
+    )
+    spec = LimitSpec(rpm=1000)
+    assert (await limiter.admit(1, spec, tokens=0, cost_usd=ZERO)).requests is not None  # from the fallback
+    for _ in range(10):
+        await limiter.admit(1, spec, tokens=0, cost_usd=ZERO)
+    assert (primary.calls, errors.count) == (1, 1)
+
+    clock.now = 1.0  # the default cool-down is over: the next call probes
+    primary.gate.clear()
+    primary.down = False
+    probe = asyncio.create_task(limiter.admit(1, spec, tokens=0, cost_usd=ZERO))
+    await asyncio.sleep(0)
+    others = [await limiter.admit(1, spec, tokens=0, cost_usd=ZERO) for _ in range(5)]
+    assert primary.calls == 2 and all(a.requests is not None for a in others)  # answered locally meanwhile
+    primary.gate.set()
+    assert (await probe).requests is None  # FlakyPrimary's own answer
+    assert (await limiter.admit(1, spec, tokens=0, cost_usd=ZERO)).requests is None
+    assert not limiter.degraded and errors.count == 1
+
+
+async def test_settle_during_an_outage_goes_to_the_fallback_when_failing_open() -> None:
+    primary, fallback = FlakyPrimary(), MemoryLimiter()
+    primary.gate.set()
+    limiter = ResilientLimiter(primary, fallback, policy="fail_open", expected_instances=1)
+    spec = LimitSpec(tpm=1000)
+    assert (await limiter.admit(1, spec, tokens=1000, cost_usd=ZERO)).allowed
+    await limiter.settle(1, spec, reserved_tokens=1000, actual_tokens=400, reserved_cost_usd=ZERO, actual_cost_usd=ZERO)
+    answer = await limiter.admit(1, spec, tokens=600, cost_usd=ZERO)
+    assert answer.allowed and answer.tokens is not None and answer.tokens.remaining == 0
+
+
+async def test_errors_that_are_not_backend_failures_propagate() -> None:
+    class Broken(FlakyPrimary):
+        async def admit(self, key_id: int, spec: LimitSpec, *, tokens: int, cost_usd: Decimal) -> Admission:
+            raise ValueError("a bug, not an outage")
+
+    errors = Errors()
+    limiter = ResilientLimiter(Broken(), MemoryLimiter(), policy="fail_open", expected_instances=1, on_error=errors)
+    with pytest.raises(ValueError, match="a bug"):
+        await limiter.admit(1, LimitSpec(), tokens=0, cost_usd=ZERO)
+    assert errors.count == 0 and not limiter.degraded
+
+
+def test_a_fallback_that_is_not_this_instances_share_is_refused() -> None:
+    with pytest.raises(ValueError, match="1/expected_instances"):
+        ResilientLimiter(FlakyPrimary(), MemoryLimiter(), policy="fail_open", expected_instances=3)
+    ResilientLimiter(FlakyPrimary(), MemoryLimiter(scale=1 / 3), policy="fail_open", expected_instances=3)
