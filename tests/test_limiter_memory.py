@@ -117,15 +117,17 @@ async def test_a_refusal_takes_nothing_from_the_other_dimensions() -> None:
     assert refused.budget_remaining_usd == Decimal(9)
 
 
-async def test_rpm_is_reported_before_tpm_and_tpm_before_budget() -> None:
+async def test_a_spent_budget_is_reported_before_rpm_and_rpm_before_tpm() -> None:
     limits, _, _ = limiter()
     spec = LimitSpec(rpm=1, tpm=100, budget_usd=Decimal(1))
     assert (await limits.admit(1, spec, tokens=100, cost_usd=Decimal(1))).allowed
-    # Now all three are exhausted: each refusal names the first in the order rpm, tpm, budget.
-    assert (await limits.admit(1, spec, tokens=100, cost_usd=Decimal(1))).reason == "rpm"
-    no_rpm = LimitSpec(tpm=100, budget_usd=Decimal(1))
-    assert (await limits.admit(1, no_rpm, tokens=100, cost_usd=Decimal(1))).reason == "tpm"
-    assert (await limits.admit(1, no_rpm, tokens=0, cost_usd=Decimal(1))).reason == "budget"
+    # Now all three are exhausted: the refusal names the budget (waiting will not help), then rpm, tpm.
+    refused = await limits.admit(1, spec, tokens=100, cost_usd=Decimal(1))
+    assert refused.reason == "budget" and refused.retry_after_s is None
+    no_budget = LimitSpec(rpm=1, tpm=100)
+    assert (await limits.admit(1, no_budget, tokens=100, cost_usd=Decimal(0))).reason == "rpm"
+    no_rpm = LimitSpec(tpm=100)
+    assert (await limits.admit(1, no_rpm, tokens=100, cost_usd=Decimal(0))).reason == "tpm"
 
 
 async def test_budget_reservations_let_exactly_what_fits_through_concurrent_admits() -> None:

@@ -8,6 +8,13 @@ from typing import Any
 
 from app.agent.events import TaskCompleted, TaskFailed, ToolCallFinished
 from app.agent.runner import TaskSpec, run_agent
+from app.auth.principal import Principal
+from app.config import LimitSettings
+from app.enforcement.breaker import BreakerConfig, BreakerRegistry, BreakerState
+from app.enforcement.concurrency import ConcurrencyLimiter
+from app.enforcement.enforcer import Enforcer
+from app.enforcement.memory_limiter import MemoryLimiter
+from app.enforcement.retry import RetryPolicy
 from app.observability.metrics import Metrics
 from app.providers.base import LLMChunk, LLMRequest, ToolCallDelta, Usage
 from app.providers.registry import ModelRoute
@@ -95,3 +102,34 @@ async def test_only_the_tools_of_the_task_are_offered() -> None:
     assert model.requests[0].tools is None
     await run(spec(model))
     assert [t["function"]["name"] for t in model.requests[-1].tools or []] == ["calculator"]
+
+
+class FlakyTool(CalculatorTool):
+    """A calculator that crashes: its breaker should open and spare the model further crashes."""
+
+    calls = 0
+
+    async def run(self, arguments: Any) -> dict[str, Any]:
+        FlakyTool.calls += 1
+        raise RuntimeError("tool backend down")
+
+
+async def test_a_failing_tool_opens_its_breaker_and_the_model_hears_it_is_paused() -> None:
+    enforcer = Enforcer(
+        LimitSettings(),
+        MemoryLimiter(),
+        ConcurrencyLimiter(10),
+        BreakerRegistry(BreakerConfig(min_calls=2, failure_rate_threshold=0.5, open_s=60)),
+        RetryPolicy(),
+        Metrics(),
+    )
+    model = ScriptedModel([("calculator", '{"expression": "1"}')] * 4 + ["gave up"])
+    route = ModelRoute("scripted-model", model, "scripted-model", Decimal(0), Decimal(0))
+    ticket = await enforcer.admit(Principal(1, "t", "pk_t"), route=route, prompt_tokens=10, max_tokens=100)
+    events = await run(spec(model, tools=[FlakyTool()], ticket=ticket))
+    errors = [e.error for e in events if isinstance(e, ToolCallFinished)]
+    assert FlakyTool.calls == 2  # the third and fourth calls never reached the tool
+    assert errors[0] == errors[1] == "calculator failed: RuntimeError"
+    assert all("paused" in (error or "") for error in errors[2:])
+    assert enforcer.breakers.states()["tool:calculator"] == BreakerState.OPEN
+    await ticket.close()

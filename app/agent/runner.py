@@ -30,6 +30,7 @@ from app.agent.events import (
     UsageOut,
 )
 from app.agent.model_call import ModelCall
+from app.enforcement.breaker import BreakerRegistry, classify
 from app.enforcement.enforcer import Ticket
 from app.errors import AppError, CircuitOpen, MaxIterationsExceeded, RequestTimeout
 from app.observability.metrics import Metrics
@@ -174,7 +175,8 @@ async def _loop(
                 tool=tool_call.name,
                 arguments=arguments,
             )
-            record = await _run_tool(tools_by_name, tool_call, arguments, deadline, metrics)
+            breakers = spec.ticket.enforcer.breakers if spec.ticket is not None else None
+            record = await _run_tool(tools_by_name, tool_call, arguments, deadline, metrics, breakers)
             progress.tool_calls.append(record)
             yield ToolCallFinished(
                 task_id=spec.id,
@@ -196,17 +198,32 @@ async def _run_tool(
     arguments: Any,
     deadline: float,
     metrics: Metrics,
+    breakers: BreakerRegistry | None,
 ) -> ToolCallRecord:
     """Run one tool call; every failure becomes an error the model gets to read, never a crash."""
     started = time.perf_counter()
     result: Any = None
     error: str | None = None
     tool = tools.get(call.name)
+    breaker = breakers.get(f"tool:{call.name}") if breakers is not None and tool is not None else None
     if tool is None:
         error = f"unknown tool {call.name!r}; available: {', '.join(sorted(tools)) or 'none'}"
     else:
         try:
-            result = await _before(deadline, tool.run(tool.parse_arguments(call.arguments)))
+            if breaker is not None:
+                breaker.before_call()
+            try:
+                result = await _before(deadline, tool.run(tool.parse_arguments(call.arguments)))
+            except BaseException as exc:
+                if breaker is not None and classify(exc) == "failure":
+                    breaker.record_failure()
+                elif breaker is not None:
+                    breaker.record_ignored()
+                raise
+            if breaker is not None:
+                breaker.record_success()
+        except CircuitOpen as exc:
+            error = f"{call.name} is failing and paused for {exc.retry_after or 1:.0f} s; do without it for now"
         except ToolError as exc:
             error = str(exc)
         except TimeoutError:

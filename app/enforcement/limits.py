@@ -58,7 +58,7 @@ class BucketState:
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """The answer of one admit: allowed, or the first failing dimension (rpm, then tpm, then budget).
+    """The answer of one admit: allowed, or the failing dimension (budget first, then rpm, then tpm).
 
     `retry_after_s` is the refill time of the failing bucket; it is None for a budget refusal
     (waiting does not help within the period) and for a request larger than the whole TPM

@@ -112,8 +112,9 @@ class MemoryLimiter:
         spent = 0
         if limits.budget_nanos is not None:
             spent = self._spent(state, spec.budget_period)
-            if reason is None and spent + cost > limits.budget_nanos:
-                reason = "budget"
+            if spent + cost > limits.budget_nanos:
+                # A spent budget outranks a busy bucket: waiting will not help, so say so.
+                reason, retry_after = "budget", None
 
         if reason is None:
             requests -= 1

@@ -125,7 +125,8 @@ end
 if budget then
   period_id, ends_in = period(kind)
   spent = spent_in(KEYS[3], period_id)
-  if reason == '' and spent + cost > budget then reason = 'budget' end
+  -- A spent budget outranks a busy bucket: waiting will not help, so say so.
+  if spent + cost > budget then reason = 'budget' end
 end
 
 -- Nothing is written on a refusal: the refilled levels follow from the stored ones anyway.
