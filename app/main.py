@@ -16,6 +16,7 @@ from app.openai_compat import router as openai_compat
 from app.problems import install_problem_handlers
 from app.tasks import router as tasks
 from app.tasks import websocket
+from app.tools import router as tools
 
 DESCRIPTION = (
     "Pacemaker runs agent tasks (LLM <-> tool loops) for its callers: authenticated, limited, "
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(websocket.router)
     app.include_router(openai_compat.router)
+    app.include_router(tools.router)
     app.include_router(health.router)
     Instrumentator(registry=metrics.registry, excluded_handlers=["/metrics"]).instrument(app).expose(
         app, endpoint="/metrics", include_in_schema=True, tags=["health"]

@@ -182,3 +182,29 @@ def _metric(response: httpx.Response, sample: str) -> float:
         if line.startswith(sample + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+async def test_direct_tool_calls_are_limited_like_json(enforced: PacemakerServer) -> None:
+    key = new_key(enforced, rpm=6, burst=2)
+    async with enforced.client(key=key) as http:
+        listed = (await http.get("/v1/tools")).json()
+        calls = [
+            await http.post("/v1/tools/calculator/invoke", json={"arguments": {"expression": "6 * 7"}})
+            for _ in range(3)
+        ]
+    assert [tool["name"] for tool in listed] == ["calculator"]
+    assert listed[0]["parameters"]["required"] == ["expression"]
+    assert [c.status_code for c in calls] == [200, 200, 429]
+    assert calls[0].json()["result"]["result"] == 42 and calls[0].json()["error"] is None
+    assert calls[0].headers["x-ratelimit-remaining-requests"] == "1"
+    assert calls[2].json()["code"] == "rate_limit_exceeded" and "retry-after" in calls[2].headers
+
+
+async def test_direct_tool_call_errors(enforced: PacemakerServer) -> None:
+    async with enforced.client() as http:
+        unknown = await http.post("/v1/tools/teleport/invoke", json={"arguments": {}})
+        invalid = await http.post("/v1/tools/calculator/invoke", json={"arguments": {"expr": "1"}})
+        failing = await http.post("/v1/tools/calculator/invoke", json={"arguments": {"expression": "1 / 0"}})
+    assert unknown.status_code == 404 and unknown.json()["code"] == "not_found"
+    assert invalid.status_code == 422 and "invalid arguments for calculator" in invalid.json()["detail"]
+    assert failing.status_code == 200 and failing.json()["error"] == "division by zero"

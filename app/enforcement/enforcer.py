@@ -70,12 +70,16 @@ class Enforcer:
         self,
         principal: Principal,
         *,
-        route: ModelRoute,
+        route: ModelRoute | None,
         prompt_tokens: int,
         max_tokens: int,
         scope: Scope | None = None,
     ) -> Ticket:
-        """Admit one request (its first model call pre-paid), or raise the refusal."""
+        """Admit one request (its first model call pre-paid), or raise the refusal.
+
+        `route` None admits a request that calls no model (a direct tool call): it counts against
+        the request rate and concurrency only.
+        """
         estimated = prompt_tokens + max_tokens
         ceiling = principal.limits.max_tokens_per_request or self.defaults.max_tokens_per_request
         spec = self.spec_for(principal)
@@ -89,7 +93,7 @@ class Enforcer:
                     f"The request may use {estimated} tokens, more than this key's {spec.tpm} tokens per minute."
                 )
             )
-        cost = route.cost(Usage(prompt_tokens, max_tokens))
+        cost = route.cost(Usage(prompt_tokens, max_tokens)) if route is not None else Decimal(0)
         admission = await self.limiter.admit(principal.key_id, spec, tokens=estimated, cost_usd=cost)
         headers = rate_limit_headers(admission)
         if scope is not None:

@@ -1,0 +1,108 @@
+"""GET /v1/tools and POST /v1/tools/{name}/invoke: the registry, and tools called directly by clients."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from app.dependencies import PrincipalDep, ResourcesDep
+from app.enforcement.breaker import classify
+from app.errors import InvalidRequest, NotFound
+from app.problems import PROBLEM_JSON
+from app.tools.base import ToolError
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/tools", tags=["tools"])
+
+_PROBLEM: dict[str, Any] = {"content": {PROBLEM_JSON: {}}, "description": "A problem+json error"}
+# A direct call is bounded like any request; the model-facing loop has the task's own deadline.
+DIRECT_CALL_TIMEOUT_S = 30.0
+
+
+class ToolOut(BaseModel):
+    name: str
+    description: str
+    parameters: dict[str, Any] = Field(description="JSON Schema of the arguments")
+
+
+class ToolInvocation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolInvocationResult(BaseModel):
+    tool: str
+    result: Any = None
+    error: str | None = None
+    duration_ms: float
+
+
+@router.get("", response_model=list[ToolOut], summary="List the tools you may use")
+async def list_tools(_principal: PrincipalDep, resources: ResourcesDep) -> list[ToolOut]:
+    return [
+        ToolOut(name=tool.name, description=tool.description, parameters=tool.parameters)
+        for tool in resources.tools.select(None)
+    ]
+
+
+@router.post(
+    "/{name}/invoke",
+    response_model=ToolInvocationResult,
+    summary="Call a tool directly",
+    responses={status: _PROBLEM for status in (401, 404, 422, 429, 503)},
+)
+async def invoke_tool(
+    name: str, body: ToolInvocation, request: Request, principal: PrincipalDep, resources: ResourcesDep
+) -> Response:
+    tool = resources.tools.get(name)
+    if tool is None:
+        raise NotFound(f"No tool named {name!r}. Available: {', '.join(resources.tools.names())}.")
+    try:
+        arguments = tool.parse_arguments(body.arguments)
+    except ToolError as exc:
+        raise InvalidRequest(str(exc)) from None
+    ticket = await resources.enforcer.admit(principal, route=None, prompt_tokens=0, max_tokens=0, scope=request.scope)
+    breaker = resources.enforcer.breakers.get(f"tool:{name}")
+    started = time.perf_counter()
+    result: Any = None
+    error: str | None = None
+    try:
+        breaker.before_call()
+        try:
+            async with asyncio.timeout(DIRECT_CALL_TIMEOUT_S):
+                result = await tool.run(arguments)
+        except BaseException as exc:
+            if classify(exc) == "failure":
+                breaker.record_failure()
+            else:
+                breaker.record_ignored()
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the client left
+            error = _describe(name, exc)
+        else:
+            breaker.record_success()
+    finally:
+        await ticket.close()
+    resources.metrics.tool_calls.labels(name, "ok" if error is None else "error").inc()
+    outcome = ToolInvocationResult(
+        tool=name, result=result, error=error, duration_ms=round((time.perf_counter() - started) * 1000, 3)
+    )
+    return Response(orjson.dumps(outcome.model_dump(mode="json")), media_type="application/json")
+
+
+def _describe(name: str, exc: Exception) -> str:
+    """The error a caller reads: the tool's own words, or a timeout, or just the kind of crash."""
+    if isinstance(exc, ToolError):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return f"{name} timed out after {DIRECT_CALL_TIMEOUT_S:g} s"
+    log.error("tool %s raised", name, exc_info=exc)
+    return f"{name} failed: {type(exc).__name__}"
