@@ -208,3 +208,26 @@ async def test_direct_tool_call_errors(enforced: PacemakerServer) -> None:
     assert unknown.status_code == 404 and unknown.json()["code"] == "not_found"
     assert invalid.status_code == 422 and "invalid arguments for calculator" in invalid.json()["detail"]
     assert failing.status_code == 200 and failing.json()["error"] == "division by zero"
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iterator[PacemakerServer]:
+    workdir = tmp_path_factory.mktemp("impatient")
+    config = server_config(workdir, fake_upstream, agent={"default_timeout_s": 1}, retries={"max_retries": 0})
+    server = start_pacemaker(workdir, config)
+    yield server
+    server.process.stop()
+
+
+async def test_every_route_has_a_wall_clock_timeout(impatient: PacemakerServer) -> None:
+    slow = [{"role": "user", "content": "#latency=3"}]
+    trickle = [{"role": "user", "content": "#delay=0.3 #tokens=20"}]
+    async with impatient.client() as http:
+        task = await http.post("/v1/tasks", json={"query": "#latency=3", "model": "fake-model"})
+        chat = await http.post("/v1/chat/completions", json={"model": "fake-model", "messages": slow})
+        body = {"model": "fake-model", "messages": trickle, "stream": True}
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            events = [e async for e in read_sse(response)]
+    assert task.status_code == 504 and task.json()["code"] == "request_timeout"
+    assert chat.status_code == 504 and chat.json()["error"]["code"] == "request_timeout"
+    assert events[-1].json()["error"]["code"] == "request_timeout"  # in-band: the stream had started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -15,7 +16,7 @@ from app.agent.model_call import ModelCall
 from app.dependencies import PrincipalDep, ResourcesDep
 from app.enforcement.enforcer import Ticket
 from app.enforcement.idempotent import run_once
-from app.errors import AppError, InvalidRequest
+from app.errors import AppError, InvalidRequest, RequestTimeout
 from app.middleware import request_id_var
 from app.openai_compat.errors import OpenAIErrorRoute, openai_error_response
 from app.openai_compat.schemas import ChatCompletionRequest
@@ -72,6 +73,7 @@ async def chat_completions(
         extra=dict(body.model_extra or {}),
     )
     meta = _Meta(id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()), model=route.name)
+    timeout_s = resources.settings.agent.default_timeout_s
 
     async def admit() -> Ticket:
         return await resources.enforcer.admit(
@@ -88,8 +90,11 @@ async def chat_completions(
             ticket = await admit()
             call = ModelCall(route, llm_request, resources.metrics, ticket)
             try:
-                async for _chunk in call:
-                    pass
+                async with asyncio.timeout(timeout_s):
+                    async for _chunk in call:
+                        pass
+            except TimeoutError:
+                raise RequestTimeout(f"The completion did not finish within {timeout_s:g} s.") from None
             finally:
                 await call.aclose()
                 await ticket.close()
@@ -103,17 +108,23 @@ async def chat_completions(
 
     ticket = await admit()
     call = ModelCall(route, llm_request, resources.metrics, ticket)
+    deadline = asyncio.get_running_loop().time() + timeout_s
     # Wait for the first chunk before answering 200, so that an upstream that fails at once
     # gets a proper HTTP error rather than an error inside a stream.
     try:
-        first = await anext(call, None)
+        async with asyncio.timeout_at(deadline):
+            first = await anext(call, None)
+    except TimeoutError:
+        await call.aclose()
+        await ticket.close()
+        raise RequestTimeout(f"The completion did not start within {timeout_s:g} s.") from None
     except BaseException:
         await call.aclose()
         await ticket.close()
         raise
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return EventStreamResponse(
-        _stream(call, ticket, first, meta, include_usage),
+        _stream(call, ticket, first, meta, include_usage, deadline),
         ping_seconds=resources.settings.server.sse_ping_seconds,
         active=resources.metrics.active_streams.labels("openai"),
     )
@@ -138,7 +149,7 @@ class _Meta:
 
 
 async def _stream(
-    call: ModelCall, ticket: Ticket, first: LLMChunk | None, meta: _Meta, include_usage: bool
+    call: ModelCall, ticket: Ticket, first: LLMChunk | None, meta: _Meta, include_usage: bool, deadline: float
 ) -> AsyncGenerator[bytes, None]:
     try:
         yield meta.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
@@ -146,7 +157,7 @@ async def _stream(
         while chunk is not None:
             for frame in _frames(meta, chunk):
                 yield frame
-            chunk = await anext(call, None)
+            chunk = await _next_before(call, deadline)
         if include_usage:
             yield meta.chunk([], usage=_usage(call.response()))
         yield _DONE
@@ -157,6 +168,15 @@ async def _stream(
     finally:
         await call.aclose()
         await ticket.close()
+
+
+async def _next_before(call: ModelCall, deadline: float) -> LLMChunk | None:
+    # Bounded per await, never around a yield (a suspended generator would carry the scope away).
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await anext(call, None)
+    except TimeoutError:
+        raise RequestTimeout("The completion did not finish within its time limit.") from None
 
 
 def _frames(meta: _Meta, chunk: LLMChunk) -> list[bytes]:
