@@ -132,6 +132,20 @@ class RetrySettings(_Section):
     max_retry_after_s: float = Field(10.0, ge=0)
 
 
+class AuditSettings(_Section):
+    enabled: bool = True
+    queue_size: int = Field(20_000, ge=1, description="Rows held in memory; beyond them rows go to the spool.")
+    batch_size: int = Field(500, ge=1)
+    flush_interval_s: float = Field(0.2, gt=0)
+    write_timeout_s: float = Field(5.0, gt=0)
+    retry_interval_s: float = Field(1.0, gt=0, description="How often a down database is tried again.")
+    shutdown_timeout_s: float = Field(10.0, gt=0)
+    spool_dir: Path = Path("var/audit-spool")
+    # Prompts and outputs are not kept unless asked for, and then only their first characters.
+    store_content: bool = False
+    content_max_chars: int = Field(2000, ge=1)
+
+
 class AgentSettings(_Section):
     max_iterations: int = Field(8, ge=1, le=64)
     default_max_tokens: int = Field(1024, ge=1)
@@ -166,6 +180,7 @@ class Settings(BaseSettings):
     tiers: TierSettings = TierSettings()
     agent: AgentSettings = AgentSettings()
     limits: LimitSettings = LimitSettings()
+    audit: AuditSettings = AuditSettings()
     breakers: BreakerSettings = BreakerSettings()
     retries: RetrySettings = RetrySettings()
 

@@ -8,6 +8,7 @@ from fastapi import Depends, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
 
+from app.audit.context import audit_var
 from app.auth.principal import Principal
 from app.lifespan import Resources
 
@@ -33,6 +34,9 @@ async def require_principal(
     presented = bearer.credentials if bearer is not None else api_key
     principal = await resources.authenticator.authenticate(presented)
     connection.state.principal = principal
+    audit = audit_var.get()
+    if audit is not None:
+        audit.api_key_id = principal.key_id
     return principal
 
 

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.audit.sink import AuditSink
 from app.auth.authenticator import Authenticator
 from app.config import Settings
 from app.db import SessionMaker, create_engine, create_session_maker
@@ -49,6 +50,7 @@ class Resources:
     redis: Redis | None
     enforcer: Enforcer
     idempotency: IdempotencyStore
+    audit: AuditSink | None  # None when audit.enabled is false
 
 
 def upstream_http_session(settings: Settings) -> aiohttp.ClientSession:
@@ -104,6 +106,9 @@ def build_lifespan(
         redis = build_redis(settings.limits.redis_url) if settings.limits.redis_url else None
         enforcer = build_enforcer(settings, metrics, redis)
         idempotency: IdempotencyStore = RedisIdempotencyStore(redis) if redis is not None else MemoryIdempotencyStore()
+        audit = AuditSink(engine, settings.audit, metrics) if settings.audit.enabled else None
+        if audit is not None:
+            await audit.start()
         resources = Resources(
             settings=settings,
             metrics=metrics,
@@ -121,11 +126,14 @@ def build_lifespan(
             redis=redis,
             enforcer=enforcer,
             idempotency=idempotency,
+            audit=audit,
         )
         log.info("pacemaker started: %d models, database %s", len(providers.routes()), engine.url.get_backend_name())
         try:
             yield {"resources": resources}
         finally:
+            if audit is not None:
+                await audit.stop()  # flushes the queue (or spools it) before the engine goes
             await providers.aclose()
             await enforcer.limiter.aclose()
             if redis is not None:

@@ -6,6 +6,7 @@ from fastapi import FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
 
 from app import __version__
+from app.audit.middleware import AuditMiddleware
 from app.config import Settings, load_settings
 from app.lifespan import build_lifespan
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, TrafficCounters
@@ -46,5 +47,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app, endpoint="/metrics", include_in_schema=True, tags=["health"]
     )
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.server.max_body_bytes)
+    app.add_middleware(AuditMiddleware)  # outside the body limit, so a refused body is audited too
     app.add_middleware(RequestContextMiddleware, counters=counters)  # outermost: everything gets an id
     return app

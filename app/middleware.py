@@ -12,6 +12,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.audit.context import note_error
 from app.errors import PayloadTooLarge
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -153,6 +154,7 @@ async def _drain(receive: Receive, counted: int) -> None:
 
 async def _send_too_large(send: Send, limit: int) -> None:
     error = PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+    note_error(error.code)
     body = orjson.dumps(error.problem(request_id_var.get()))
     await send(
         {

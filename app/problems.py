@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from app.audit.context import note_error
 from app.errors import (
     AppError,
     InvalidRequest,
@@ -32,6 +33,7 @@ _BY_STATUS: dict[int, type[AppError]] = {
 
 
 def problem_response(error: AppError) -> Response:
+    note_error(error.code)
     return Response(
         orjson.dumps(error.problem(request_id_var.get())),
         status_code=error.status,

@@ -2,8 +2,9 @@
 
 from sqlmodel import SQLModel
 
+from app.audit.models import AuditRecord
 from app.auth.models import ApiKey
 
 metadata = SQLModel.metadata
 
-__all__ = ["ApiKey", "metadata"]
+__all__ = ["ApiKey", "AuditRecord", "metadata"]

@@ -37,6 +37,7 @@ class ModelCall:
         self._started = time.perf_counter()
         self._recorded = False
         self._response: LLMResponse | None = None
+        self._text_chunks = 0
 
     def __aiter__(self) -> Self:
         return self
@@ -54,6 +55,10 @@ class ModelCall:
             await self._fail(exc)
             raise
         self._builder.add(chunk)
+        if chunk.text:
+            self._text_chunks += 1
+            if self._text_chunks == 1 and self._ticket is not None and self._ticket.audit is not None:
+                self._ticket.audit.first_token()
         return chunk
 
     def response(self) -> LLMResponse:
@@ -114,7 +119,7 @@ class ModelCall:
         model = self.route.name
         self._metrics.tokens.labels(model, "prompt").inc(response.usage.prompt_tokens)
         self._metrics.tokens.labels(model, "completion").inc(response.usage.completion_tokens)
-        await self._settle(response.usage)
+        await self._settle(response.usage, estimated=response.usage_estimated)
 
     async def _fail(self, exc: AppError) -> None:
         if self._recorded:
@@ -132,16 +137,20 @@ class ModelCall:
             self._breaker.record_ignored()
 
     def _usage_so_far(self) -> Usage:
-        """What a call that did not finish has spent: its prompt, if it started, and the text so far."""
+        """What a call that did not finish has spent: its prompt, if it started, and the tokens
+        streamed so far (one per text chunk, as OpenAI-compatible upstreams stream them)."""
         if self._chunks is None:
             return Usage()
-        return Usage(self._prompt_estimate, count_text_tokens(self._builder.text))
+        return Usage(self._prompt_estimate, self._text_chunks)
 
-    async def _settle(self, usage: Usage) -> None:
+    async def _settle(self, usage: Usage, *, estimated: bool = True) -> None:
         if self._ticket is None or self._reservation is None:
             return
         reservation, self._reservation = self._reservation, None
-        await self._ticket.settle(reservation, usage, self.route.cost(usage))
+        cost = self.route.cost(usage)
+        if self._ticket.audit is not None:
+            self._ticket.audit.add_call(usage, cost, estimated=estimated, retries=self.retries)
+        await self._ticket.settle(reservation, usage, cost)
 
     def _record(self, outcome: str) -> None:
         self._recorded = True

@@ -30,6 +30,7 @@ from app.agent.events import (
     UsageOut,
 )
 from app.agent.model_call import ModelCall
+from app.audit.context import AuditContext
 from app.enforcement.breaker import BreakerRegistry, classify
 from app.enforcement.enforcer import Ticket
 from app.errors import AppError, CircuitOpen, MaxIterationsExceeded, RequestTimeout
@@ -59,6 +60,7 @@ class TaskSpec:
     temperature: float | None = None
     context: dict[str, Any] | None = None
     ticket: Ticket | None = None  # the admitted request, which pays for each model call
+    audit: AuditContext | None = None
 
 
 @dataclass(slots=True)
@@ -176,6 +178,8 @@ async def _loop(
                 arguments=arguments,
             )
             breakers = spec.ticket.enforcer.breakers if spec.ticket is not None else None
+            if spec.audit is not None:
+                spec.audit.tool_names.append(tool_call.name)
             record = await _run_tool(tools_by_name, tool_call, arguments, deadline, metrics, breakers)
             progress.tool_calls.append(record)
             yield ToolCallFinished(

@@ -33,3 +33,5 @@ class ApiKey(SQLModel, table=True):
     max_tokens_per_request: int | None = None
     budget_usd: Decimal | None = Field(default=None, max_digits=18, decimal_places=9)
     budget_period: str | None = Field(default=None, max_length=8)
+    # May read every key's audit rows (GET /v1/audit).
+    is_admin: bool = False

@@ -15,6 +15,7 @@ from decimal import Decimal
 
 from starlette.types import Scope
 
+from app.audit.context import AuditContext
 from app.auth.principal import Principal
 from app.config import LimitSettings
 from app.enforcement.breaker import BreakerRegistry, CircuitBreaker
@@ -74,6 +75,7 @@ class Enforcer:
         prompt_tokens: int,
         max_tokens: int,
         scope: Scope | None = None,
+        audit: AuditContext | None = None,
     ) -> Ticket:
         """Admit one request (its first model call pre-paid), or raise the refusal.
 
@@ -107,7 +109,7 @@ class Enforcer:
         except AppError as exc:
             await self._settle(principal, spec, reservation, Usage(), Decimal(0))
             raise self._rejected(exc) from None
-        return Ticket(self, principal, spec, slot, reservation)
+        return Ticket(self, principal, spec, slot, reservation, audit)
 
     def breaker(self, route: ModelRoute) -> CircuitBreaker:
         return self.breakers.get(f"model:{route.provider.name}/{route.upstream_model}")
@@ -140,10 +142,17 @@ class Ticket:
     """An admitted request: it holds a concurrency slot and pays for each of its model calls."""
 
     def __init__(
-        self, enforcer: Enforcer, principal: Principal, spec: LimitSpec, slot: Slot, first: Reservation
+        self,
+        enforcer: Enforcer,
+        principal: Principal,
+        spec: LimitSpec,
+        slot: Slot,
+        first: Reservation,
+        audit: AuditContext | None = None,
     ) -> None:
         self.enforcer = enforcer
         self.principal = principal
+        self.audit = audit  # where each model call's spend is written down
         self._spec = spec
         self._slot = slot
         self._prepaid: Reservation | None = first

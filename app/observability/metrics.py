@@ -71,6 +71,28 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.audit_queue_depth = Gauge(
+            "pacemaker_audit_queue_depth", "Audit rows waiting to be written.", registry=self.registry
+        )
+        self.audit_flush_seconds = Histogram(
+            "pacemaker_audit_flush_seconds", "Time to write one batch of audit rows.", registry=self.registry
+        )
+        self.audit_rows_written = Counter(
+            "pacemaker_audit_rows_written_total", "Audit rows written to the database.", registry=self.registry
+        )
+        self.audit_rows_spooled = Counter(
+            "pacemaker_audit_rows_spooled_total", "Audit rows written to the local spool.", registry=self.registry
+        )
+        self.audit_rows_replayed = Counter(
+            "pacemaker_audit_rows_replayed_total",
+            "Audit rows moved from the spool to the database.",
+            registry=self.registry,
+        )
+        self.audit_spool_errors = Counter(
+            "pacemaker_audit_spool_errors_total",
+            "Failed writes to the audit spool (rows lost).",
+            registry=self.registry,
+        )
         self.tasks = Counter(
             "pacemaker_tasks_total",
             "Finished tasks by transport and outcome.",

@@ -12,12 +12,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app.audit.context import note_error
 from app.errors import AppError, Unauthenticated
 from app.middleware import request_id_var
 from app.problems import http_error, validation_error
 
 
 def openai_error_response(error: AppError) -> Response:
+    note_error(error.code)
     kind = "invalid_request_error" if 400 <= error.status < 500 else "api_error"
     if isinstance(error, Unauthenticated):
         kind = "authentication_error"

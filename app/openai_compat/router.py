@@ -13,6 +13,7 @@ from fastapi import APIRouter, Header, Request
 from starlette.responses import Response
 
 from app.agent.model_call import ModelCall
+from app.audit.context import AuditContext, audit_var, outcome_status
 from app.dependencies import PrincipalDep, ResourcesDep
 from app.enforcement.enforcer import Ticket
 from app.enforcement.idempotent import run_once
@@ -74,6 +75,11 @@ async def chat_completions(
     )
     meta = _Meta(id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()), model=route.name)
     timeout_s = resources.settings.agent.default_timeout_s
+    audit = audit_var.get()
+    if audit is not None:
+        audit.model, audit.provider = route.name, route.provider.name
+        if resources.settings.audit.store_content:
+            audit.prompt = orjson.dumps(llm_request.messages).decode()[: resources.settings.audit.content_max_chars]
 
     async def admit() -> Ticket:
         return await resources.enforcer.admit(
@@ -82,6 +88,7 @@ async def chat_completions(
             prompt_tokens=count_message_tokens(llm_request.messages),
             max_tokens=max_tokens or resources.settings.agent.default_max_tokens,
             scope=request.scope,
+            audit=audit,
         )
 
     if not body.stream:
@@ -124,7 +131,7 @@ async def chat_completions(
         raise
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return EventStreamResponse(
-        _stream(call, ticket, first, meta, include_usage, deadline),
+        _stream(call, ticket, first, meta, include_usage, deadline, audit),
         ping_seconds=resources.settings.server.sse_ping_seconds,
         active=resources.metrics.active_streams.labels("openai"),
     )
@@ -149,8 +156,15 @@ class _Meta:
 
 
 async def _stream(
-    call: ModelCall, ticket: Ticket, first: LLMChunk | None, meta: _Meta, include_usage: bool, deadline: float
+    call: ModelCall,
+    ticket: Ticket,
+    first: LLMChunk | None,
+    meta: _Meta,
+    include_usage: bool,
+    deadline: float,
+    audit: AuditContext | None,
 ) -> AsyncGenerator[bytes, None]:
+    outcome = "cancelled"  # unless the stream gets to its end or to an error
     try:
         yield meta.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         chunk = first
@@ -158,16 +172,20 @@ async def _stream(
             for frame in _frames(meta, chunk):
                 yield frame
             chunk = await _next_before(call, deadline)
+        outcome = "completed"
         if include_usage:
             yield meta.chunk([], usage=_usage(call.response()))
         yield _DONE
     except AppError as exc:
+        outcome = exc.code
         # Already streaming: report in-band, in the shape OpenAI's SDKs raise as an APIError.
         error = {"message": exc.detail, "type": "api_error", "code": exc.code, "request_id": request_id_var.get()}
         yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
     finally:
         await call.aclose()
         await ticket.close()
+        if audit is not None:
+            audit.status, audit.error_code = outcome_status(outcome)
 
 
 async def _next_before(call: ModelCall, deadline: float) -> LLMChunk | None:

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from app.agent.events import TaskCompleted, TaskFailed, TaskResult, outcome_of
 from app.agent.runner import Event, TaskSpec, initial_messages, run_agent
 from app.agent.schemas import TaskCreate
+from app.audit.context import AuditContext, audit_var, outcome_status
 from app.dependencies import PrincipalDep, ResourcesDep
 from app.enforcement.enforcer import Ticket
 from app.enforcement.idempotent import run_once
@@ -58,6 +59,10 @@ async def create_task(
     spec = build_task_spec(
         body, settings=resources.settings, providers=resources.providers, tools=resources.tools, stream=stream
     )
+    spec.audit = audit = audit_var.get()
+    content_chars = resources.settings.audit.content_max_chars if resources.settings.audit.store_content else 0
+    if audit is not None:
+        describe_task(audit, spec, body.mode, "sse" if stream else "json", content_chars)
 
     async def admit() -> Ticket:
         return await resources.enforcer.admit(
@@ -66,12 +71,13 @@ async def create_task(
             prompt_tokens=count_message_tokens(initial_messages(spec)),
             max_tokens=spec.max_tokens,
             scope=request.scope,
+            audit=audit,
         )
 
     if stream:
         spec.ticket = await admit()
         return EventStreamResponse(
-            _sse(spec, resources.metrics),
+            _sse(spec, resources.metrics, content_chars),
             ping_seconds=resources.settings.server.sse_ping_seconds,
             active=resources.metrics.active_streams.labels("sse"),
         )
@@ -79,19 +85,21 @@ async def create_task(
     async def run() -> Response:
         spec.ticket = await admit()
         try:
-            return await _run_to_result(spec, resources.metrics)
+            return await _run_to_result(spec, resources.metrics, content_chars)
         finally:
             await spec.ticket.close()
 
     return await run_once(request, principal, resources.idempotency, idempotency_key, run, problem_response)
 
 
-async def _run_to_result(spec: TaskSpec, metrics: Metrics) -> Response:
+async def _run_to_result(spec: TaskSpec, metrics: Metrics, content_chars: int) -> Response:
     last: Event | None = None
     async with aclosing(run_agent(spec, metrics)) as events:
         async for event in events:
             last = event
     metrics.tasks.labels("json", outcome_of(last)).inc()
+    if spec.audit is not None:
+        record_task_end(spec.audit, last, content_chars)
     if isinstance(last, TaskCompleted):
         body_json = orjson.dumps(last.model_dump(mode="json", include=_RESULT_FIELDS))
         return Response(body_json, media_type="application/json", headers={COST_HEADER: f"{last.cost_usd:.9f}"})
@@ -99,7 +107,7 @@ async def _run_to_result(spec: TaskSpec, metrics: Metrics) -> Response:
     raise last.error
 
 
-async def _sse(spec: TaskSpec, metrics: Metrics) -> AsyncGenerator[bytes, None]:
+async def _sse(spec: TaskSpec, metrics: Metrics, content_chars: int) -> AsyncGenerator[bytes, None]:
     last: Event | None = None
     try:
         async with aclosing(run_agent(spec, metrics)) as events:
@@ -108,5 +116,27 @@ async def _sse(spec: TaskSpec, metrics: Metrics) -> AsyncGenerator[bytes, None]:
                 yield sse_frame(event)
     finally:
         metrics.tasks.labels("sse", outcome_of(last)).inc()
+        if spec.audit is not None:
+            record_task_end(spec.audit, last, content_chars)
         if spec.ticket is not None:
             await spec.ticket.close()  # the stream held its concurrency slot until now
+
+
+def describe_task(audit: AuditContext, spec: TaskSpec, mode: str, transport: str, content_chars: int) -> None:
+    audit.transport = transport
+    audit.task_id = spec.id
+    audit.mode = mode
+    audit.tier = spec.tier
+    audit.model = spec.route.name
+    audit.provider = spec.route.provider.name
+    if content_chars:
+        audit.prompt = spec.query[:content_chars]
+
+
+def record_task_end(audit: AuditContext, last: Event | None, content_chars: int) -> None:
+    """A task's outcome in its audit row: status and code, and the model that really answered."""
+    audit.status, audit.error_code = outcome_status(outcome_of(last))
+    if isinstance(last, TaskCompleted):
+        audit.model, audit.provider = last.model, last.provider
+        if content_chars:
+            audit.output = last.output[:content_chars]

@@ -19,13 +19,16 @@ from starlette.websockets import WebSocketDisconnect
 from app.agent.events import TaskFailed, outcome_of
 from app.agent.runner import Event, TaskSpec, initial_messages, run_agent
 from app.agent.schemas import TaskCreate
+from app.audit.context import AuditContext
 from app.auth.authenticator import key_from_headers
 from app.auth.principal import Principal
 from app.dependencies import ResourcesDep
 from app.errors import AppError, Cancelled, TooManyTasks
 from app.lifespan import Resources
+from app.middleware import request_id_var
 from app.problems import problem_response
 from app.providers.tokens import count_message_tokens
+from app.tasks.router import describe_task, record_task_end
 from app.tasks.spec import build_task_spec
 
 log = logging.getLogger(__name__)
@@ -43,10 +46,29 @@ async def task_socket(websocket: WebSocket, resources: ResourcesDep) -> None:
     try:
         principal = await resources.authenticator.authenticate(presented)
     except AppError as exc:
+        refused = _audit_context(websocket, request_id_var.get() or "")
+        refused.http_status, refused.error_code = exc.status, exc.code
+        _submit(resources, refused)
         await websocket.send_denial_response(problem_response(exc))
         return
     await websocket.accept()
     await TaskSocket(websocket, resources, principal).serve()
+
+
+def _audit_context(websocket: WebSocket, request_id: str) -> AuditContext:
+    client = websocket.client
+    return AuditContext(
+        request_id=request_id,
+        route="/v1/ws",
+        transport="ws",
+        client_ip=client.host if client else None,
+        user_agent=websocket.headers.get("user-agent"),
+    )
+
+
+def _submit(resources: Resources, audit: AuditContext) -> None:
+    if resources.audit is not None:
+        resources.audit.submit(audit.row())
 
 
 class TaskSocket:
@@ -57,6 +79,9 @@ class TaskSocket:
         self.outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_OUTBOX_SIZE)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.cancel_requested: set[str] = set()
+        # Each task.create is a request of its own in the audit log: <socket's request id>:<n>.
+        self._socket_request_id = request_id_var.get() or ""
+        self._creates = 0
 
     async def serve(self) -> None:
         reader = asyncio.create_task(self._read())
@@ -108,6 +133,11 @@ class TaskSocket:
 
     async def _create(self, fields: dict[str, Any], ref: Any) -> None:
         fields.pop("stream", None)  # every task on a socket streams
+        self._creates += 1
+        audit = _audit_context(self.websocket, f"{self._socket_request_id}:{self._creates}")
+        audit.api_key_id = self.principal.key_id
+        settings = self.resources.settings
+        content_chars = settings.audit.content_max_chars if settings.audit.store_content else 0
         try:
             body = TaskCreate.model_validate(fields)
             if len(self.tasks) >= self.resources.settings.server.ws_max_tasks_per_socket:
@@ -119,22 +149,29 @@ class TaskSocket:
                 tools=self.resources.tools,
                 stream=True,
             )
+            describe_task(audit, spec, body.mode, "ws", content_chars)
+            spec.audit = audit
             spec.ticket = await self.resources.enforcer.admit(
                 self.principal,
                 route=spec.route,
                 prompt_tokens=count_message_tokens(initial_messages(spec)),
                 max_tokens=spec.max_tokens,
+                audit=audit,
             )
         except ValidationError as exc:
             detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+            audit.status, audit.error_code = "rejected", "invalid_request"
+            _submit(self.resources, audit)
             await self._error("invalid_request", detail, ref)
             return
         except AppError as exc:
+            audit.status, audit.error_code, audit.http_status = "rejected", exc.code, exc.status
+            _submit(self.resources, audit)
             await self._error(exc.code, exc.detail, ref, retry_after=exc.retry_after)
             return
-        self.tasks[spec.id] = asyncio.create_task(self._run(spec, ref))
+        self.tasks[spec.id] = asyncio.create_task(self._run(spec, ref, content_chars))
 
-    async def _run(self, spec: TaskSpec, ref: Any) -> None:
+    async def _run(self, spec: TaskSpec, ref: Any, content_chars: int) -> None:
         task_id = spec.id
         events = run_agent(spec, self.resources.metrics)
         gauge = self.resources.metrics.active_streams.labels("ws")
@@ -163,6 +200,9 @@ class TaskSocket:
             gauge.dec()
             if spec.ticket is not None:
                 await spec.ticket.close()
+            if spec.audit is not None:
+                record_task_end(spec.audit, last, content_chars)
+                _submit(self.resources, spec.audit)
             self.tasks.pop(task_id, None)
             self.cancel_requested.discard(task_id)
             self.resources.metrics.tasks.labels("ws", outcome_of(last)).inc()

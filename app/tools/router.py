@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from app.audit.context import audit_var
 from app.dependencies import PrincipalDep, ResourcesDep
 from app.enforcement.breaker import classify
 from app.errors import InvalidRequest, NotFound
@@ -69,7 +70,12 @@ async def invoke_tool(
         arguments = tool.parse_arguments(body.arguments)
     except ToolError as exc:
         raise InvalidRequest(str(exc)) from None
-    ticket = await resources.enforcer.admit(principal, route=None, prompt_tokens=0, max_tokens=0, scope=request.scope)
+    audit = audit_var.get()
+    if audit is not None:
+        audit.tool_names.append(name)
+    ticket = await resources.enforcer.admit(
+        principal, route=None, prompt_tokens=0, max_tokens=0, scope=request.scope, audit=audit
+    )
     breaker = resources.enforcer.breakers.get(f"tool:{name}")
     started = time.perf_counter()
     result: Any = None
@@ -92,6 +98,8 @@ async def invoke_tool(
     finally:
         await ticket.close()
     resources.metrics.tool_calls.labels(name, "ok" if error is None else "error").inc()
+    if audit is not None and error is not None:
+        audit.status, audit.error_code = "failed", "tool_error"
     outcome = ToolInvocationResult(
         tool=name, result=result, error=error, duration_ms=round((time.perf_counter() - started) * 1000, 3)
     )

@@ -1,0 +1,73 @@
+"""Pure ASGI middleware that gives every HTTP request an audit context and submits its row at the end.
+
+It sits inside the request-id middleware and outside everything that can refuse a request (body
+limit, auth, validation, enforcement), so refused requests get their row too. Operational
+endpoints (health, metrics, docs) are not audited: probes and scrapes would drown the log.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.audit.context import AuditContext, audit_var
+
+NOT_AUDITED = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/dashboard")
+
+
+class AuditMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or path.startswith(NOT_AUDITED):
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        context = AuditContext(
+            request_id=state.get("request_id") or "",
+            route=path,
+            transport=_transport(path),
+            client_ip=scope["client"][0] if scope.get("client") else None,
+            user_agent=_header(scope, b"user-agent"),
+        )
+        state["audit"] = context
+        token = audit_var.set(context)
+
+        async def send_and_note_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                context.http_status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        except BaseException:
+            if context.http_status is None:
+                context.http_status = 500
+            raise
+        finally:
+            audit_var.reset(token)
+            route = scope.get("route")
+            template = getattr(route, "path", None)
+            if template:
+                context.route = template  # the template, e.g. /v1/tools/{name}/invoke
+            sink = getattr(state.get("resources"), "audit", None)
+            if sink is not None:
+                sink.submit(context.row())
+
+
+def _transport(path: str) -> str:
+    if path.startswith("/v1/chat/") or path == "/v1/models":
+        return "openai"
+    if path.startswith("/v1/tools"):
+        return "tool"
+    if path.startswith("/v1/tasks"):
+        return "json"
+    return "http"
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
