@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="create a key and print it (shown once)")
     create.add_argument("--name", required=True)
     create.add_argument("--json", action="store_true", help="print {id, name, prefix, key} as JSON")
+    create.add_argument("--admin", action="store_true", help="may read every key's audit log (GET /v1/audit)")
     create.add_argument("--rpm", type=_positive, help="requests per minute (default: limits.rpm)")
     create.add_argument("--burst", type=_positive, help="request burst (default: rpm)")
     create.add_argument("--tpm", type=_positive, help="tokens per minute (default: limits.tpm)")
@@ -141,7 +142,7 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
                 budget_usd=args.budget_usd,
                 budget_period=args.budget_period,
             )
-            row, plaintext = await repo.create(args.name, limits)
+            row, plaintext = await repo.create(args.name, limits, is_admin=args.admin)
             assert row.id is not None
             return row.id, row.prefix, plaintext
 

@@ -64,7 +64,7 @@ class Authenticator:
             budget_usd=row.budget_usd,
             budget_period=row.budget_period,
         )
-        return Principal(key_id=row.id, name=row.name, prefix=row.prefix, limits=limits)
+        return Principal(key_id=row.id, name=row.name, prefix=row.prefix, limits=limits, is_admin=row.is_admin)
 
     def _remember(self, key_hash: str, principal: Principal | None, expires: float) -> None:
         if self._ttl <= 0:

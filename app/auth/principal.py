@@ -25,3 +25,4 @@ class Principal:
     name: str
     prefix: str
     limits: KeyLimits = KeyLimits()
+    is_admin: bool = False  # may read every key's audit rows

@@ -18,13 +18,14 @@ class ApiKeyRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def create(self, name: str, limits: KeyLimits | None = None) -> tuple[ApiKey, str]:
+    async def create(self, name: str, limits: KeyLimits | None = None, *, is_admin: bool = False) -> tuple[ApiKey, str]:
         """Store a new key; the plaintext is returned once and never stored."""
         plaintext = generate_key()
         row = ApiKey(
             name=name,
             prefix=shown_prefix(plaintext),
             key_hash=hash_key(plaintext),
+            is_admin=is_admin,
             **asdict(limits or KeyLimits()),
         )
         self.session.add(row)
