@@ -138,6 +138,8 @@ def server_config(workdir: Path, upstream_url: str | None, **overrides: Any) -> 
     config: dict[str, Any] = {
         "database": {"url": f"sqlite+aiosqlite:///{workdir / 'pacemaker.db'}"},
         "auth": {"dev_key_file": str(workdir / "dev-key")},
+        # Each server its own spool: a shared one would replay one server's rows into another's database.
+        "audit": {"spool_dir": str(workdir / "audit-spool")},
         "providers": {"simulated": {"kind": "simulated", "tokens_per_second": 0}},
         "models": {name: {"provider": "simulated"} for name in ("sim-small", "sim-medium", "sim-large")},
     }

@@ -19,6 +19,8 @@ travel through Pacemaker untouched:
 A message containing an arithmetic expression, with a `calculator` tool offered, gets a tool call;
 a message list ending in a tool result gets an answer quoting it. Its own bookkeeping (requests,
 tokens served, disconnects seen) is at GET /_control/stats and is reset by POST /_control/reset.
+Prompt tokens are counted with Pacemaker's own estimator, and a stream's completion tokens as its
+chunks are sent, so a stream cut short counts what it really served.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from collections import Counter
 from typing import Any
 
 from aiohttp import web
+
+from app.providers.tokens import count_message_tokens
 
 ARITHMETIC = re.compile(r"\(*\s*-?\d+(?:\.\d+)?\s*\)*(?:\s*[-+*/]\s*\(*\s*-?\d+(?:\.\d+)?\s*\)*)+")
 DIRECTIVE = re.compile(r"#(\w+)(?:=([\w.\-]+))?")
@@ -73,14 +77,14 @@ class FakeUpstream:
             )
 
         model = body.get("model", "fake")
-        prompt_tokens = sum(len(_text(m).split()) + 3 for m in messages)
+        # Counted the way Pacemaker estimates, so that the tokens of a call cut short (which
+        # Pacemaker can only estimate) still add up exactly against what this upstream served.
+        prompt_tokens = count_message_tokens(messages)
         tool_call = _tool_call(messages, body.get("tools") or [])
         pieces = [] if tool_call else _answer(messages, int(directives.get("tokens", 12)))
         completion_tokens = len(pieces) if not tool_call else 10
         report_usage = "nousage" not in directives
-        if report_usage:
-            self.prompt_tokens += prompt_tokens
-            self.completion_tokens += completion_tokens
+        self.prompt_tokens += prompt_tokens
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -101,6 +105,7 @@ class FakeUpstream:
             }
             if report_usage:
                 payload["usage"] = usage
+            self.completion_tokens += completion_tokens
             return web.json_response(payload)
 
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -123,6 +128,8 @@ class FakeUpstream:
                     return response
                 await response.write(_sse(_chunk(model, delta, None)))
                 sent += 1
+                # Completion tokens are served as they are sent: a stream cut short served fewer.
+                self.completion_tokens += 10 if "tool_calls" in delta else 1 if delta.get("content") else 0
                 if "malformed" in directives and sent == 2:
                     await response.write(b'data: {"choices": [{"delta": {"content": 7\n\n')
             await response.write(_sse(_chunk(model, {}, finish)))
