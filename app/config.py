@@ -84,9 +84,44 @@ class ModelSettings(_Section):
     upstream_model: str | None = None
     # Used while this model's circuit breaker is open (a model name from `models`).
     fallback: str | None = None
-    input_usd_per_mtok: Decimal = Field(Decimal(0), ge=0)
-    output_usd_per_mtok: Decimal = Field(Decimal(0), ge=0)
+    # Prices in USD per million tokens; unset ones come from `prices` by upstream model name.
+    input_usd_per_mtok: Decimal | None = Field(None, ge=0)
+    output_usd_per_mtok: Decimal | None = Field(None, ge=0)
+    cached_input_usd_per_mtok: Decimal | None = Field(None, ge=0)
     context_window: int = Field(128_000, ge=1)
+
+
+class PriceSettings(_Section):
+    input_usd_per_mtok: Decimal = Field(ge=0)
+    output_usd_per_mtok: Decimal = Field(ge=0)
+    # Prompt tokens the upstream served from its cache; None: charged as ordinary input.
+    cached_input_usd_per_mtok: Decimal | None = Field(None, ge=0)
+
+
+def _price(input_usd: str, output_usd: str, cached_usd: str | None) -> PriceSettings:
+    return PriceSettings(
+        input_usd_per_mtok=Decimal(input_usd),
+        output_usd_per_mtok=Decimal(output_usd),
+        cached_input_usd_per_mtok=Decimal(cached_usd) if cached_usd is not None else None,
+    )
+
+
+def _default_prices() -> dict[str, PriceSettings]:
+    """OpenAI's published list prices for common models (USD per million tokens: in, out, cached in).
+
+    Prices change: check your provider's and override them in `prices` or on the model.
+    """
+    return {
+        "gpt-4o": _price("2.50", "10.00", "1.25"),
+        "gpt-4o-mini": _price("0.15", "0.60", "0.075"),
+        "gpt-4.1": _price("2.00", "8.00", "0.50"),
+        "gpt-4.1-mini": _price("0.40", "1.60", "0.10"),
+        "gpt-4.1-nano": _price("0.10", "0.40", "0.025"),
+        "o3": _price("2.00", "8.00", "0.50"),
+        "o3-mini": _price("1.10", "4.40", "0.55"),
+        "o4-mini": _price("1.10", "4.40", "0.275"),
+        "gpt-3.5-turbo": _price("0.50", "1.50", None),
+    }
 
 
 class TierSettings(_Section):
@@ -177,6 +212,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     providers: dict[str, ProviderSettings] = Field(default_factory=_default_providers)
     models: dict[str, ModelSettings] = Field(default_factory=_default_models)
+    prices: dict[str, PriceSettings] = Field(default_factory=_default_prices)
     tiers: TierSettings = TierSettings()
     agent: AgentSettings = AgentSettings()
     limits: LimitSettings = LimitSettings()

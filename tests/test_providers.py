@@ -92,3 +92,37 @@ def test_request_body_asks_for_usage_when_streaming() -> None:
     body = request_body(LLMRequest(model="m", messages=[], stream=True, extra={"top_p": 0.5}))
     assert body["stream_options"] == {"include_usage": True}
     assert body["top_p"] == 0.5 and "tools" not in body
+
+
+def test_prices_come_from_the_model_then_the_price_table_and_cached_input_is_cheaper() -> None:
+    from decimal import Decimal
+
+    from app.config import load_settings
+    from app.providers.registry import ProviderRegistry
+
+    settings = load_settings(
+        providers={
+            "simulated": {"kind": "simulated"},
+            "up": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"},
+        },
+        models={
+            "sim-small": {"provider": "simulated"},
+            "sim-medium": {"provider": "simulated"},
+            "sim-large": {"provider": "simulated"},
+            "mini": {"provider": "up", "upstream_model": "gpt-4o-mini"},
+            "custom": {"provider": "up", "input_usd_per_mtok": "3", "output_usd_per_mtok": "4"},
+        },
+    )
+    registry = ProviderRegistry(settings, http=None)  # type: ignore[arg-type]  # no upstream is called
+    mini = registry.route("mini")
+    assert mini.cost(Usage(1_000_000, 1_000_000)) == Decimal("0.75")  # 0.15 in + 0.60 out
+    assert mini.cost(Usage(1_000_000, 0, cached_tokens=1_000_000)) == Decimal("0.075")
+    assert registry.route("custom").cost(Usage(1_000_000, 1_000_000)) == Decimal(7)
+    assert registry.route("sim-small").cost(Usage(10**6, 10**6)) == 0
+
+
+def test_cached_prompt_tokens_are_read_from_the_wire() -> None:
+    chunk = parse_completion(
+        b'{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":8}}}'
+    )
+    assert chunk.usage == Usage(10, 2, cached_tokens=8)

@@ -38,6 +38,7 @@ class ToolCallDelta:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, served from the upstream's prompt cache
 
     @property
     def total_tokens(self) -> int:
@@ -46,6 +47,7 @@ class Usage:
     def add(self, other: Usage) -> None:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+        self.cached_tokens += other.cached_tokens
 
 
 @dataclass(slots=True)

@@ -37,9 +37,14 @@ class WireChoice(_Wire):
     finish_reason: str | None = None
 
 
+class WirePromptDetails(_Wire):
+    cached_tokens: int = 0
+
+
 class WireUsage(_Wire):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_tokens_details: WirePromptDetails | None = None
 
 
 class _ErrorDetail(_Wire):
@@ -89,7 +94,10 @@ def parse_completion(raw: bytes | str) -> LLMChunk:
         raise UpstreamError(f"upstream reported an error mid-response: {wire.error.message}")
     chunk = LLMChunk()
     if wire.usage is not None:
-        chunk.usage = Usage(wire.usage.prompt_tokens, wire.usage.completion_tokens)
+        details = wire.usage.prompt_tokens_details
+        chunk.usage = Usage(
+            wire.usage.prompt_tokens, wire.usage.completion_tokens, details.cached_tokens if details else 0
+        )
     if not wire.choices:
         return chunk
     choice = wire.choices[0]
