@@ -178,3 +178,9 @@ class IdempotencyInProgress(AppError):
 
 class IdempotencyConflict(AppError):
     status, code, title = 422, "idempotency_conflict", "This Idempotency-Key was used with a different request"
+
+
+class Forbidden(AppError):
+    """Authenticated, but this key may not do that (e.g. read other keys' audit rows without being admin)."""
+
+    status, code, title = 403, "forbidden", "Forbidden"

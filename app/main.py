@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
-from prometheus_fastapi_instrumentator import Instrumentator
 
 from app import __version__
+from app.audit import router as audit
 from app.audit.middleware import AuditMiddleware
 from app.config import Settings, load_settings
 from app.lifespan import build_lifespan
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, TrafficCounters
 from app.observability import health
+from app.observability.http_metrics import HttpMetricsMiddleware
 from app.observability.logging import configure_logging
 from app.observability.metrics import Metrics
 from app.openai_compat import router as openai_compat
+from app.openapi import install_openapi
 from app.problems import install_problem_handlers
 from app.tasks import router as tasks
 from app.tasks import websocket
@@ -38,14 +40,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=build_lifespan(settings, metrics, counters),
     )
     install_problem_handlers(app)
+    install_openapi(app)
+    # The busiest routes first: the router tries them in order.
+    app.include_router(openai_compat.router)
     app.include_router(tasks.router)
     app.include_router(websocket.router)
-    app.include_router(openai_compat.router)
     app.include_router(tools.router)
+    app.include_router(audit.router)
     app.include_router(health.router)
-    Instrumentator(registry=metrics.registry, excluded_handlers=["/metrics"]).instrument(app).expose(
-        app, endpoint="/metrics", include_in_schema=True, tags=["health"]
-    )
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.server.max_body_bytes)
     app.add_middleware(AuditMiddleware)  # outside the body limit, so a refused body is audited too
     app.add_middleware(RequestContextMiddleware, counters=counters)  # outermost: everything gets an id

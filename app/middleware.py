@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
+import secrets
 import time
-import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -78,7 +78,7 @@ def _request_id(scope: Scope) -> str:
             if _WELL_FORMED_ID.match(value):
                 return str(value.decode())
             break
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)  # as unique as a uuid4, at a fraction of its cost
 
 
 class BodyLimitMiddleware:

@@ -345,3 +345,16 @@ def _serve_command() -> list[str]:
 
 def _port(server: PacemakerServer) -> int:
     return int(server.base_url.rsplit(":", 1)[1])
+
+
+async def test_a_reused_client_request_id_hides_no_request(audited: PacemakerServer, database_url: str) -> None:
+    request_id = f"reused-{uuid.uuid4().hex[:8]}"
+    async with audited.client() as http:
+        for _ in range(3):
+            response = await http.post("/v1/tasks", json={"query": "again"}, headers={"X-Request-ID": request_id})
+            assert response.headers["x-request-id"] == request_id
+    deadline = asyncio.get_running_loop().time() + ROWS_TIMEOUT_S
+    while len(rows := await audit_rows(database_url, {request_id})) < 3:
+        assert asyncio.get_running_loop().time() < deadline, rows
+        await asyncio.sleep(0.2)
+    assert len({row["record_uid"] for row in rows}) == 3

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -159,3 +161,26 @@ async def test_keys_work_against_postgresql(tmp_path: Path) -> None:
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_many_requests_missing_the_cache_at_once_read_the_database_once(migrated_sqlite: str) -> None:
+    engine = create_engine(DatabaseSettings(url=migrated_sqlite))
+    session_maker = create_session_maker(engine)
+    authenticator = Authenticator(session_maker, cache_seconds=10, cache_size=10)
+    try:
+        async with session_scope(session_maker) as session:
+            _row, key = await ApiKeyRepository(session).create("busy")
+        loads = 0
+        original = authenticator._load
+
+        async def counting(key_hash: str) -> Any:
+            nonlocal loads
+            loads += 1
+            return await original(key_hash)
+
+        authenticator._load = counting  # type: ignore[method-assign]
+        principals = await asyncio.gather(*(authenticator.authenticate(key) for _ in range(50)))
+        assert {p.name for p in principals} == {"busy"}
+        assert loads == 1
+    finally:
+        await engine.dispose()

@@ -111,3 +111,16 @@ async def test_x_api_key_header_is_accepted(server: PacemakerServer) -> None:
     async with httpx.AsyncClient(base_url=server.base_url, headers={"X-API-Key": server.key}) as keyed:
         response = await keyed.post("/v1/tasks", json={"query": "via x-api-key"})
     assert response.status_code == 200
+
+
+async def test_every_v1_route_in_the_schema_refuses_a_request_without_a_key(server: PacemakerServer) -> None:
+    """What app/openapi.py declares: every /v1 operation needs an API key."""
+    async with httpx.AsyncClient(base_url=server.base_url) as anonymous:
+        schema = (await anonymous.get("/openapi.json")).json()
+        for path, operations in schema["paths"].items():
+            if not path.startswith("/v1/"):
+                continue
+            for method in operations:
+                response = await anonymous.request(method, path.replace("{name}", "calculator"), json={})
+                assert response.status_code == 401, (method, path, response.status_code)
+                assert operations[method]["security"] == [{"BearerAuth": []}, {"ApiKeyAuth": []}]

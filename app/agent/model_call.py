@@ -23,14 +23,22 @@ from app.providers.tokens import count_message_tokens, count_text_tokens
 
 
 class ModelCall:
-    def __init__(self, route: ModelRoute, request: LLMRequest, metrics: Metrics, ticket: Ticket | None = None) -> None:
+    def __init__(
+        self,
+        route: ModelRoute,
+        request: LLMRequest,
+        metrics: Metrics,
+        ticket: Ticket | None = None,
+        *,
+        prompt_tokens: int | None = None,  # the caller's estimate, when it already made one
+    ) -> None:
         self.route = route
         self.request = request
         self.retries = 0
         self._metrics = metrics
         self._ticket = ticket
         self._builder = ResponseBuilder()
-        self._prompt_estimate = count_message_tokens(request.messages)
+        self._prompt_estimate = prompt_tokens if prompt_tokens is not None else count_message_tokens(request.messages)
         self._chunks: AsyncGenerator[LLMChunk, None] | None = None
         self._breaker: CircuitBreaker | None = None
         self._reservation: Reservation | None = None

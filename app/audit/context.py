@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class AuditContext:
     def row(self) -> dict[str, Any]:
         """The audit_record row, with values a JSON spool can carry (see spool.py for the way back)."""
         return {
+            "record_uid": secrets.token_hex(16),
             "request_id": self.request_id,
             "created_at": self.created_at,
             "finished_at": datetime.now(UTC),
@@ -81,13 +83,21 @@ class AuditContext:
             "latency_ms": round((time.perf_counter() - self.started) * 1000, 3),
             "ttft_ms": self.ttft_ms,
             "tool_call_count": len(self.tool_names),
-            "tool_names": ",".join(self.tool_names)[:1000] or None,
+            "tool_names": _joined(self.tool_names, 1000),
             "retries": self.retries,
             "client_ip": self.client_ip,
             "user_agent": self.user_agent[:_MAX_USER_AGENT] if self.user_agent else None,
             "prompt": self.prompt,
             "output": self.output,
         }
+
+
+def _joined(names: list[str], limit: int) -> str | None:
+    """Comma-separated, cut at a name boundary so that no name is left half."""
+    text = ",".join(names)
+    if len(text) > limit:
+        text = text[: text.rfind(",", 0, limit + 1)] if "," in text[: limit + 1] else ""
+    return text or None
 
 
 def note_error(code: str) -> None:

@@ -20,7 +20,7 @@ class AuditMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if scope["type"] != "http" or path.startswith(NOT_AUDITED):
+        if scope["type"] != "http" or _not_audited(path):
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
@@ -54,6 +54,10 @@ class AuditMiddleware:
             sink = getattr(state.get("resources"), "audit", None)
             if sink is not None:
                 sink.submit(context.row())
+
+
+def _not_audited(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in NOT_AUDITED)
 
 
 def _transport(path: str) -> str:

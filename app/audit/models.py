@@ -22,7 +22,11 @@ class AuditRecord(SQLModel, table=True):
     id: int | None = Field(
         default=None, sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
     )
-    request_id: str = Field(max_length=160, unique=True)  # the x-request-id; retried writes are ignored
+    # The row's own id, made by the server: a batch written twice is recognised by it and ignored.
+    record_uid: str = Field(max_length=32, unique=True)
+    # The x-request-id. Not unique: a client may send its own ids, and reusing one must not hide a
+    # request from the log.
+    request_id: str = Field(max_length=160, index=True)
     created_at: datetime = Field(sa_type=DateTime(timezone=True))
     finished_at: datetime = Field(sa_type=DateTime(timezone=True))
     api_key_id: int | None = None

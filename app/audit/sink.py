@@ -1,7 +1,7 @@
 """The audit sink: takes a row per request without waiting, and writes them in batches in the background.
 
 Rows go from a bounded queue to the database in batches (by size or interval) with
-insert-or-ignore on request_id, so a batch written twice never duplicates. When the database is
+insert-or-ignore on each row's server-made record_uid, so a batch written twice never duplicates. When the database is
 unreachable, or the queue is full, rows go to the spool and are replayed in order once the
 database answers; while the spool holds rows, new batches queue up behind them there, so the
 table fills in the order requests finished. Shutdown flushes what it can and spools the rest.
@@ -179,4 +179,4 @@ def _drain(queue: asyncio.Queue[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _insert_statement(engine: AsyncEngine) -> Any:
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    return dialect.insert(_TABLE).on_conflict_do_nothing(index_elements=["request_id"])
+    return dialect.insert(_TABLE).on_conflict_do_nothing(index_elements=["record_uid"])

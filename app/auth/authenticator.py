@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,6 +31,7 @@ class Authenticator:
         self._size = cache_size
         self._clock = clock
         self._cache: OrderedDict[str, tuple[Principal | None, float]] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[Principal | None]] = {}
 
     async def authenticate(self, presented: str | None) -> Principal:
         if not presented:
@@ -40,11 +42,32 @@ class Authenticator:
         if cached is not None and cached[1] > now:
             principal = cached[0]
         else:
-            principal = await self._load(key_hash)
-            ttl = self._ttl if principal is not None else self._ttl * NEGATIVE_TTL_FRACTION
-            self._remember(key_hash, principal, now + ttl)
+            principal = await self._load_once(key_hash, now)
         if principal is None:
             raise Unauthenticated("The API key is not valid or has been revoked.")
+        return principal
+
+    async def _load_once(self, key_hash: str, now: float) -> Principal | None:
+        """One database read per key however many requests miss the cache at once (an expiry under load)."""
+        pending = self._loading.get(key_hash)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        pending = asyncio.get_running_loop().create_future()
+        self._loading[key_hash] = pending
+        try:
+            principal = await self._load(key_hash)
+        except asyncio.CancelledError:
+            pending.cancel()  # the waiters retry on their own
+            raise
+        except Exception as exc:
+            pending.set_exception(exc)
+            pending.exception()  # retrieved here, so no "never retrieved" warning when nobody waits
+            raise
+        finally:
+            del self._loading[key_hash]
+        ttl = self._ttl if principal is not None else self._ttl * NEGATIVE_TTL_FRACTION
+        self._remember(key_hash, principal, now + ttl)
+        pending.set_result(principal)
         return principal
 
     def forget(self, key_hash: str) -> None:

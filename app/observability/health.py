@@ -7,9 +7,10 @@ import time
 from typing import Any
 
 from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import text
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from app import __version__
 from app.dependencies import ResourcesDep
@@ -42,6 +43,16 @@ async def health(resources: ResourcesDep) -> HealthOut:
         active_requests=counters.active_requests,
         total_requests=counters.total_requests,
     )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "The metrics, in text format"}},
+)
+async def metrics(resources: ResourcesDep) -> Response:
+    return Response(generate_latest(resources.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health/live", summary="Liveness: the process is serving")

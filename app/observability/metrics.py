@@ -10,6 +10,19 @@ _LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.http_requests = Counter(
+            "http_requests_total",
+            "HTTP requests by method, route template and status class.",
+            ["method", "handler", "status"],
+            registry=self.registry,
+        )
+        self.http_seconds = Histogram(
+            "http_request_duration_seconds",
+            "HTTP request duration (to the end of the body, streams included) by route template.",
+            ["method", "handler"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
         self.active_streams = Gauge(
             "pacemaker_active_streams",
             "Open SSE streams and WebSocket tasks.",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
-import uuid
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
@@ -65,7 +65,7 @@ async def chat_completions(
         max_tokens = resources.settings.agent.default_max_tokens
     llm_request = LLMRequest(
         model=route.upstream_model,
-        messages=[message.model_dump(exclude_none=True) for message in body.messages],
+        messages=body.messages,
         stream=body.stream,
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -73,8 +73,9 @@ async def chat_completions(
         tool_choice=body.tool_choice,
         extra=dict(body.model_extra or {}),
     )
-    meta = _Meta(id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()), model=route.name)
+    meta = _Meta(id="chatcmpl-" + secrets.token_hex(16), created=int(time.time()), model=route.name)
     timeout_s = resources.settings.agent.default_timeout_s
+    prompt_tokens = count_message_tokens(llm_request.messages)
     audit = audit_var.get()
     if audit is not None:
         audit.model, audit.provider = route.name, route.provider.name
@@ -85,7 +86,7 @@ async def chat_completions(
         return await resources.enforcer.admit(
             principal,
             route=route,
-            prompt_tokens=count_message_tokens(llm_request.messages),
+            prompt_tokens=prompt_tokens,
             max_tokens=max_tokens or resources.settings.agent.default_max_tokens,
             scope=request.scope,
             audit=audit,
@@ -95,7 +96,7 @@ async def chat_completions(
 
         async def run() -> Response:
             ticket = await admit()
-            call = ModelCall(route, llm_request, resources.metrics, ticket)
+            call = ModelCall(route, llm_request, resources.metrics, ticket, prompt_tokens=prompt_tokens)
             try:
                 async with asyncio.timeout(timeout_s):
                     async for _chunk in call:
@@ -114,7 +115,7 @@ async def chat_completions(
         return await run_once(request, principal, resources.idempotency, idempotency_key, run, openai_error_response)
 
     ticket = await admit()
-    call = ModelCall(route, llm_request, resources.metrics, ticket)
+    call = ModelCall(route, llm_request, resources.metrics, ticket, prompt_tokens=prompt_tokens)
     deadline = asyncio.get_running_loop().time() + timeout_s
     # Wait for the first chunk before answering 200, so that an upstream that fails at once
     # gets a proper HTTP error rather than an error inside a stream.

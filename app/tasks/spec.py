@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import secrets
 
 from app.agent.runner import TaskSpec
 from app.agent.schemas import TaskCreate
@@ -14,7 +14,7 @@ from app.tools.registry import ToolRegistry
 
 
 def new_task_id() -> str:
-    return "task_" + uuid.uuid4().hex
+    return "task_" + secrets.token_hex(16)
 
 
 def build_task_spec(

@@ -25,6 +25,7 @@ def upgrade() -> None:
     op.create_table(
         "audit_record",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("record_uid", _text(32), nullable=False),
         sa.Column("request_id", _text(160), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
@@ -53,8 +54,9 @@ def upgrade() -> None:
         sa.Column("prompt", sa.Text(), nullable=True),
         sa.Column("output", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_record")),
-        sa.UniqueConstraint("request_id", name=op.f("uq_audit_record_request_id")),
+        sa.UniqueConstraint("record_uid", name=op.f("uq_audit_record_record_uid")),
     )
+    op.create_index(op.f("ix_audit_record_request_id"), "audit_record", ["request_id"])
     op.create_index("ix_audit_record_created", "audit_record", ["created_at"])
     op.create_index("ix_audit_record_key_created", "audit_record", ["api_key_id", "created_at"])
     op.create_index(op.f("ix_audit_record_model"), "audit_record", ["model"])
