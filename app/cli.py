@@ -9,10 +9,12 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar
 
+from app.audit.repository import AuditRepository
 from app.auth.keys import hash_key
 from app.auth.principal import KeyLimits
 from app.auth.repository import ApiKeyRepository
@@ -53,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     openapi = commands.add_parser("openapi", help="write the OpenAPI schema")
     openapi.add_argument("--out", type=Path, default=Path("openapi.json"))
     openapi.set_defaults(handler=_openapi)
+
+    audit = commands.add_parser("audit", help="audit log upkeep").add_subparsers(required=True, metavar="ACTION")
+    prune = audit.add_parser("prune", help="delete audit rows older than a number of days (retention)")
+    prune.add_argument("--older-than-days", type=_positive, required=True)
+    prune.add_argument("--batch-size", type=_positive, default=10_000, help="rows per transaction")
+    prune.set_defaults(handler=_audit_prune)
 
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(required=True, metavar="ACTION")
     create = keys.add_parser("create", help="create a key and print it (shown once)")
@@ -180,6 +188,27 @@ def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
         print(f"no active key matches {args.key!r}", file=sys.stderr)
         return 1
     print(f"revoked {args.key} (other instances stop accepting it within auth.key_cache_seconds)")
+    return 0
+
+
+def _audit_prune(args: argparse.Namespace, settings: Settings) -> int:
+    cutoff = datetime.now(UTC) - timedelta(days=args.older_than_days)
+
+    async def prune() -> int:
+        engine = create_engine(settings.database)
+        deleted = 0
+        try:
+            session_maker = create_session_maker(engine)
+            while True:  # small transactions, so that a big prune never locks the table for long
+                async with session_scope(session_maker) as session:
+                    batch = await AuditRepository(session).delete_before(cutoff, args.batch_size)
+                deleted += batch
+                if batch < args.batch_size:
+                    return deleted
+        finally:
+            await engine.dispose()
+
+    print(f"deleted {_run(prune)} audit rows created before {cutoff:%Y-%m-%d %H:%M} UTC")
     return 0
 
 

@@ -358,3 +358,29 @@ async def test_a_reused_client_request_id_hides_no_request(audited: PacemakerSer
         assert asyncio.get_running_loop().time() < deadline, rows
         await asyncio.sleep(0.2)
     assert len({row["record_uid"] for row in rows}) == 3
+
+
+async def test_prune_deletes_only_rows_older_than_the_retention(audited: PacemakerServer, database_url: str) -> None:
+    load = Load(audited)
+    await load.post("task", "/v1/tasks", {"query": "recent"})
+    await load.aclose()
+    recent = await wait_for_rows(database_url, set(load.ids))
+    connection = await asyncpg.connect(dsn(database_url))
+    try:
+        old_ids = [f"old-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+        for request_id in old_ids:
+            await connection.execute(
+                "INSERT INTO audit_record (record_uid, request_id, created_at, finished_at, route, transport, status,"
+                " prompt_tokens, completion_tokens, usage_estimated, cost_usd, latency_ms, tool_call_count, retries)"
+                " VALUES ($1, $2, now() - interval '40 days', now() - interval '40 days', '/v1/tasks', 'json',"
+                " 'completed', 1, 1, false, 0, 1, 0, 0)",
+                uuid.uuid4().hex,
+                request_id,
+            )
+        result = await asyncio.to_thread(audited.cli, "audit", "prune", "--older-than-days", "30", "--batch-size", "2")
+        assert "deleted 3 audit rows" in result.stdout
+        left = {row["request_id"] for row in await connection.fetch("SELECT request_id FROM audit_record")}
+    finally:
+        await connection.close()
+    assert not left & set(old_ids)
+    assert recent[0]["request_id"] in left

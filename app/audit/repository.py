@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 
-from sqlalchemy import Date, cast, func
+from sqlalchemy import Date, cast, delete, func
+from sqlalchemy import select as sa_select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -99,6 +100,13 @@ class AuditRepository:
             return rows, None
         rows = rows[:limit]
         return rows, rows[-1].id
+
+    async def delete_before(self, cutoff: datetime, batch_size: int) -> int:
+        """Delete one batch of rows created before `cutoff`; the number deleted (0: nothing left)."""
+        table = AuditRecord.__table__  # type: ignore[attr-defined]
+        oldest = sa_select(table.c.id).where(table.c.created_at < _as_utc(cutoff)).limit(batch_size)
+        result = await self.session.execute(delete(table).where(table.c.id.in_(oldest.scalar_subquery())))
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def _utc_day(dialect: str) -> ColumnElement[date]:
