@@ -79,6 +79,12 @@ class Unauthenticated(AppError):
         return {"WWW-Authenticate": 'Bearer realm="pacemaker"', **super().response_headers()}
 
 
+class AuthUnavailable(AppError):
+    """The key store (the database) did not answer: not the caller's fault, and worth a retry."""
+
+    status, code, title, retryable = 503, "auth_unavailable", "API keys cannot be checked right now", True
+
+
 class ToolNotAllowed(AppError):
     status, code, title = 403, "tool_not_allowed", "Tool not allowed"
 

@@ -26,6 +26,8 @@ from tests.support import (
     PG_ADMIN_DSN,
     ManagedProcess,
     PacemakerServer,
+    free_port,
+    pacemaker_env,
     read_sse,
     require_service,
     server_config,
@@ -384,3 +386,42 @@ async def test_prune_deletes_only_rows_older_than_the_retention(audited: Pacemak
         await connection.close()
     assert not left & set(old_ids)
     assert recent[0]["request_id"] in left
+
+
+async def test_an_unwritable_spool_is_reported_by_readiness_and_a_metric(tmp_path: Path) -> None:
+    """The database is away and the spool's directory is a file: rows cannot be kept, and it shows."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    config = server_config(
+        tmp_path,
+        None,
+        database={"url": "postgresql+asyncpg://postgres@127.0.0.1:1/none"},  # nothing listens on port 1
+        audit={"spool_dir": str(blocker / "spool")},
+    )
+    config["auth"]["key_cache_seconds"] = 3600
+    # Keys live in the database, which is away: this server authenticates nobody, but every
+    # refused request is still a row to keep.
+    env = pacemaker_env(tmp_path, config)
+    port = free_port()
+    process = ManagedProcess([*_serve_command(), "--port", str(port)], env, tmp_path / "server.log")
+    process.wait_for_port(port)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            await http.post("/v1/tasks", json={"query": "x"}, headers={"X-Request-ID": "doomed-1"})
+            # A key cannot be checked without its database: 503, not a 500.
+            unchecked = await http.post("/v1/tasks", json={"query": "x"}, headers={"Authorization": "Bearer pk_x"})
+            assert unchecked.status_code == 503
+            assert unchecked.json()["code"] == "auth_unavailable" and unchecked.headers["retry-after"] == "1"
+            ready: dict[str, Any] = {}
+            for _ in range(50):
+                ready = (await http.get("/health/ready")).json()
+                if ready["checks"].get("audit", "").startswith("error"):
+                    break
+                await asyncio.sleep(0.1)
+            metrics = (await http.get("/metrics")).text
+        assert ready["status"] == "unavailable"
+        assert ready["checks"]["audit"].startswith("error: the spool cannot be written")
+        assert "pacemaker_audit_spool_errors_total 1.0" in metrics
+    finally:
+        process.stop()
+    assert "doomed-1" in process.output()  # the lost row is named in the log, never silently dropped

@@ -7,11 +7,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from app.auth.keys import hash_key
 from app.auth.principal import KeyLimits, Principal
 from app.auth.repository import ApiKeyRepository
 from app.db import SessionMaker
-from app.errors import Unauthenticated
+from app.errors import AuthUnavailable, Unauthenticated
 
 # Unknown keys are remembered too (briefly), so a flood of bad keys costs no database reads.
 NEGATIVE_TTL_FRACTION = 0.2
@@ -74,8 +76,13 @@ class Authenticator:
         self._cache.pop(key_hash, None)
 
     async def _load(self, key_hash: str) -> Principal | None:
-        async with self._session_maker() as session:
-            row = await ApiKeyRepository(session).find_active_by_hash(key_hash)
+        try:
+            async with self._session_maker() as session:
+                row = await ApiKeyRepository(session).find_active_by_hash(key_hash)
+        except (OSError, SQLAlchemyError) as exc:
+            raise AuthUnavailable(
+                f"The key store did not answer ({type(exc).__name__}); retry shortly.", retry_after=1.0
+            ) from None
         if row is None or row.id is None:
             return None
         limits = KeyLimits(

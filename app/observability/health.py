@@ -13,6 +13,7 @@ from sqlalchemy import text
 from starlette.responses import JSONResponse, Response
 
 from app import __version__
+from app.audit.sink import AuditSink
 from app.dependencies import ResourcesDep
 
 router = APIRouter(tags=["health"])
@@ -63,16 +64,25 @@ async def live() -> dict[str, str]:
 @router.get(
     "/health/ready",
     response_model=ReadinessOut,
-    summary="Readiness: the database (and Redis, when configured) answer",
+    summary="Readiness: the database, Redis (when configured) and the audit spool",
     responses={503: {"model": ReadinessOut, "description": "A dependency is down"}},
 )
 async def ready(resources: ResourcesDep) -> JSONResponse:
     checks = {"database": await _check_database(resources)}
     if resources.redis is not None:
         checks["redis"] = await _check_redis(resources)
-    ok = all(value == "ok" for value in checks.values())
+    if resources.audit is not None:
+        checks["audit"] = _check_audit(resources.audit)
+    # Spooling keeps every row safe while the database is away (which its own check reports).
+    ok = all(value in ("ok", "spooling") for value in checks.values())
     body: dict[str, Any] = {"status": "ready" if ok else "unavailable", "checks": checks}
     return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _check_audit(audit: AuditSink) -> str:
+    if audit.spool_error is not None:
+        return f"error: the spool cannot be written ({audit.spool_error})"
+    return "ok" if audit.database_ok else "spooling"
 
 
 async def _check_redis(resources: ResourcesDep) -> str:
