@@ -23,13 +23,12 @@ import pytest
 
 from tests.postgres_cluster import PostgresCluster
 from tests.support import (
-    PG_ADMIN_DSN,
     ManagedProcess,
     PacemakerServer,
     free_port,
+    fresh_postgres_database,
     pacemaker_env,
     read_sse,
-    require_service,
     server_config,
     start_pacemaker,
 )
@@ -69,19 +68,8 @@ async def wait_for_rows(url: str, request_ids: set[str], timeout: float = ROWS_T
 
 @pytest.fixture(scope="module")
 def database_url() -> Iterator[str]:
-    require_service("PostgreSQL", "127.0.0.1", 5432)
-    name = f"pacemaker_audit_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        connection = await asyncpg.connect(PG_ADMIN_DSN)
-        try:
-            await connection.execute(sql)
-        finally:
-            await connection.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_postgres_database("pacemaker_audit") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,16 @@ import asyncio
 import base64
 import json
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
-from tests.support import PG_ADMIN_DSN, PacemakerServer, require_service, server_config, start_pacemaker
+from tests.support import PacemakerServer, fresh_postgres_database, server_config, start_pacemaker
 
 pytestmark = pytest.mark.postgres
 
@@ -46,26 +44,15 @@ class Audited:
         return self.server.client(self.keys[name])
 
 
-async def _admin_sql(sql: str) -> None:
-    connection = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audited]:
     """One server on a fresh PostgreSQL database, with an admin key and a key per test."""
-    require_service("PostgreSQL", "127.0.0.1", 5432)
-    name = f"pacemaker_audit_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin_sql(f'CREATE DATABASE "{name}"'))
-    try:
+    with fresh_postgres_database("pacemaker_audit_api") as url:
         workdir = tmp_path_factory.mktemp("audit-api")
         config = server_config(
             workdir,
             None,
-            database={"url": f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"},
+            database={"url": url},
             # Tests fire dozens of tasks at once per key; the default limits would refuse some.
             limits={"rpm": None, "max_concurrency": 100},
             models={
@@ -84,8 +71,6 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audited]:
         finally:
             code = server.process.stop()
             assert code in (0, -15), server.process.output()
-    finally:
-        asyncio.run(_admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def run_tasks(http: httpx.AsyncClient, count: int, **fields: Any) -> list[httpx.Response]:

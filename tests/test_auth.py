@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
@@ -21,10 +19,9 @@ from app.config import DatabaseSettings
 from app.db import create_engine, create_session_maker, migrate, session_scope
 from app.errors import Unauthenticated
 from tests.support import (
-    PG_ADMIN_DSN,
     PacemakerServer,
+    fresh_postgres_database,
     pacemaker_env,
-    require_service,
     run_cli,
     server_config,
     start_pacemaker,
@@ -143,13 +140,8 @@ async def test_authenticator_cache_is_bounded(migrated_sqlite: str) -> None:
 
 async def test_keys_work_against_postgresql(tmp_path: Path) -> None:
     """The whole path (migrate, create a key, authenticate a request) on PostgreSQL."""
-    require_service("PostgreSQL", "127.0.0.1", 5432)
-    name = f"pacemaker_auth_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        config = server_config(tmp_path, None, database={"url": f"postgresql+asyncpg://postgres@127.0.0.1/{name}"})
-        server = start_pacemaker(tmp_path, config)
+    with fresh_postgres_database("pacemaker_auth") as url:
+        server = start_pacemaker(tmp_path, server_config(tmp_path, None, database={"url": url}))
         try:
             async with server.client() as http:
                 assert (await http.post("/v1/tasks", json={"query": "on postgres"})).status_code == 200
@@ -158,9 +150,6 @@ async def test_keys_work_against_postgresql(tmp_path: Path) -> None:
                 assert (await anonymous.post("/v1/tasks", json={"query": "x"})).status_code == 401
         finally:
             server.process.stop()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_many_requests_missing_the_cache_at_once_read_the_database_once(migrated_sqlite: str) -> None:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -17,7 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.db import migrate
 from app.tables import metadata
-from tests.support import PG_ADMIN_DSN, require_service
+from tests.support import fresh_postgres_database
 
 
 def schema_drift(url: str, target: sa.MetaData = metadata) -> list[Any]:
@@ -48,22 +46,8 @@ def table_names(url: str) -> set[str]:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database on the shared server, dropped afterwards."""
-    require_service("PostgreSQL", "127.0.0.1", 5432)
-    name = f"pacemaker_test_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        connection = await asyncpg.connect(PG_ADMIN_DSN)
-        try:
-            await connection.execute(sql)
-        finally:
-            await connection.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_postgres_database("pacemaker_migrations") as url:
+        yield url
 
 
 @pytest.fixture
