@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--json", action="store_true", help="print {id, name, prefix, key} as JSON")
     create.add_argument("--admin", action="store_true", help="may read every key's audit log (GET /v1/audit)")
+    create.add_argument("--tools", help="comma-separated tools this key may use (default: all)")
+    create.add_argument("--sandbox-timeout-s", type=float, help="ceiling on a sandboxed run's wall time")
+    create.add_argument("--sandbox-memory-mb", type=_positive, help="ceiling on a sandboxed run's memory")
+    create.add_argument("--sandbox-fuel", type=_positive, help="ceiling on a sandboxed run's fuel (CPU)")
     create.add_argument("--rpm", type=_positive, help="requests per minute (default: limits.rpm)")
     create.add_argument("--burst", type=_positive, help="request burst (default: rpm)")
     create.add_argument("--tpm", type=_positive, help="tokens per minute (default: limits.tpm)")
@@ -150,7 +154,19 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
                 budget_usd=args.budget_usd,
                 budget_period=args.budget_period,
             )
-            row, plaintext = await repo.create(args.name, limits, is_admin=args.admin)
+            sandbox = {
+                name: value
+                for name, value in (
+                    ("timeout_s", args.sandbox_timeout_s),
+                    ("memory_mb", args.sandbox_memory_mb),
+                    ("fuel", args.sandbox_fuel),
+                )
+                if value is not None
+            }
+            tools = [name.strip() for name in args.tools.split(",") if name.strip()] if args.tools is not None else None
+            row, plaintext = await repo.create(
+                args.name, limits, is_admin=args.admin, allowed_tools=tools, sandbox_limits=sandbox or None
+            )
             assert row.id is not None
             return row.id, row.prefix, plaintext
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.tools.base import ToolError
+from app.tools.base import ToolContext, ToolError
 from app.tools.calculator import CalculatorTool, evaluate
 
 
@@ -53,7 +53,7 @@ async def test_the_tool_validates_its_arguments_against_its_schema() -> None:
     tool = CalculatorTool()
     assert tool.parameters["required"] == ["expression"]
     assert tool.openai_definition()["function"]["name"] == "calculator"
-    assert (await tool.run(tool.parse_arguments('{"expression": "6 * 7"}')))["result"] == 42
+    assert (await tool.run(tool.parse_arguments('{"expression": "6 * 7"}'), ToolContext()))["result"] == 42
     for bad in ('{"expr": "1"}', '{"expression": 5}', "not json", '{"expression": ""}'):
         with pytest.raises(ToolError, match="invalid arguments for calculator"):
             tool.parse_arguments(bad)

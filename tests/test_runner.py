@@ -109,7 +109,7 @@ class FlakyTool(CalculatorTool):
 
     calls = 0
 
-    async def run(self, arguments: Any) -> dict[str, Any]:
+    async def run(self, arguments: Any, context: Any) -> dict[str, Any]:
         FlakyTool.calls += 1
         raise RuntimeError("tool backend down")
 

@@ -37,7 +37,7 @@ from app.errors import AppError, CircuitOpen, MaxIterationsExceeded, RequestTime
 from app.observability.metrics import Metrics
 from app.providers.base import LLMRequest, Message, ToolCall, Usage
 from app.providers.registry import ModelRoute
-from app.tools.base import Tool, ToolError
+from app.tools.base import Tool, ToolContext, ToolError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class TaskSpec:
     query: str
     route: ModelRoute
     tier: str | None
-    tools: list[Tool[Any]]
+    tools: list[Tool]
     system_prompt: str
     max_tokens: int
     max_iterations: int
@@ -60,6 +60,7 @@ class TaskSpec:
     temperature: float | None = None
     context: dict[str, Any] | None = None
     ticket: Ticket | None = None  # the admitted request, which pays for each model call
+    tool_context: ToolContext = field(default_factory=ToolContext)
     audit: AuditContext | None = None
 
 
@@ -180,7 +181,9 @@ async def _loop(
             breakers = spec.ticket.enforcer.breakers if spec.ticket is not None else None
             if spec.audit is not None:
                 spec.audit.tool_names.append(tool_call.name)
-            record = await _run_tool(tools_by_name, tool_call, arguments, deadline, metrics, breakers)
+            record = await _run_tool(
+                tools_by_name, tool_call, arguments, deadline, metrics, breakers, spec.tool_context
+            )
             progress.tool_calls.append(record)
             yield ToolCallFinished(
                 task_id=spec.id,
@@ -197,12 +200,13 @@ async def _loop(
 
 
 async def _run_tool(
-    tools: dict[str, Tool[Any]],
+    tools: dict[str, Tool],
     call: ToolCall,
     arguments: Any,
     deadline: float,
     metrics: Metrics,
     breakers: BreakerRegistry | None,
+    context: ToolContext,
 ) -> ToolCallRecord:
     """Run one tool call; every failure becomes an error the model gets to read, never a crash."""
     started = time.perf_counter()
@@ -217,7 +221,7 @@ async def _run_tool(
             if breaker is not None:
                 breaker.before_call()
             try:
-                result = await _before(deadline, tool.run(tool.parse_arguments(call.arguments)))
+                result = await _before(deadline, tool.run(tool.parse_arguments(call.arguments), context))
             except BaseException as exc:
                 if breaker is not None and classify(exc) == "failure":
                     breaker.record_failure()

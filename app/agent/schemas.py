@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.config import Mode, Tier
+
+SessionId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 
 
 class TaskCreate(BaseModel):
@@ -20,6 +22,9 @@ class TaskCreate(BaseModel):
         None, description="Facts for the agent; `context.model_tier` overrides the tier too."
     )
     tools: list[str] | None = Field(None, description="Allowlist of tools for this task (default: all).")
+    session_id: SessionId | None = Field(
+        None, description="Names a workspace that sandboxed Python runs of this key keep between tasks."
+    )
     max_tokens: int | None = Field(None, ge=1, description="Completion tokens per model call.")
     temperature: float | None = Field(None, ge=0, le=2)
     timeout_s: float | None = Field(None, gt=0, le=3600, description="Wall-clock limit for the whole task.")

@@ -94,7 +94,15 @@ class Authenticator:
             budget_usd=row.budget_usd,
             budget_period=row.budget_period,
         )
-        return Principal(key_id=row.id, name=row.name, prefix=row.prefix, limits=limits, is_admin=row.is_admin)
+        return Principal(
+            key_id=row.id,
+            name=row.name,
+            prefix=row.prefix,
+            limits=limits,
+            is_admin=row.is_admin,
+            allowed_tools=frozenset(row.allowed_tools) if row.allowed_tools is not None else None,
+            sandbox_max=row.sandbox_limits,
+        )
 
     def _remember(self, key_hash: str, principal: Principal | None, expires: float) -> None:
         if self._ttl <= 0:

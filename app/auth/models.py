@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from sqlalchemy import DateTime
+from sqlalchemy import JSON, DateTime
 from sqlmodel import Field, SQLModel
 
 import app.db  # noqa: F401  (sets the metadata naming convention before any table is declared)
@@ -35,3 +35,6 @@ class ApiKey(SQLModel, table=True):
     budget_period: str | None = Field(default=None, max_length=8)
     # May read every key's audit rows (GET /v1/audit).
     is_admin: bool = False
+    # The tools this key may use (None: all); its ceilings on sandbox limits ({timeout_s, memory_mb, fuel}).
+    allowed_tools: list[str] | None = Field(default=None, sa_type=JSON)
+    sandbox_limits: dict[str, float] | None = Field(default=None, sa_type=JSON)

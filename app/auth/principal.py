@@ -26,3 +26,5 @@ class Principal:
     prefix: str
     limits: KeyLimits = KeyLimits()
     is_admin: bool = False  # may read every key's audit rows
+    allowed_tools: frozenset[str] | None = None  # None: every tool the deployment offers
+    sandbox_max: dict[str, float] | None = None  # the key's ceilings on sandbox limits

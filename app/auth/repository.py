@@ -18,7 +18,15 @@ class ApiKeyRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def create(self, name: str, limits: KeyLimits | None = None, *, is_admin: bool = False) -> tuple[ApiKey, str]:
+    async def create(
+        self,
+        name: str,
+        limits: KeyLimits | None = None,
+        *,
+        is_admin: bool = False,
+        allowed_tools: list[str] | None = None,
+        sandbox_limits: dict[str, float] | None = None,
+    ) -> tuple[ApiKey, str]:
         """Store a new key; the plaintext is returned once and never stored."""
         plaintext = generate_key()
         row = ApiKey(
@@ -26,6 +34,8 @@ class ApiKeyRepository:
             prefix=shown_prefix(plaintext),
             key_hash=hash_key(plaintext),
             is_admin=is_admin,
+            allowed_tools=allowed_tools,
+            sandbox_limits=sandbox_limits,
             **asdict(limits or KeyLimits()),
         )
         self.session.add(row)

@@ -57,7 +57,12 @@ async def create_task(
     if stream and idempotency_key is not None:
         raise InvalidRequest("Idempotency-Key applies to non-streamed requests; a stream cannot be replayed.")
     spec = build_task_spec(
-        body, settings=resources.settings, providers=resources.providers, tools=resources.tools, stream=stream
+        body,
+        settings=resources.settings,
+        providers=resources.providers,
+        tools=resources.tools,
+        stream=stream,
+        principal=principal,
     )
     spec.audit = audit = audit_var.get()
     content_chars = resources.settings.audit.content_max_chars if resources.settings.audit.store_content else 0

@@ -7,9 +7,11 @@ import secrets
 from app.agent.runner import TaskSpec
 from app.agent.schemas import TaskCreate
 from app.agent.tiers import choose_model
+from app.auth.principal import Principal
 from app.config import Settings
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, ToolNotAllowed
 from app.providers.registry import ProviderRegistry
+from app.tools.base import ToolContext
 from app.tools.registry import ToolRegistry
 
 
@@ -24,15 +26,20 @@ def build_task_spec(
     providers: ProviderRegistry,
     tools: ToolRegistry,
     stream: bool,
+    principal: Principal,
 ) -> TaskSpec:
     model, tier = choose_model(
         settings.tiers, mode=body.mode, model=body.model, model_tier=body.model_tier, context=body.context
     )
     route = providers.route(model)
+    allowed = tools.allowed_for(principal)
     if body.tools is not None:
         unknown = sorted(set(body.tools) - set(tools.names()))
         if unknown:
             raise InvalidRequest(f"Unknown tools: {', '.join(unknown)}. Available: {', '.join(tools.names())}.")
+        refused = sorted(set(body.tools) - set(allowed))
+        if refused:
+            raise ToolNotAllowed(f"This key may not use: {', '.join(refused)}.")
     agent = settings.agent
     max_tokens = body.max_tokens or agent.default_max_tokens
     if max_tokens > agent.max_tokens_ceiling:
@@ -42,7 +49,8 @@ def build_task_spec(
         query=body.query,
         route=route,
         tier=tier,
-        tools=tools.select(body.tools),
+        # The model is offered only what both the key and the task allow.
+        tools=tools.select(allowed if body.tools is None else body.tools),
         system_prompt=agent.system_prompt,
         max_tokens=max_tokens,
         max_iterations=agent.max_iterations,
@@ -50,4 +58,5 @@ def build_task_spec(
         stream=stream,
         temperature=body.temperature,
         context=body.context,
+        tool_context=ToolContext(principal.key_id, body.session_id, principal.sandbox_max),
     )

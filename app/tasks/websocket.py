@@ -148,6 +148,7 @@ class TaskSocket:
                 providers=self.resources.providers,
                 tools=self.resources.tools,
                 stream=True,
+                principal=self.principal,
             )
             describe_task(audit, spec, body.mode, "ws", content_chars)
             spec.audit = audit

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -13,25 +14,52 @@ class ToolError(Exception):
     """A tool failed in a way the model should hear about (bad arguments, a refused input)."""
 
 
-ArgsT = TypeVar("ArgsT", bound=BaseModel)
+@dataclass(frozen=True, slots=True)
+class ToolContext:
+    """Who is calling, for tools that keep state or limits per caller (the sandbox's workspaces)."""
+
+    key_id: int | None = None
+    session_id: str | None = None
+    # The key's ceilings for the sandbox (timeout_s, memory_mb, fuel); None: the deployment's.
+    sandbox_max: dict[str, float] | None = None
 
 
-class Tool(ABC, Generic[ArgsT]):
-    """A tool whose arguments are a pydantic model: one source for validation and JSON Schema."""
-
-    name: ClassVar[str]
-    description: ClassVar[str]
-    arguments_model: type[ArgsT]
+class Tool(ABC):
+    name: str
+    description: str
+    timeout_s: float = 30.0  # a direct call's bound; in the agent loop the task's deadline also applies
 
     @property
+    @abstractmethod
     def parameters(self) -> dict[str, Any]:
-        return self.arguments_model.model_json_schema()
+        """The JSON Schema of the arguments."""
 
     def openai_definition(self) -> dict[str, Any]:
         return {
             "type": "function",
             "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
         }
+
+    @abstractmethod
+    def parse_arguments(self, raw: str | dict[str, Any]) -> Any:
+        """Validated arguments; raises ToolError naming what is wrong."""
+
+    @abstractmethod
+    async def run(self, arguments: Any, context: ToolContext) -> Any:
+        """Do the work; the return value must be JSON-serialisable. Raise ToolError on failure."""
+
+
+ArgsT = TypeVar("ArgsT", bound=BaseModel)
+
+
+class ModelTool(Tool, Generic[ArgsT]):
+    """A tool whose arguments are a pydantic model: one source for validation and JSON Schema."""
+
+    arguments_model: type[ArgsT]
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return self.arguments_model.model_json_schema()
 
     def parse_arguments(self, raw: str | dict[str, Any]) -> ArgsT:
         try:
@@ -43,10 +71,6 @@ class Tool(ABC, Generic[ArgsT]):
                 f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}" for err in exc.errors()
             )
             raise ToolError(f"invalid arguments for {self.name}: {problems}") from None
-
-    @abstractmethod
-    async def run(self, arguments: ArgsT) -> Any:
-        """Do the work; the return value must be JSON-serialisable. Raise ToolError on failure."""
 
 
 def dumps_result(value: Any) -> str:

@@ -6,11 +6,11 @@ import ast
 import math
 import operator
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import BaseModel, Field
 
-from app.tools.base import Tool, ToolError
+from app.tools.base import ModelTool, ToolContext, ToolError
 
 MAX_EXPRESSION_CHARS = 500
 MAX_EXPONENT = 1000
@@ -52,15 +52,15 @@ class CalculatorArguments(BaseModel):
     )
 
 
-class CalculatorTool(Tool[CalculatorArguments]):
-    name: ClassVar[str] = "calculator"
-    description: ClassVar[str] = (
+class CalculatorTool(ModelTool[CalculatorArguments]):
+    name = "calculator"
+    description = (
         "Evaluates an arithmetic expression: + - * / // % ** (or ^), parentheses, and "
         "sqrt, abs, round, min, max, log, log10, exp, sin, cos, tan, floor, ceil, pi, e."
     )
     arguments_model = CalculatorArguments
 
-    async def run(self, arguments: CalculatorArguments) -> dict[str, Any]:
+    async def run(self, arguments: CalculatorArguments, context: ToolContext) -> dict[str, Any]:
         return {"expression": arguments.expression, "result": evaluate(arguments.expression)}
 
 

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
+from app.auth.principal import Principal
 from app.tools.base import Tool
 from app.tools.calculator import CalculatorTool
 
 
 class ToolRegistry:
-    def __init__(self, tools: Iterable[Tool[Any]]) -> None:
+    def __init__(self, tools: Iterable[Tool]) -> None:
         self._tools = {tool.name: tool for tool in tools}
 
-    def get(self, name: str) -> Tool[Any] | None:
+    def get(self, name: str) -> Tool | None:
         return self._tools.get(name)
 
     def names(self) -> list[str]:
         return sorted(self._tools)
 
-    def select(self, allowed: Iterable[str] | None) -> list[Tool[Any]]:
+    def allowed_for(self, principal: Principal) -> list[str]:
+        """The names of the tools this key may use."""
+        if principal.allowed_tools is None:
+            return self.names()
+        return [name for name in self.names() if name in principal.allowed_tools]
+
+    def select(self, allowed: Iterable[str] | None) -> list[Tool]:
         """The tools in `allowed` (all of them when None), in registry order."""
         if allowed is None:
             return list(self._tools.values())
@@ -27,5 +33,5 @@ class ToolRegistry:
         return [tool for name, tool in self._tools.items() if name in wanted]
 
 
-def builtin_tools() -> list[Tool[Any]]:
+def builtin_tools() -> list[Tool]:
     return [CalculatorTool()]

@@ -12,12 +12,13 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from app.agent.schemas import SessionId
 from app.audit.context import audit_var
 from app.dependencies import PrincipalDep, ResourcesDep
 from app.enforcement.breaker import classify
-from app.errors import InvalidRequest, NotFound
+from app.errors import InvalidRequest, NotFound, ToolNotAllowed
 from app.problems import PROBLEM_JSON
-from app.tools.base import ToolError
+from app.tools.base import ToolContext, ToolError
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/tools", tags=["tools"])
@@ -37,6 +38,7 @@ class ToolInvocation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     arguments: dict[str, Any] = Field(default_factory=dict)
+    session_id: SessionId | None = Field(None, description="Names a workspace kept between sandboxed runs.")
 
 
 class ToolInvocationResult(BaseModel):
@@ -47,10 +49,10 @@ class ToolInvocationResult(BaseModel):
 
 
 @router.get("", response_model=list[ToolOut], summary="List the tools you may use")
-async def list_tools(_principal: PrincipalDep, resources: ResourcesDep) -> list[ToolOut]:
+async def list_tools(principal: PrincipalDep, resources: ResourcesDep) -> list[ToolOut]:
     return [
         ToolOut(name=tool.name, description=tool.description, parameters=tool.parameters)
-        for tool in resources.tools.select(None)
+        for tool in resources.tools.select(resources.tools.allowed_for(principal))
     ]
 
 
@@ -58,7 +60,7 @@ async def list_tools(_principal: PrincipalDep, resources: ResourcesDep) -> list[
     "/{name}/invoke",
     response_model=ToolInvocationResult,
     summary="Call a tool directly",
-    responses={status: _PROBLEM for status in (401, 404, 422, 429, 503)},
+    responses={status: _PROBLEM for status in (401, 403, 404, 422, 429, 503)},
 )
 async def invoke_tool(
     name: str, body: ToolInvocation, request: Request, principal: PrincipalDep, resources: ResourcesDep
@@ -66,6 +68,8 @@ async def invoke_tool(
     tool = resources.tools.get(name)
     if tool is None:
         raise NotFound(f"No tool named {name!r}. Available: {', '.join(resources.tools.names())}.")
+    if name not in resources.tools.allowed_for(principal):
+        raise ToolNotAllowed(f"This key may not use {name!r}.")
     try:
         arguments = tool.parse_arguments(body.arguments)
     except ToolError as exc:
@@ -84,7 +88,8 @@ async def invoke_tool(
         breaker.before_call()
         try:
             async with asyncio.timeout(DIRECT_CALL_TIMEOUT_S):
-                result = await tool.run(arguments)
+                context = ToolContext(principal.key_id, body.session_id, principal.sandbox_max)
+                result = await tool.run(arguments, context)
         except BaseException as exc:
             if classify(exc) == "failure":
                 breaker.record_failure()

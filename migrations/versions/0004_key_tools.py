@@ -1,0 +1,28 @@
+"""key tools: the tools a key may use and its ceilings on sandbox limits (NULL: no restriction)
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-11-25
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("api_key") as batch_op:
+        batch_op.add_column(sa.Column("allowed_tools", sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column("sandbox_limits", sa.JSON(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("api_key") as batch_op:
+        batch_op.drop_column("sandbox_limits")
+        batch_op.drop_column("allowed_tools")
