@@ -181,6 +181,49 @@ class AuditSettings(_Section):
     content_max_chars: int = Field(2000, ge=1)
 
 
+class HttpToolSettings(_Section):
+    """A tool that calls one HTTP endpoint, declared without code."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str = Field(min_length=1)
+    url: str = Field(pattern=r"^https?://")
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, description="JSON Schema")
+    # Header name -> the environment variable holding its value (a token, say), read at start.
+    headers_from_env: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = Field(10.0, gt=0, le=300)
+    max_response_bytes: int = Field(1_048_576, ge=1)
+    allow_private: bool = Field(False, description="Allow private, loopback and link-local addresses.")
+
+    @model_validator(mode="after")
+    def _usable(self) -> HttpToolSettings:
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
+        try:
+            Draft202012Validator.check_schema(self.parameters)
+        except SchemaError as exc:
+            raise ValueError(f"parameters is not a valid JSON Schema: {exc.message}") from None
+        missing = [variable for variable in self.headers_from_env.values() if variable not in os.environ]
+        if missing:
+            raise ValueError(f"headers_from_env: environment variable not set: {', '.join(missing)}")
+        return self
+
+
+class ToolsSettings(_Section):
+    http: list[HttpToolSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ToolsSettings:
+        names = [tool.name for tool in self.http]
+        taken = {"calculator", "python"}
+        for name in names:
+            if name in taken:
+                raise ValueError(f"http: the tool name {name!r} is taken")
+            taken.add(name)
+        return self
+
+
 class AgentSettings(_Section):
     max_iterations: int = Field(8, ge=1, le=64)
     default_max_tokens: int = Field(1024, ge=1)
@@ -217,6 +260,7 @@ class Settings(BaseSettings):
     agent: AgentSettings = AgentSettings()
     limits: LimitSettings = LimitSettings()
     audit: AuditSettings = AuditSettings()
+    tools: ToolsSettings = ToolsSettings()
     breakers: BreakerSettings = BreakerSettings()
     retries: RetrySettings = RetrySettings()
 
@@ -286,3 +330,8 @@ def _refuse_unknown_environment() -> None:
             top = variable.removeprefix("PACEMAKER_").split("__", 1)[0]
             if top not in known:
                 raise ConfigError(f"invalid configuration:\n  {variable}: no such setting")
+
+
+def env_value(name: str) -> str | None:
+    """An environment variable named by configuration (an HTTP tool's header secret, say)."""
+    return os.environ.get(name)

@@ -30,6 +30,7 @@ from app.enforcement.retry import RetryPolicy
 from app.middleware import TrafficCounters
 from app.observability.metrics import Metrics
 from app.providers.registry import ProviderRegistry
+from app.tools.http import HttpTool, http_tool_session
 from app.tools.registry import ToolRegistry, builtin_tools
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,8 @@ def build_lifespan(
         providers = ProviderRegistry(settings, http)
         session_maker = create_session_maker(engine)
         redis = build_redis(settings.limits.redis_url) if settings.limits.redis_url else None
+        # Clients for HTTP tools, apart from the upstreams' pool: one refusing private addresses.
+        tool_http = {False: http_tool_session(allow_private=False), True: http_tool_session(allow_private=True)}
         enforcer = build_enforcer(settings, metrics, redis)
         idempotency: IdempotencyStore = RedisIdempotencyStore(redis) if redis is not None else MemoryIdempotencyStore()
         audit = AuditSink(engine, settings.audit, metrics) if settings.audit.enabled else None
@@ -117,7 +120,9 @@ def build_lifespan(
             session_maker=session_maker,
             http=http,
             providers=providers,
-            tools=ToolRegistry(builtin_tools()),
+            tools=ToolRegistry(
+                [*builtin_tools(), *(HttpTool(cfg, tool_http[cfg.allow_private]) for cfg in settings.tools.http)]
+            ),
             authenticator=Authenticator(
                 session_maker,
                 cache_seconds=settings.auth.key_cache_seconds,
@@ -139,6 +144,8 @@ def build_lifespan(
             if redis is not None:
                 await redis.aclose()
             await http.close()
+            for session in tool_http.values():
+                await session.close()
             await engine.dispose()
             log.info("pacemaker stopped")
 

@@ -126,3 +126,23 @@ def test_a_missing_config_file_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv("PACEMAKER_CONFIG", str(tmp_path / "absent.yaml"))
     with pytest.raises(ConfigError, match="no such file"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("tool", "named"),
+    [
+        ({"headers_from_env": {"Authorization": "NO_SUCH_VARIABLE_HERE"}}, "NO_SUCH_VARIABLE_HERE"),
+        ({"parameters": {"type": "banana"}}, "not a valid JSON Schema"),
+        ({"name": "calculator"}, "is taken"),
+        ({"url": "ftp://example.com"}, "tools.http.0.url"),
+    ],
+)
+def test_http_tools_are_checked_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tool: dict[str, object], named: str
+) -> None:
+    declared = {"name": "lookup", "description": "d", "url": "https://example.com/x", **tool}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"tools": {"http": [declared]}}))
+    monkeypatch.setenv("PACEMAKER_CONFIG", str(config))
+    with pytest.raises(ConfigError, match=named):
+        load_settings()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from app.errors import AppError, CircuitOpen, UpstreamError, UpstreamRejected
-from app.tools.base import ToolError
+from app.tools.base import ToolError, ToolUnavailable
 
 Clock = Callable[[], float]
 OnChange = Callable[[str, "BreakerState"], None]
@@ -56,6 +56,8 @@ def classify(error: BaseException) -> Literal["failure", "ignored"]:
         return "ignored"  # the upstream answered and judged this request: it is up
     if isinstance(error, UpstreamError):
         # 5xx, 429, timeouts, unreadable replies, and our refused credentials: none is the caller's fault.
+        return "failure"
+    if isinstance(error, ToolUnavailable):
         return "failure"
     if isinstance(error, ToolError):
         return "ignored"  # bad arguments or a refused input: the caller's fault, not the tool's

@@ -14,6 +14,10 @@ class ToolError(Exception):
     """A tool failed in a way the model should hear about (bad arguments, a refused input)."""
 
 
+class ToolUnavailable(ToolError):
+    """The tool's backend failed (unreachable, 5xx): this counts against the tool's circuit breaker."""
+
+
 @dataclass(frozen=True, slots=True)
 class ToolContext:
     """Who is calling, for tools that keep state or limits per caller (the sandbox's workspaces)."""

@@ -216,10 +216,40 @@ def _text(message: dict[str, Any]) -> str:
     return content or ""
 
 
+async def tool_echo(request: web.Request) -> web.Response:
+    """For HTTP tool tests: says back what it was sent."""
+    body = await request.json() if request.can_read_body else None
+    return web.json_response(
+        {
+            "method": request.method,
+            "query": dict(request.query),
+            "body": body,
+            "authorization": request.headers.get("Authorization"),
+        }
+    )
+
+
+async def tool_redirect(request: web.Request) -> web.Response:
+    """Redirects to the `to` query parameter (another origin, or a path of this one)."""
+    raise web.HTTPFound(request.query["to"])
+
+
+async def tool_big(_request: web.Request) -> web.Response:
+    return web.Response(body=b"x" * 2_000_000)
+
+
+async def tool_fail(_request: web.Request) -> web.Response:
+    return web.Response(status=503, text="tool backend down")
+
+
 def build_app() -> web.Application:
     fake = FakeUpstream()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", fake.chat)
+    app.router.add_route("*", "/tools/echo", tool_echo)
+    app.router.add_get("/tools/redirect", tool_redirect)
+    app.router.add_get("/tools/big", tool_big)
+    app.router.add_get("/tools/fail", tool_fail)
     app.router.add_get("/_control/stats", fake.stats)
     app.router.add_post("/_control/reset", fake.reset_handler)
     return app
