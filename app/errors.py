@@ -12,6 +12,8 @@ class AppError(Exception):
     code: str = "internal_error"
     title: str = "Internal error"
     retryable: bool = False
+    # A refusal for lack of capacity (busy, limited): it says nothing about a dependency's health.
+    capacity_refusal: bool = False
 
     def __init__(
         self,
@@ -147,14 +149,17 @@ class UpstreamAuthFailed(UpstreamError):
 # Enforcement: refusals that say when to come back (Retry-After) where retrying makes sense.
 class RateLimitExceeded(AppError):
     status, code, title, retryable = 429, "rate_limit_exceeded", "Rate limit exceeded", True
+    capacity_refusal = True
 
 
 class ConcurrencyLimitExceeded(AppError):
     status, code, title, retryable = 429, "concurrency_limit_exceeded", "Too many requests in flight for this key", True
+    capacity_refusal = True
 
 
 class Overloaded(AppError):
     status, code, title, retryable = 503, "overloaded", "The server is at its limit of requests in flight", True
+    capacity_refusal = True
 
 
 class TokenLimitExceeded(AppError):

@@ -233,7 +233,9 @@ async def _run_tool(
         except CircuitOpen as exc:
             error = f"{call.name} is failing and paused for {exc.retry_after or 1:.0f} s; do without it for now"
         except ToolError as exc:
-            error = str(exc)
+            error, result = str(exc), exc.result
+        except AppError as exc:  # a refusal of the tool's own (the sandbox is busy, say)
+            error = f"{exc.code}: {exc.detail}"
         except TimeoutError:
             raise
         except Exception as exc:

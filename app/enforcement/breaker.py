@@ -52,6 +52,8 @@ def classify(error: BaseException) -> Literal["failure", "ignored"]:
     if not isinstance(error, Exception):
         # Cancellation (a client went away) and interpreter exit are not the dependency's doing.
         return "ignored"
+    if isinstance(error, AppError) and error.capacity_refusal:
+        return "ignored"  # busy or limited on our side: the dependency was never asked
     if isinstance(error, UpstreamRejected):
         return "ignored"  # the upstream answered and judged this request: it is up
     if isinstance(error, UpstreamError):

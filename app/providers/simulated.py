@@ -22,6 +22,8 @@ from app.providers.tokens import count_message_tokens
 
 _NUMBER = r"\(*\s*-?\d+(?:\.\d+)?\s*\)*"
 ARITHMETIC = re.compile(rf"{_NUMBER}(?:\s*(?:\*\*|[-+*/%^])\s*{_NUMBER})+")
+# A fenced Python block in the query: the simulated model runs it with the `python` tool.
+PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 _PIECES = re.compile(r"\s*\S+")
 _VOCABULARY = tuple(
     "the agent considers each step and weighs evidence before it answers while tools extend what it can do "
@@ -70,19 +72,20 @@ def _tool_call_for(request: LLMRequest) -> ToolCallDelta | None:
     if not request.messages or request.messages[-1].get("role") != "user":
         return None
     offered = {tool.get("function", {}).get("name") for tool in request.tools or ()}
-    if "calculator" not in offered:
-        return None
-    match = ARITHMETIC.search(_text_of(request.messages[-1]))
-    if match is None:
-        return None
-    expression = match.group(0).strip()
-    digest = hashlib.sha256(expression.encode()).hexdigest()[:12]
-    return ToolCallDelta(
-        index=0,
-        id=f"call_{digest}",
-        name="calculator",
-        arguments=orjson.dumps({"expression": expression}).decode(),
-    )
+    text = _text_of(request.messages[-1])
+    code = PYTHON_BLOCK.search(text) if "python" in offered else None
+    if code is not None:
+        return _call("python", {"code": code.group(1)})
+    match = ARITHMETIC.search(text) if "calculator" in offered else None
+    if match is not None:
+        return _call("calculator", {"expression": match.group(0).strip()})
+    return None
+
+
+def _call(tool: str, arguments: dict[str, str]) -> ToolCallDelta:
+    encoded = orjson.dumps(arguments).decode()
+    digest = hashlib.sha256(encoded.encode()).hexdigest()[:12]
+    return ToolCallDelta(index=0, id=f"call_{digest}", name=tool, arguments=encoded)
 
 
 def _answer_for(messages: list[Message]) -> str:
@@ -107,6 +110,11 @@ def _describe_result(content: str) -> str:
         value: Any = orjson.loads(content)
     except orjson.JSONDecodeError:
         return f"The tool returned: {content}"
+    if isinstance(value, dict) and "stdout" in value:
+        printed = str(value["stdout"]).strip()
+        if value.get("status") == "ok":
+            return f"The program printed: {printed}"
+        return f"The program ended with {value.get('status')}: {str(value.get('stderr', '')).strip()[-200:]}"
     if isinstance(value, dict) and "error" in value:
         return f"The tool failed: {value['error']}"
     if isinstance(value, dict) and "result" in value:

@@ -11,7 +11,15 @@ from pydantic import BaseModel, ValidationError
 
 
 class ToolError(Exception):
-    """A tool failed in a way the model should hear about (bad arguments, a refused input)."""
+    """A tool failed in a way the model should hear about (bad arguments, a refused input).
+
+    `result` carries what the tool produced before failing (a sandboxed program's output), which
+    the caller gets along with the error.
+    """
+
+    def __init__(self, message: str, *, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class ToolUnavailable(ToolError):

@@ -16,7 +16,7 @@ from app.agent.schemas import SessionId
 from app.audit.context import audit_var
 from app.dependencies import PrincipalDep, ResourcesDep
 from app.enforcement.breaker import classify
-from app.errors import InvalidRequest, NotFound, ToolNotAllowed
+from app.errors import AppError, InvalidRequest, NotFound, ToolNotAllowed
 from app.problems import PROBLEM_JSON
 from app.tools.base import ToolContext, ToolError
 
@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/tools", tags=["tools"])
 
 _PROBLEM: dict[str, Any] = {"content": {PROBLEM_JSON: {}}, "description": "A problem+json error"}
-# A direct call is bounded like any request; the model-facing loop has the task's own deadline.
-DIRECT_CALL_TIMEOUT_S = 30.0
 
 
 class ToolOut(BaseModel):
@@ -87,7 +85,7 @@ async def invoke_tool(
     try:
         breaker.before_call()
         try:
-            async with asyncio.timeout(DIRECT_CALL_TIMEOUT_S):
+            async with asyncio.timeout(tool.timeout_s):
                 context = ToolContext(principal.key_id, body.session_id, principal.sandbox_max)
                 result = await tool.run(arguments, context)
         except BaseException as exc:
@@ -95,9 +93,11 @@ async def invoke_tool(
                 breaker.record_failure()
             else:
                 breaker.record_ignored()
-            if not isinstance(exc, Exception):
-                raise  # cancelled: the client left
-            error = _describe(name, exc)
+            if not isinstance(exc, Exception) or isinstance(exc, AppError):
+                raise  # cancelled (the client left), or a refusal with its own status (sandbox busy)
+            error = _describe(name, exc, tool.timeout_s)
+            if isinstance(exc, ToolError):
+                result = exc.result
         else:
             breaker.record_success()
     finally:
@@ -111,11 +111,11 @@ async def invoke_tool(
     return Response(orjson.dumps(outcome.model_dump(mode="json")), media_type="application/json")
 
 
-def _describe(name: str, exc: Exception) -> str:
+def _describe(name: str, exc: Exception, timeout_s: float) -> str:
     """The error a caller reads: the tool's own words, or a timeout, or just the kind of crash."""
     if isinstance(exc, ToolError):
         return str(exc)
     if isinstance(exc, TimeoutError):
-        return f"{name} timed out after {DIRECT_CALL_TIMEOUT_S:g} s"
+        return f"{name} timed out after {timeout_s:g} s"
     log.error("tool %s raised", name, exc_info=exc)
     return f"{name} failed: {type(exc).__name__}"

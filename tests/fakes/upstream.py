@@ -172,7 +172,16 @@ def _failure_status(directives: dict[str, str], attempt: int) -> int | None:
 
 def _tool_call(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> dict[str, Any] | None:
     offered = {t.get("function", {}).get("name") for t in tools}
-    if not messages or messages[-1].get("role") != "user" or "calculator" not in offered:
+    if not messages or messages[-1].get("role") != "user":
+        return None
+    code = re.search(r"```python\n(.*?)```", _text(messages[-1]), re.DOTALL)
+    if code is not None and "python" in offered:
+        return {
+            "id": "call_fake_py",
+            "type": "function",
+            "function": {"name": "python", "arguments": json.dumps({"code": code.group(1)})},
+        }
+    if "calculator" not in offered:
         return None
     match = ARITHMETIC.search(DIRECTIVE.sub("", _text(messages[-1])))
     if match is None:
@@ -190,6 +199,8 @@ def _answer(messages: list[dict[str, Any]], tokens: int) -> list[str]:
             value = json.loads(messages[-1].get("content") or "null")
         except ValueError:
             value = messages[-1].get("content")
+        if isinstance(value, dict) and "stdout" in value:
+            return ["The", " output", " is", f" {str(value['stdout']).strip()}", "."]
         result = value.get("result", value) if isinstance(value, dict) else value
         return ["The", " answer", " is", f" {result}", "."]
     return [("" if i == 0 else " ") + WORDS[i % len(WORDS)] for i in range(tokens)]
