@@ -24,7 +24,7 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from app.tools.base import ToolError
+from app.tools.base import ToolError, ToolUnavailable
 
 
 class FakeClock:
@@ -335,7 +335,8 @@ def test_registry_creates_one_breaker_per_name_and_reports_their_states() -> Non
         (UpstreamRejected(), "ignored"),  # the upstream's 4xx for this request
         (TimeoutError(), "failure"),
         (RequestTimeout(), "failure"),
-        (Overloaded(), "failure"),
+        (Overloaded(), "ignored"),  # our own capacity refusal: the dependency was never asked
+        (ToolUnavailable("backend down"), "failure"),
         (ConnectionResetError(), "failure"),
         (RuntimeError("bug"), "failure"),
         (AppError(), "failure"),
