@@ -15,6 +15,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from app.sandbox.settings import SandboxSettings
+
 Tier = Literal["small", "medium", "large"]
 Mode = Literal["simple", "complex", "research"]
 
@@ -211,6 +213,7 @@ class HttpToolSettings(_Section):
 
 
 class ToolsSettings(_Section):
+    python: bool = Field(True, description="Offer the python tool (code run in the WebAssembly sandbox).")
     http: list[HttpToolSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -261,6 +264,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     audit: AuditSettings = AuditSettings()
     tools: ToolsSettings = ToolsSettings()
+    sandbox: SandboxSettings = SandboxSettings()
     breakers: BreakerSettings = BreakerSettings()
     retries: RetrySettings = RetrySettings()
 

@@ -30,7 +30,9 @@ from app.enforcement.retry import RetryPolicy
 from app.middleware import TrafficCounters
 from app.observability.metrics import Metrics
 from app.providers.registry import ProviderRegistry
+from app.sandbox.sandbox import Sandbox
 from app.tools.http import HttpTool, http_tool_session
+from app.tools.python import PythonTool
 from app.tools.registry import ToolRegistry, builtin_tools
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class Resources:
     enforcer: Enforcer
     idempotency: IdempotencyStore
     audit: AuditSink | None  # None when audit.enabled is false
+    sandbox: Sandbox | None  # None when tools.python is false
 
 
 def upstream_http_session(settings: Settings) -> aiohttp.ClientSession:
@@ -109,6 +112,14 @@ def build_lifespan(
         tool_http = {False: http_tool_session(allow_private=False), True: http_tool_session(allow_private=True)}
         enforcer = build_enforcer(settings, metrics, redis)
         idempotency: IdempotencyStore = RedisIdempotencyStore(redis) if redis is not None else MemoryIdempotencyStore()
+        sandbox = Sandbox(settings.sandbox) if settings.tools.python else None
+        if sandbox is not None:
+            # Compiles the guest in a subprocess on first start (seconds); later starts map the cache.
+            startup = await sandbox.start()
+            log.info("sandbox ready (%s)", "compiled the module" if startup.compiled else "module cache hit")
+        tools = [*builtin_tools(), *(HttpTool(cfg, tool_http[cfg.allow_private]) for cfg in settings.tools.http)]
+        if sandbox is not None:
+            tools.append(PythonTool(sandbox, settings.sandbox))
         audit = AuditSink(engine, settings.audit, metrics) if settings.audit.enabled else None
         if audit is not None:
             await audit.start()
@@ -120,9 +131,7 @@ def build_lifespan(
             session_maker=session_maker,
             http=http,
             providers=providers,
-            tools=ToolRegistry(
-                [*builtin_tools(), *(HttpTool(cfg, tool_http[cfg.allow_private]) for cfg in settings.tools.http)]
-            ),
+            tools=ToolRegistry(tools),
             authenticator=Authenticator(
                 session_maker,
                 cache_seconds=settings.auth.key_cache_seconds,
@@ -132,6 +141,7 @@ def build_lifespan(
             enforcer=enforcer,
             idempotency=idempotency,
             audit=audit,
+            sandbox=sandbox,
         )
         log.info("pacemaker started: %d models, database %s", len(providers.routes()), engine.url.get_backend_name())
         try:
@@ -139,6 +149,8 @@ def build_lifespan(
         finally:
             if audit is not None:
                 await audit.stop()  # flushes the queue (or spools it) before the engine goes
+            if sandbox is not None:
+                await sandbox.close()
             await providers.aclose()
             await enforcer.limiter.aclose()
             if redis is not None:

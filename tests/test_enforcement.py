@@ -192,7 +192,7 @@ async def test_direct_tool_calls_are_limited_like_json(enforced: PacemakerServer
             await http.post("/v1/tools/calculator/invoke", json={"arguments": {"expression": "6 * 7"}})
             for _ in range(3)
         ]
-    assert [tool["name"] for tool in listed] == ["calculator"]
+    assert [tool["name"] for tool in listed] == ["calculator", "python"]
     assert listed[0]["parameters"]["required"] == ["expression"]
     assert [c.status_code for c in calls] == [200, 200, 429]
     assert calls[0].json()["result"]["result"] == 42 and calls[0].json()["error"] is None
