@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -24,6 +25,13 @@ from app.middleware import request_id_var
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the problem+json errors a route may answer with."""
+    described = {"content": {PROBLEM_JSON: {}}, "description": "A problem+json error"}
+    return {status: described for status in statuses}
+
 
 _BY_STATUS: dict[int, type[AppError]] = {
     404: NotFound,

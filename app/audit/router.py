@@ -6,7 +6,7 @@ import base64
 import binascii
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
@@ -16,11 +16,10 @@ from app.audit.repository import AuditFilters, AuditRepository, UsageRow
 from app.auth.principal import Principal
 from app.dependencies import PrincipalDep, ResourcesDep
 from app.errors import Forbidden, InvalidRequest
-from app.problems import PROBLEM_JSON
+from app.problems import problem_responses
 
 router = APIRouter(prefix="/v1", tags=["audit"])
 
-_PROBLEM: dict[str, Any] = {"content": {PROBLEM_JSON: {}}, "description": "A problem+json error"}
 _USD_PLACES = Decimal("0.000000001")  # the scale of audit_record.cost_usd
 _USD_DESCRIPTION = "US dollars as an exact decimal string with 9 decimal places (never a float), e.g. '0.000123000'"
 # Ids are positive BIGINTs; anything outside that range is no cursor this API handed out.
@@ -95,7 +94,7 @@ AdminDep = Annotated[Principal, Depends(require_admin)]
     "/usage",
     response_model=UsageReport,
     summary="Your own usage by day and model",
-    responses={status: _PROBLEM for status in (401, 422)},
+    responses=problem_responses(401, 422),
 )
 async def get_usage(
     principal: PrincipalDep,
@@ -127,7 +126,7 @@ async def get_usage(
     "/audit",
     response_model=AuditPage,
     summary="Every key's audit rows, newest first (admin keys only)",
-    responses={status: _PROBLEM for status in (401, 403, 422)},
+    responses=problem_responses(401, 403, 422),
 )
 async def get_audit(
     _admin: AdminDep,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Header, Request
@@ -19,14 +19,13 @@ from app.enforcement.enforcer import Ticket
 from app.enforcement.idempotent import run_once
 from app.errors import InvalidRequest
 from app.observability.metrics import Metrics
-from app.problems import PROBLEM_JSON, problem_response
+from app.problems import problem_response, problem_responses
 from app.providers.tokens import count_message_tokens
 from app.streaming import EventStreamResponse
 from app.tasks.spec import build_task_spec
 
 router = APIRouter(prefix="/v1", tags=["tasks"])
 
-_PROBLEM: dict[str, Any] = {"content": {PROBLEM_JSON: {}}, "description": "A problem+json error"}
 _RESULT_FIELDS = set(TaskResult.model_fields)
 COST_HEADER = "x-pacemaker-cost-usd"
 
@@ -41,7 +40,7 @@ def sse_frame(event: Event) -> bytes:
     summary="Run a task",
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "The result, or its events as SSE"},
-        **{status: _PROBLEM for status in (400, 401, 402, 404, 409, 413, 422, 429, 502, 503, 504)},
+        **problem_responses(400, 401, 402, 404, 409, 413, 422, 429, 502, 503, 504),
     },
 )
 async def create_task(

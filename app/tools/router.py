@@ -17,13 +17,11 @@ from app.audit.context import audit_var
 from app.dependencies import PrincipalDep, ResourcesDep
 from app.enforcement.breaker import classify
 from app.errors import AppError, InvalidRequest, NotFound, ToolNotAllowed
-from app.problems import PROBLEM_JSON
+from app.problems import problem_responses
 from app.tools.base import ToolContext, ToolError
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/tools", tags=["tools"])
-
-_PROBLEM: dict[str, Any] = {"content": {PROBLEM_JSON: {}}, "description": "A problem+json error"}
 
 
 class ToolOut(BaseModel):
@@ -58,7 +56,7 @@ async def list_tools(principal: PrincipalDep, resources: ResourcesDep) -> list[T
     "/{name}/invoke",
     response_model=ToolInvocationResult,
     summary="Call a tool directly",
-    responses={status: _PROBLEM for status in (401, 403, 404, 422, 429, 503)},
+    responses=problem_responses(401, 403, 404, 422, 429, 503),
 )
 async def invoke_tool(
     name: str, body: ToolInvocation, request: Request, principal: PrincipalDep, resources: ResourcesDep
