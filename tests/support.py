@@ -88,7 +88,9 @@ class ManagedProcess:
             args, cwd=ROOT, env=dict(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
-    def wait_for_port(self, port: int, timeout: float = 20.0) -> None:
+    # Generous: a Pacemaker server's first start on a clean checkout compiles the sandbox's module
+    # (seconds to tens of seconds on a busy 2-core machine) before it listens.
+    def wait_for_port(self, port: int, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
