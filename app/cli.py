@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--tools", help="comma-separated tools this key may use (default: all)")
     create.add_argument("--sandbox-timeout-s", type=float, help="ceiling on a sandboxed run's wall time")
     create.add_argument("--sandbox-memory-mb", type=_positive, help="ceiling on a sandboxed run's memory")
-    create.add_argument("--sandbox-fuel", type=_positive, help="ceiling on a sandboxed run's fuel (CPU)")
+    create.add_argument("--sandbox-fuel", type=_fuel, help="ceiling on a sandboxed run's fuel (CPU)")
     create.add_argument("--rpm", type=_positive, help="requests per minute (default: limits.rpm)")
     create.add_argument("--burst", type=_positive, help="request burst (default: rpm)")
     create.add_argument("--tpm", type=_positive, help="tokens per minute (default: limits.tpm)")
@@ -90,8 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+INT32_MAX = 2_147_483_647  # the key columns are 32-bit integers on PostgreSQL
+
+
 def _positive(text: str) -> int:
     value = int(text)
+    if not 1 <= value <= INT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {INT32_MAX}")
+    return value
+
+
+def _fuel(text: str) -> int:
+    value = int(float(text))  # accepts 5e10
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value

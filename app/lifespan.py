@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -144,6 +145,9 @@ def build_lifespan(
             sandbox=sandbox,
         )
         log.info("pacemaker started: %d models, database %s", len(providers.routes()), engine.url.get_backend_name())
+        # Everything built so far lives as long as the process: keep the collector from walking it
+        # again and again (full collections of it stalled requests for 50-75 ms in the benchmark).
+        gc.freeze()
         try:
             yield {"resources": resources}
         finally:
