@@ -127,6 +127,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         port=args.port or settings.server.port,
         workers=args.workers,
         access_log=settings.server.access_log,
+        proxy_headers=settings.server.proxy_headers,
+        forwarded_allow_ips=settings.server.forwarded_allow_ips,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=30,
     )

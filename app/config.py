@@ -33,6 +33,9 @@ class ServerSettings(_Section):
     port: int = Field(8000, ge=1, le=65535)
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
     access_log: bool = False
+    # Behind a reverse proxy: take the client address from X-Forwarded-For, from these proxies only.
+    proxy_headers: bool = False
+    forwarded_allow_ips: str = "127.0.0.1"
     # A comment line on idle SSE streams, so proxies do not close them.
     sse_ping_seconds: float = Field(15.0, gt=0)
     ws_max_tasks_per_socket: int = Field(16, ge=1)

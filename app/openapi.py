@@ -6,10 +6,16 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from app.openai_compat.schemas import ChatCompletionRequest
 
 # Every /v1 route takes an API key (a test checks each refuses a request without one); health,
 # readiness and metrics do not.
 SECURED_PREFIX = "/v1/"
+
+# Request bodies that handlers read themselves, referenced from their routes' openapi_extra.
+HANDLER_PARSED_BODIES: tuple[type[BaseModel], ...] = (ChatCompletionRequest,)
 
 SECURITY_SCHEMES = {
     "BearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
@@ -21,7 +27,11 @@ def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+            components = schema.setdefault("components", {})
+            components["securitySchemes"] = SECURITY_SCHEMES
+            schemas = components.setdefault("schemas", {})
+            for model in HANDLER_PARSED_BODIES:
+                _add_model(schemas, model)
             for path, operations in schema.get("paths", {}).items():
                 if path.startswith(SECURED_PREFIX):
                     for operation in operations.values():
@@ -30,3 +40,11 @@ def install_openapi(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _add_model(schemas: dict[str, Any], model: type[BaseModel]) -> None:
+    """Document a body a handler parses itself (FastAPI documents only bodies it parses)."""
+    definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, nested in definition.pop("$defs", {}).items():
+        schemas.setdefault(name, nested)
+    schemas[model.__name__] = definition

@@ -119,8 +119,9 @@ class ModelCall:
         if self._response is not None:
             return
         # Upstreams that report no usage get an estimate, flagged as such.
-        estimate = Usage(self._prompt_estimate, count_text_tokens(self._builder.text))
-        self._response = response = self._builder.build(estimate)
+        self._response = response = self._builder.build(
+            lambda: Usage(self._prompt_estimate, count_text_tokens(self._builder.text))
+        )
         self._record("ok")
         if self._breaker is not None:
             self._breaker.record_success()

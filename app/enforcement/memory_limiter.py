@@ -58,6 +58,9 @@ class _Limits:
     budget_nanos: int | None
 
 
+_LIMITS_CACHE_SIZE = 10_000
+
+
 class MemoryLimiter:
     """Per-key state in a bounded LRU; atomic because admit and settle never await.
 
@@ -81,6 +84,9 @@ class MemoryLimiter:
         self._wall_clock = wall_clock
         self._max_keys = max_keys
         self.scale = scale
+        self._limits_cache: dict[LimitSpec, _Limits] = {}
+        # The current day and month periods, kept until the wall clock passes their end.
+        self._periods: dict[BudgetPeriod | None, tuple[str, float]] = {}
         self._keys: OrderedDict[int, _KeyState] = OrderedDict()
 
     def __len__(self) -> int:
@@ -193,12 +199,28 @@ class MemoryLimiter:
                 del self._keys[key_id]
 
     def _spent(self, state: _KeyState, period: BudgetPeriod | None) -> int:
-        period_id, ends_at = _period(period, self._wall_clock())
+        period_id, ends_at = self._current_period(period)
         if state.budget_period != period_id:
             state.budget_period, state.budget_spent, state.budget_ends_at = period_id, 0, ends_at
         return state.budget_spent
 
+    def _current_period(self, period: BudgetPeriod | None) -> tuple[str, float]:
+        wall = self._wall_clock()
+        known = self._periods.get(period)
+        if known is None or wall >= known[1] or period is None:
+            known = self._periods[period] = _period(period, wall)
+        return known
+
     def _limits(self, spec: LimitSpec) -> _Limits:
+        # Specs are frozen and few (one per key's limits): compute each once.
+        limits = self._limits_cache.get(spec)
+        if limits is None:
+            if len(self._limits_cache) >= _LIMITS_CACHE_SIZE:
+                self._limits_cache.clear()
+            limits = self._limits_cache[spec] = self._compute_limits(spec)
+        return limits
+
+    def _compute_limits(self, spec: LimitSpec) -> _Limits:
         scale = self.scale
         request_capacity = spec.request_capacity
         budget_nanos = None if spec.budget_usd is None else usd_to_nanos(spec.budget_usd, round_up=False)

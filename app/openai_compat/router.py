@@ -6,10 +6,12 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncGenerator
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.responses import Response
 
 from app.agent.model_call import ModelCall
@@ -48,14 +50,18 @@ async def list_models(_principal: PrincipalDep, resources: ResourcesDep) -> Resp
     "/chat/completions",
     summary="Create a chat completion (OpenAI-compatible)",
     responses={200: {"content": {"application/json": {}, "text/event-stream": {}}}, **_ERRORS},
+    # The body is read and validated by the handler itself, in one pass from bytes (FastAPI's own
+    # body handling was the largest cost of this, the hottest route); the schema is declared here.
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
+        }
+    },
 )
-async def chat_completions(
-    body: ChatCompletionRequest,
-    request: Request,
-    principal: PrincipalDep,
-    resources: ResourcesDep,
-    idempotency_key: Annotated[str | None, Header(description="Run at most once per key (non-streamed).")] = None,
-) -> Response:
+async def chat_completions(request: Request, principal: PrincipalDep, resources: ResourcesDep) -> Response:
+    body = await _read_body(request)
+    idempotency_key = request.headers.get("idempotency-key")
     if body.stream and idempotency_key is not None:
         raise InvalidRequest("Idempotency-Key applies to non-streamed requests; a stream cannot be replayed.")
     route = resources.providers.route(body.model)
@@ -136,6 +142,16 @@ async def chat_completions(
         ping_seconds=resources.settings.server.sse_ping_seconds,
         active=resources.metrics.active_streams.labels("openai"),
     )
+
+
+async def _read_body(request: Request) -> ChatCompletionRequest:
+    try:
+        return ChatCompletionRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False)
+        # Shaped like FastAPI's own, so one renderer (and one set of codes) serves both.
+        located = [{**error, "loc": ("body", *error["loc"])} for error in errors]
+        raise RequestValidationError(located) from None
 
 
 class _Meta:

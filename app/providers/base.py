@@ -6,7 +6,7 @@ chunk holding the whole message), so every consumer processes both through the s
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -105,14 +105,15 @@ class ResponseBuilder:
     def text(self) -> str:
         return "".join(self._text)
 
-    def build(self, estimate_usage: Usage) -> LLMResponse:
+    def build(self, estimate_usage: Callable[[], Usage]) -> LLMResponse:
+        """The response; `estimate_usage` is called only when the upstream reported none."""
         calls = [
             ToolCall(id=d.id or f"call_{d.index}", name=d.name or "", arguments=d.arguments or "{}")
             for _, d in sorted(self._calls.items())
         ]
         finish = self.finish_reason or ("tool_calls" if calls else "stop")
         if self.usage is None:
-            return LLMResponse(self.text, calls, finish, estimate_usage, usage_estimated=True)
+            return LLMResponse(self.text, calls, finish, estimate_usage(), usage_estimated=True)
         return LLMResponse(self.text, calls, finish, self.usage)
 
 
