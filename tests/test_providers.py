@@ -39,11 +39,11 @@ async def test_simulated_streams_and_non_streams_the_same_answer() -> None:
 async def test_simulated_calls_the_calculator_only_when_offered_and_asked() -> None:
     ask = [{"role": "user", "content": "what is (2 + 3) * 4?"}]
     _, with_tool = await collect(LLMRequest(model="m", messages=ask, tools=CALCULATOR))
-    response = with_tool.build(Usage())
+    response = with_tool.build(Usage)
     assert [(c.name, c.arguments) for c in response.tool_calls] == [("calculator", '{"expression":"(2 + 3) * 4"}')]
     assert response.finish_reason == "tool_calls"
     _, without_tool = await collect(LLMRequest(model="m", messages=ask))
-    assert without_tool.build(Usage()).tool_calls == []
+    assert without_tool.build(Usage).tool_calls == []
 
 
 async def test_simulated_answers_with_a_tool_result() -> None:
@@ -83,7 +83,7 @@ def test_tool_call_fragments_fold_into_whole_calls() -> None:
     builder.add(LLMChunk(tool_calls=[ToolCallDelta(0, "a", "calc", '{"x":')]))
     builder.add(LLMChunk(tool_calls=[ToolCallDelta(1, "b", "calc", "{}")]))
     builder.add(LLMChunk(tool_calls=[ToolCallDelta(0, None, None, " 1}")]))
-    response = builder.build(Usage(5, 6))
+    response = builder.build(lambda: Usage(5, 6))
     assert [(c.id, c.arguments) for c in response.tool_calls] == [("a", '{"x": 1}'), ("b", "{}")]
     assert response.usage_estimated and response.usage == Usage(5, 6)
 
