@@ -61,7 +61,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -90,9 +89,8 @@ from app.audit.sink import AuditSink
 from app.config import AuditSettings, DatabaseSettings
 from app.db import create_engine, migrate
 from app.observability.metrics import Metrics
+from benchmarks.harness import HOST, ROOT, Child, free_port, log
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
 PG_HOSTPORT = "127.0.0.1:5432"
 PG_ADMIN_DSN = f"postgresql://postgres@{PG_HOSTPORT}/test"
 DB_PREFIX = "pacemaker_bench_audit_"
@@ -101,7 +99,6 @@ RATE = 500  # requests per second in part B
 INTERVAL_S = 1 / RATE
 QUERY = "Summarise the main risks of moving a billing service from MySQL to PostgreSQL, in a few sentences."
 REQUEST_TIMEOUT_S = 10.0  # no request may hold a run longer than this
-START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 45.0  # uvicorn's graceful shutdown (30 s) plus the audit flush
 SERVER_CPU = 0  # when pinning: the server under test
 LOAD_CPU = 1  # when pinning: this process (the load generator)
@@ -130,10 +127,6 @@ UNNEST_TEXT = text(
     f" SELECT * FROM unnest({', '.join(f'CAST(:{c} AS {_PG_TYPES[c]}[])' for c in COLUMNS)})"
     " ON CONFLICT (record_uid) DO NOTHING"
 )
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def pg_url(name: str) -> str:
@@ -188,64 +181,6 @@ async def server_facts() -> dict[str, str]:
         return facts
     finally:
         await connection.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Child:
-    """A server process, its output in a log file; stop() ends and reaps it."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path, port: int) -> None:
-        self.name = name
-        self.port = port
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        self.popen = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.process = psutil.Process(self.popen.pid)
-
-    def wait_for_port(self, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.output()}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=0.5):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name}: nothing listened on port {self.port} within {timeout} s:\n{self.output()}")
-
-    def cpu_seconds(self) -> float:
-        try:
-            times = self.process.cpu_times()
-        except psutil.Error:
-            return float("nan")
-        return float(times.user + times.system)
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> int | None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name} did not stop within {STOP_TIMEOUT_S} s: killed")
-                with contextlib.suppress(ProcessLookupError):
-                    self.popen.kill()
-                self.popen.wait(10)
-        if not self._log.closed:
-            self._log.close()
-        return self.popen.returncode
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -917,7 +852,7 @@ def run_latency_pair(
         if variant.audit:
             run.server_metrics = runner.run(audit_metrics(base_url))
     finally:
-        code = server.stop()
+        code = server.stop(STOP_TIMEOUT_S)
         children.remove(server)
     if code not in (0, None, -signal.SIGTERM):  # uvicorn re-raises the SIGTERM it handled
         log(f"{server.name} exited with {code}:\n{server.output()}")

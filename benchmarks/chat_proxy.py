@@ -36,7 +36,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,12 +51,11 @@ import orjson
 import psutil
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+from benchmarks.harness import HOST, ROOT, Child, child_env, free_port, log
+
 PATH = "/v1/chat/completions"
 MODEL = "fake-model"
 REQUEST_TIMEOUT_S = 30.0  # no single request may hang a scenario longer than this
-START_TIMEOUT_S = 30.0
 SERVER_CPU = 0  # when pinning: the process under test
 LOAD_CPU = 1  # when pinning: the load generator, py-spy and the idle servers
 
@@ -70,67 +68,6 @@ TARGET_CHECKS = {"pacemaker_vs_bare_rps_c64": 0.6, "pacemaker_added_p50_ms_c1": 
 
 # ---------------------------------------------------------------------------------------------
 # Child processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-class Child:
-    """A server process with its output in a log file; stopped and reaped by stop()."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path, port: int) -> None:
-        self.name = name
-        self.port = port
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.popen = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.process = psutil.Process(self.popen.pid)
-
-    def wait_for_port(self, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.output()}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=0.5):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name}: nothing listened on port {self.port} within {timeout}s:\n{self.output()}")
-
-    def cpu_seconds(self) -> float:
-        times = self.process.cpu_times()
-        return float(times.user + times.system)
-
-    def output(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    self.popen.kill()
-                self.popen.wait(10)
-        self._log.close()
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACEMAKER_")}
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    return env
 
 
 def start_fake_upstream(workdir: Path, children: list[Child]) -> Child:

@@ -52,7 +52,6 @@ import pstats
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -82,9 +81,8 @@ from app.lifespan import build_enforcer
 from app.observability.metrics import Metrics
 from app.providers.base import Usage
 from app.providers.registry import ModelRoute, ProviderRegistry
+from benchmarks.harness import HOST, ROOT, Child, child_env, free_port, log
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 MODEL = "fake-model"
 PATH = "/v1/chat/completions"
@@ -108,7 +106,6 @@ TARGET_ADDED_P50_MS = {"memory": 0.5, "redis": 1.0}
 E2E_CONCURRENCY = (1, 32)
 E2E_WARMUP_S = 1.0
 REQUEST_TIMEOUT_S = 30.0
-START_TIMEOUT_S = 30.0
 SERVER_CPU = 0
 LOAD_CPU = 1
 E2E_BODY = orjson.dumps(
@@ -122,10 +119,6 @@ E2E_BODY = orjson.dumps(
         "max_tokens": MAX_TOKENS,
     }
 )
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def fmt(value: float, digits: int = 1) -> str:
@@ -456,65 +449,6 @@ def render_part_a(result: InProcess, requests: int, rounds: int) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Part B: end to end
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACEMAKER_")}
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-class Child:
-    """A server process with its output in a log file, in its own session; stop() stops and reaps it."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path, port: int) -> None:
-        self.name = name
-        self.port = port
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.popen = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.process = psutil.Process(self.popen.pid)
-
-    def wait_for_port(self, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.output()}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=0.5):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name}: nothing listened on {self.port} within {timeout} s:\n{self.output()}")
-
-    def cpu_seconds(self) -> float:
-        times = self.process.cpu_times()
-        return times.user + times.system
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    self.popen.kill()
-                self.popen.wait(10)
-        if not self._log.closed:
-            self._log.close()
 
 
 @dataclass(frozen=True)
