@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import cProfile
 import itertools
 import math
@@ -66,7 +65,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -89,7 +88,7 @@ from app.audit.sink import AuditSink
 from app.config import AuditSettings, DatabaseSettings
 from app.db import create_engine, migrate
 from app.observability.metrics import Metrics
-from benchmarks.harness import HOST, ROOT, Child, free_port, log
+from benchmarks.harness import HOST, ROOT, Child, free_port, log, pin, terminate_on_sigterm
 
 PG_HOSTPORT = "127.0.0.1:5432"
 PG_ADMIN_DSN = f"postgresql://postgres@{PG_HOSTPORT}/test"
@@ -183,13 +182,6 @@ async def server_facts() -> dict[str, str]:
         await connection.close()
 
 
-def pin(pid: int, cpus: set[int]) -> None:
-    """Every thread of a process (sched_setaffinity on a pid moves only that thread); new ones inherit."""
-    for thread in psutil.Process(pid).threads():
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(thread.id, cpus)
-
-
 def other_benchmarks() -> list[str]:
     """Command lines of `python -m benchmarks.*` processes other than this one (and its parents, children)."""
     me = psutil.Process()
@@ -265,21 +257,6 @@ async def backend_pids(pg: asyncpg.Connection, database: str) -> list[int]:
 
 def new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()  # as under `pacemaker serve`
-
-
-@contextlib.contextmanager
-def terminate_on_sigterm() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C, so that the cleanup runs in every case."""
-
-    def interrupt(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------------------------

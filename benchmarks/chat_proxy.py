@@ -28,20 +28,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,7 @@ import orjson
 import psutil
 import yaml
 
-from benchmarks.harness import HOST, ROOT, Child, child_env, free_port, log
+from benchmarks.harness import HOST, ROOT, Child, child_env, free_port, log, pin, terminate_on_sigterm
 
 PATH = "/v1/chat/completions"
 MODEL = "fake-model"
@@ -123,13 +121,6 @@ def start_pacemaker(workdir: Path, upstream_port: int, children: list[Child]) ->
     children.append(child := Child("pacemaker", args, env, workdir / "pacemaker.log", port))
     child.wait_for_port()
     return child, key
-
-
-def pin(pid: int, cpus: set[int]) -> None:
-    """Pin every thread of a process (sched_setaffinity on a pid moves only that one thread)."""
-    for thread in psutil.Process(pid).threads():
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(thread.id, cpus)
 
 
 def pin_for(target: Target, children: Sequence[Child]) -> None:
@@ -573,21 +564,6 @@ SCENARIOS = {
     "json_c64": Scenario("json_c64", "JSON c=64", 64, stream=False),
     "sse_c64": Scenario("sse_c64", "SSE c=64", 64, stream=True),
 }
-
-
-@contextlib.contextmanager
-def terminate_on_sigterm() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) unwind like Ctrl-C, so that the children are stopped in every case."""
-
-    def interrupt(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

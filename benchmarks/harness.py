@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -85,3 +86,25 @@ class Child:
         if not self._log.closed:
             self._log.close()
         return self.popen.returncode
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of a process (sched_setaffinity on a pid moves only that thread); new ones inherit."""
+    for thread in psutil.Process(pid).threads():
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(thread.id, cpus)
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so that the children are stopped in every case."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
