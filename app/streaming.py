@@ -67,17 +67,26 @@ class EventStreamResponse(Response):
         queue: asyncio.Queue[bytes | object] = asyncio.Queue(maxsize=64)
         producer = asyncio.create_task(_produce(self.frames, queue))
         try:
-            while True:
+            ended = False
+            while not ended:
                 try:
                     async with asyncio.timeout(self.ping_seconds):
                         frame = await queue.get()
                 except TimeoutError:
                     await send({"type": "http.response.body", "body": PING, "more_body": True})
                     continue
-                if frame is _END:
-                    break
-                assert isinstance(frame, bytes)
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
+                # Whatever else is already waiting goes out in the same write: one ASGI message
+                # (and one pass through every middleware's send) for a burst of tokens.
+                batch: list[bytes] = []
+                while frame is not _END:
+                    assert isinstance(frame, bytes)
+                    batch.append(frame)
+                    if queue.empty():
+                        break
+                    frame = queue.get_nowait()
+                ended = frame is _END
+                if batch:
+                    await send({"type": "http.response.body", "body": b"".join(batch), "more_body": True})
             producer.result()  # surface a producer failure, if any
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
