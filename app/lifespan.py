@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,65 +104,68 @@ def build_lifespan(
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[dict[str, Any]]]:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        engine = create_engine(settings.database)
-        http = upstream_http_session(settings)
-        providers = ProviderRegistry(settings, http)
-        session_maker = create_session_maker(engine)
-        redis = build_redis(settings.limits.redis_url) if settings.limits.redis_url else None
-        # Clients for HTTP tools, apart from the upstreams' pool: one refusing private addresses.
-        tool_http = {False: http_tool_session(allow_private=False), True: http_tool_session(allow_private=True)}
-        enforcer = build_enforcer(settings, metrics, redis)
-        idempotency: IdempotencyStore = RedisIdempotencyStore(redis) if redis is not None else MemoryIdempotencyStore()
-        sandbox = Sandbox(settings.sandbox) if settings.tools.python else None
-        if sandbox is not None:
-            # Compiles the guest in a subprocess on first start (seconds); later starts map the cache.
-            startup = await sandbox.start()
-            log.info("sandbox ready (%s)", "compiled the module" if startup.compiled else "module cache hit")
-        tools = [*builtin_tools(), *(HttpTool(cfg, tool_http[cfg.allow_private]) for cfg in settings.tools.http)]
-        if sandbox is not None:
-            tools.append(PythonTool(sandbox, settings.sandbox))
-        audit = AuditSink(engine, settings.audit, metrics) if settings.audit.enabled else None
-        if audit is not None:
-            await audit.start()
-        resources = Resources(
-            settings=settings,
-            metrics=metrics,
-            counters=counters,
-            engine=engine,
-            session_maker=session_maker,
-            http=http,
-            providers=providers,
-            tools=ToolRegistry(tools),
-            authenticator=Authenticator(
-                session_maker,
-                cache_seconds=settings.auth.key_cache_seconds,
-                cache_size=settings.auth.key_cache_size,
-            ),
-            redis=redis,
-            enforcer=enforcer,
-            idempotency=idempotency,
-            audit=audit,
-            sandbox=sandbox,
-        )
-        log.info("pacemaker started: %d models, database %s", len(providers.routes()), engine.url.get_backend_name())
-        # Everything built so far lives as long as the process: keep the collector from walking it
-        # again and again (full collections of it stalled requests for 50-75 ms in the benchmark).
-        gc.freeze()
-        try:
-            yield {"resources": resources}
-        finally:
-            if audit is not None:
-                await audit.stop()  # flushes the queue (or spools it) before the engine goes
-            if sandbox is not None:
-                await sandbox.close()
-            await providers.aclose()
-            await enforcer.limiter.aclose()
+        # Each resource is registered for closing as soon as it exists, so a start that fails
+        # halfway (the sandbox's runtime refused, say) still closes what was opened. Closing runs
+        # in reverse: the audit sink flushes before the engine goes.
+        async with AsyncExitStack() as stack:
+            engine = create_engine(settings.database)
+            stack.push_async_callback(engine.dispose)
+            http = upstream_http_session(settings)
+            stack.push_async_callback(http.close)
+            providers = ProviderRegistry(settings, http)
+            stack.push_async_callback(providers.aclose)
+            session_maker = create_session_maker(engine)
+            redis = build_redis(settings.limits.redis_url) if settings.limits.redis_url else None
             if redis is not None:
-                await redis.aclose()
-            await http.close()
+                stack.push_async_callback(redis.aclose)
+            # Clients for HTTP tools, apart from the upstreams' pool: one refusing private addresses.
+            tool_http = {private: http_tool_session(allow_private=private) for private in (False, True)}
             for session in tool_http.values():
-                await session.close()
-            await engine.dispose()
-            log.info("pacemaker stopped")
+                stack.push_async_callback(session.close)
+            enforcer = build_enforcer(settings, metrics, redis)
+            stack.push_async_callback(enforcer.limiter.aclose)
+            idempotency: IdempotencyStore = (
+                RedisIdempotencyStore(redis) if redis is not None else MemoryIdempotencyStore()
+            )
+            tools = [*builtin_tools(), *(HttpTool(cfg, tool_http[cfg.allow_private]) for cfg in settings.tools.http)]
+            sandbox = Sandbox(settings.sandbox) if settings.tools.python else None
+            if sandbox is not None:
+                # Compiles the guest in a subprocess on first start (seconds); later starts map the cache.
+                startup = await sandbox.start()
+                stack.push_async_callback(sandbox.close)
+                log.info("sandbox ready (%s)", "compiled the module" if startup.compiled else "module cache hit")
+                tools.append(PythonTool(sandbox, settings.sandbox))
+            audit = AuditSink(engine, settings.audit, metrics) if settings.audit.enabled else None
+            if audit is not None:
+                await audit.start()
+                stack.push_async_callback(audit.stop)
+            resources = Resources(
+                settings=settings,
+                metrics=metrics,
+                counters=counters,
+                engine=engine,
+                session_maker=session_maker,
+                http=http,
+                providers=providers,
+                tools=ToolRegistry(tools),
+                authenticator=Authenticator(
+                    session_maker,
+                    cache_seconds=settings.auth.key_cache_seconds,
+                    cache_size=settings.auth.key_cache_size,
+                ),
+                redis=redis,
+                enforcer=enforcer,
+                idempotency=idempotency,
+                audit=audit,
+                sandbox=sandbox,
+            )
+            log.info(
+                "pacemaker started: %d models, database %s", len(providers.routes()), engine.url.get_backend_name()
+            )
+            # Everything built so far lives as long as the process: keep the collector from walking
+            # it again and again (full collections of it stalled requests for 50-75 ms in the benchmark).
+            gc.freeze()
+            yield {"resources": resources}
+        log.info("pacemaker stopped")
 
     return lifespan
