@@ -187,6 +187,10 @@ class IdempotencyInProgress(AppError):
     )
 
 
+class IdempotencyUnavailable(AppError):
+    status, code, title, retryable = 503, "idempotency_unavailable", "Idempotency keys cannot be checked", True
+
+
 class IdempotencyConflict(AppError):
     status, code, title = 422, "idempotency_conflict", "This Idempotency-Key was used with a different request"
 

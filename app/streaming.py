@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from prometheus_client import Gauge
 from starlette.responses import Response
@@ -35,8 +35,12 @@ class EventStreamResponse(Response):
         ping_seconds: float,
         active: Gauge | None = None,
         headers: dict[str, str] | None = None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.frames = frames
+        # Runs however the response ends, even if the frames never started (a client gone before
+        # the headers were out): what the request holds (a concurrency slot, an upstream call).
+        self.on_close = on_close
         self.ping_seconds = ping_seconds
         self.active = active
         self.status_code = 200
@@ -59,6 +63,8 @@ class EventStreamResponse(Response):
             for task in (writer, watcher):
                 with contextlib.suppress(asyncio.CancelledError, OSError):
                     await task
+            if self.on_close is not None:
+                await self.on_close()
             if self.active is not None:
                 self.active.dec()
 

@@ -231,3 +231,15 @@ async def test_every_route_has_a_wall_clock_timeout(impatient: PacemakerServer) 
     assert task.status_code == 504 and task.json()["code"] == "request_timeout"
     assert chat.status_code == 504 and chat.json()["error"]["code"] == "request_timeout"
     assert events[-1].json()["error"]["code"] == "request_timeout"  # in-band: the stream had started
+
+
+async def test_a_retryable_refusal_is_not_kept_under_an_idempotency_key(enforced: PacemakerServer) -> None:
+    key = new_key(enforced, rpm=6, burst=1)
+    headers = {"Idempotency-Key": f"retry-{uuid.uuid4().hex[:8]}"}
+    async with enforced.client(key=key) as http:
+        await http.post("/v1/tasks", json={"query": "spend the burst"})
+        refused = await http.post("/v1/tasks", json={"query": "later"}, headers=headers)
+        again = await http.post("/v1/tasks", json={"query": "later"}, headers=headers)
+    assert refused.status_code == again.status_code == 429
+    assert "idempotent-replayed" not in again.headers  # a fresh refusal, with its own Retry-After
+    assert "retry-after" in again.headers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from decimal import Decimal
 from typing import Any
@@ -133,3 +134,31 @@ async def test_a_failing_tool_opens_its_breaker_and_the_model_hears_it_is_paused
     assert all("paused" in (error or "") for error in errors[2:])
     assert enforcer.breakers.states()["tool:calculator"] == BreakerState.OPEN
     await ticket.close()
+
+
+class SlowTool(CalculatorTool):
+    """A healthy tool that takes longer than the tasks that call it allow."""
+
+    async def run(self, arguments: Any, context: Any) -> dict[str, Any]:
+        await asyncio.sleep(1)
+        return {"result": 1}
+
+
+async def test_a_task_running_out_of_time_in_a_tool_does_not_count_against_the_tool() -> None:
+    enforcer = Enforcer(
+        LimitSettings(),
+        MemoryLimiter(),
+        ConcurrencyLimiter(10),
+        BreakerRegistry(BreakerConfig(min_calls=2, failure_rate_threshold=0.5, open_s=60)),
+        RetryPolicy(),
+        Metrics(),
+    )
+    for _ in range(4):
+        model = ScriptedModel([("calculator", '{"expression": "1"}'), "done"])
+        route = ModelRoute("scripted-model", model, "scripted-model", Decimal(0), Decimal(0))
+        ticket = await enforcer.admit(Principal(1, "t", "pk_t"), route=route, prompt_tokens=10, max_tokens=100)
+        events = await run(spec(model, tools=[SlowTool()], ticket=ticket, timeout_s=0.05))
+        await ticket.close()
+        assert isinstance(events[-1], TaskFailed) and events[-1].code == "request_timeout"
+    # One caller's short deadlines must not pause the tool for everyone else.
+    assert enforcer.breakers.states()["tool:calculator"] == BreakerState.CLOSED

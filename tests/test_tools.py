@@ -38,6 +38,7 @@ def tooled(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iter
                 http_tool("away", f"{fake_upstream}/tools/redirect?to=http://127.0.0.2:1/tools/echo", method="GET"),
                 http_tool("home", f"{fake_upstream}/tools/redirect?to=/tools/echo", method="GET"),
                 http_tool("big", f"{fake_upstream}/tools/big", method="GET", max_response_bytes=1000),
+                http_tool("many", f"{fake_upstream}/tools/many", method="GET"),
                 http_tool("down", f"{fake_upstream}/tools/fail", method="GET"),
                 {**http_tool("internal", f"{fake_upstream}/tools/echo", method="GET"), "allow_private": False},
             ]
@@ -122,3 +123,10 @@ async def test_a_task_allowlist_narrows_what_the_model_is_offered(tooled: Pacema
     assert [e["tool"] for e in events if e["type"] == "tool.call"] == ["calculator"]
     bodies = [b for b in (await upstream_stats.get("/_control/stats")).json()["last_bodies"] if tag in str(b)]
     assert {t["function"]["name"] for body in bodies for t in body.get("tools", [])} == {"calculator"}
+
+
+async def test_a_large_answer_is_read_whole_not_cut_at_the_first_network_read(tooled: PacemakerServer) -> None:
+    async with tooled.client() as http:
+        called = (await http.post("/v1/tools/many/invoke", json={"arguments": {}})).json()
+    assert called["error"] is None
+    assert len(called["result"]["body"]["items"]) == 20_000

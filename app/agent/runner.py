@@ -223,7 +223,9 @@ async def _run_tool(
             try:
                 result = await _before(deadline, tool.run(tool.parse_arguments(call.arguments), context))
             except BaseException as exc:
-                if breaker is not None and classify(exc) == "failure":
+                # The task's own deadline (a TimeoutError from _before) is the caller's budget running
+                # out, not the tool failing: counting it would let one caller pause a tool for all.
+                if breaker is not None and classify(exc) == "failure" and not isinstance(exc, TimeoutError):
                     breaker.record_failure()
                 elif breaker is not None:
                     breaker.record_ignored()

@@ -76,6 +76,8 @@ class AuditSink:
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await writer
+            except Exception:
+                log.exception("audit: the writer had failed; spooling what it left")
         # Whatever the writer had in hand or could not reach: to disk (insert-or-ignore makes a
         # row that did reach the database harmless to replay).
         self._spool_now(self._in_hand + _drain(self._queue))
@@ -93,11 +95,17 @@ class AuditSink:
         next_replay = 0.0  # a previous run may have left rows in the spool: they go first
         while not (self._stopping and self._queue.empty()):
             batch = await self._next_batch()
-            if self.spool.has_rows() and self._clock() >= next_replay and not self._stopping:
-                replayed = await self._replay()
-                next_replay = 0.0 if replayed else self._clock() + self._settings.retry_interval_s
-            if batch and (self.spool.has_rows() or not await self._insert_rows(batch)):
+            try:
+                if self.spool.has_rows() and self._clock() >= next_replay and not self._stopping:
+                    replayed = await self._replay()
+                    next_replay = 0.0 if replayed else self._clock() + self._settings.retry_interval_s
+                if batch and (self.spool.has_rows() or not await self._insert_rows(batch)):
+                    self._spool_now(batch)
+            except Exception:
+                # The writer must outlive any one failure (a spool file gone, say): keep the batch.
+                log.exception("audit: writing a batch failed; spooling it")
                 self._spool_now(batch)
+                next_replay = self._clock() + self._settings.retry_interval_s
             self._in_hand = []
 
     async def _next_batch(self) -> list[dict[str, Any]]:

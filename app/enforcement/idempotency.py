@@ -22,6 +22,9 @@ from redis.asyncio import Redis
 from app.errors import IdempotencyConflict, IdempotencyInProgress
 
 TTL_S = 24 * 3600
+# A claim outlives its request only by this much: an instance that dies mid-run does not block the
+# key for a day (tasks are bounded by agent.max... timeouts well below it).
+CLAIM_TTL_S = 3600
 POLL_S = 0.05
 
 
@@ -119,7 +122,7 @@ class RedisIdempotencyStore:
         running = orjson.dumps({"fp": fingerprint})
         deadline = time.monotonic() + self.wait_s
         while True:
-            if await self._redis.set(key, running, nx=True, ex=TTL_S):
+            if await self._redis.set(key, running, nx=True, ex=CLAIM_TTL_S):
                 return Claim(store_key, fingerprint)
             raw = await self._redis.get(key)
             if raw is None:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable, Callable
 
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from app.auth.principal import Principal
 from app.enforcement.idempotency import IdempotencyStore, StoredResponse, fingerprint
-from app.errors import AppError, InvalidRequest
+from app.errors import AppError, IdempotencyUnavailable, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+# A shared store (Redis) that fails: never a 500, and never an answer lost for lack of bookkeeping.
+STORE_ERRORS = (RedisError, OSError, TimeoutError)
 
 _WELL_FORMED = re.compile(r"^[\x21-\x7e]{1,255}$")
 # Headers worth replaying; the rest (date, request id, lengths) belong to the new response.
@@ -29,25 +36,43 @@ async def run_once(
         return await handle()
     if not _WELL_FORMED.match(idempotency_key):
         raise InvalidRequest("Idempotency-Key must be 1 to 255 visible ASCII characters.")
-    claimed = await store.claim(
-        f"{principal.key_id}:{idempotency_key}",
-        fingerprint(request.method, request.url.path, await request.body()),
-    )
+    try:
+        claimed = await store.claim(
+            f"{principal.key_id}:{idempotency_key}",
+            fingerprint(request.method, request.url.path, await request.body()),
+        )
+    except STORE_ERRORS:
+        raise IdempotencyUnavailable("Idempotency keys cannot be checked right now.", retry_after=1.0) from None
     if isinstance(claimed, StoredResponse):
         headers = {**claimed.headers, "Idempotent-Replayed": "true"}
         return Response(claimed.body, status_code=claimed.status, headers=headers)
+    retryable = False
     try:
         try:
             response = await handle()
         except AppError as exc:
+            retryable = exc.retryable
             response = render_error(exc)
     except BaseException:
-        await store.abandon(claimed)
+        await _quietly(store.abandon(claimed))
         raise
-    if response.status_code >= 500 or not isinstance(response.body, bytes):
-        # A server fault is not an answer to keep: the client's retry should run again.
-        await store.abandon(claimed)
+    if retryable or response.status_code >= 500 or not isinstance(response.body, bytes):
+        # Not an answer to keep: a server fault, or a refusal that says "come back later" (a 429
+        # with Retry-After); the client's retry must run again, not get this replayed for 24 h.
+        await _quietly(store.abandon(claimed))
         return response
     kept = {name: response.headers[name] for name in _REPLAYED if name in response.headers}
-    await store.complete(claimed, StoredResponse(response.status_code, kept, bytes(response.body)))
+    try:
+        await store.complete(claimed, StoredResponse(response.status_code, kept, bytes(response.body)))
+    except STORE_ERRORS:
+        # The answer was given; not keeping it only means a repeat would run again.
+        log.warning("idempotency: could not keep the response for %s", idempotency_key)
+        await _quietly(store.abandon(claimed))
     return response
+
+
+async def _quietly(operation: Awaitable[None]) -> None:
+    try:
+        await operation
+    except STORE_ERRORS:
+        log.warning("idempotency: the store did not answer; the claim expires by itself")

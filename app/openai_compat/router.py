@@ -142,10 +142,16 @@ async def chat_completions(request: Request) -> Response:
         await ticket.close()
         raise
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    async def close() -> None:
+        await call.aclose()
+        await ticket.close()
+
     return EventStreamResponse(
         _stream(call, ticket, first, meta, include_usage, deadline, audit),
         ping_seconds=resources.settings.server.sse_ping_seconds,
         active=resources.metrics.active_streams.labels("openai"),
+        on_close=close,
     )
 
 

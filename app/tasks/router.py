@@ -84,6 +84,7 @@ async def create_task(
             _sse(spec, resources.metrics, content_chars),
             ping_seconds=resources.settings.server.sse_ping_seconds,
             active=resources.metrics.active_streams.labels("sse"),
+            on_close=spec.ticket.close,
         )
 
     async def run() -> Response:

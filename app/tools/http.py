@@ -79,8 +79,7 @@ class HttpTool(Tool):
                     if response.status in (301, 302, 303, 307, 308):
                         url = self._next_hop(url, response.headers.get("Location", ""))
                         continue
-                    payload = await response.content.read(settings.max_response_bytes + 1)
-                    return self._result(response, payload)
+                    return self._result(response, await _read_capped(response, settings.max_response_bytes))
             except PrivateAddress as exc:
                 raise ToolError(str(exc)) from None
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -107,6 +106,18 @@ class HttpTool(Tool):
             except orjson.JSONDecodeError:
                 pass
         return {"status": response.status, "body": text}
+
+
+async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The whole body, or cap + 1 bytes of it: enough to know it is too large, never more."""
+    parts: list[bytes] = []
+    size = 0
+    async for part in response.content.iter_chunked(65536):
+        parts.append(part)
+        size += len(part)
+        if size > cap:
+            break
+    return b"".join(parts)
 
 
 class PrivateAddress(aiohttp.ClientError):

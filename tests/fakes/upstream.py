@@ -245,6 +245,11 @@ async def tool_redirect(request: web.Request) -> web.Response:
     raise web.HTTPFound(request.query["to"])
 
 
+async def tool_many(_request: web.Request) -> web.Response:
+    """A JSON answer far larger than one network read (it reaches a client in many chunks)."""
+    return web.json_response({"items": [{"n": n, "name": f"item {n}"} for n in range(20_000)]})
+
+
 async def tool_big(_request: web.Request) -> web.Response:
     return web.Response(body=b"x" * 2_000_000)
 
@@ -260,6 +265,7 @@ def build_app() -> web.Application:
     app.router.add_route("*", "/tools/echo", tool_echo)
     app.router.add_get("/tools/redirect", tool_redirect)
     app.router.add_get("/tools/big", tool_big)
+    app.router.add_get("/tools/many", tool_many)
     app.router.add_get("/tools/fail", tool_fail)
     app.router.add_get("/_control/stats", fake.stats)
     app.router.add_post("/_control/reset", fake.reset_handler)
