@@ -56,10 +56,11 @@ class Spool:
         if not rows:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        if self._current is None or self._current.stat().st_size > SEGMENT_MAX_BYTES:
-            self._current = self._new_segment()
+        current = self._current
+        if current is None or not current.exists() or current.stat().st_size > SEGMENT_MAX_BYTES:
+            self._current = current = self._new_segment()
         data = b"".join(encode(row) for row in rows)
-        with self._current.open("ab") as segment:
+        with current.open("ab") as segment:
             segment.write(data)
             segment.flush()
             os.fsync(segment.fileno())
@@ -69,12 +70,17 @@ class Spool:
         self._current = None
 
     def segments(self) -> list[Path]:
+        """The segments this process may replay: its own, and those of processes no longer running.
+
+        Several workers (or instances) may share one spool directory; a live one's segments are
+        its own to replay, or it would find them gone under its next append.
+        """
         if not self.directory.is_dir():
             return []
-        return sorted(self.directory.glob("segment-*.jsonl"))
+        return [path for path in sorted(self.directory.glob("segment-*.jsonl")) if _replayable(path)]
 
     def has_rows(self) -> bool:
-        return any(path.stat().st_size > 0 for path in self.segments())
+        return any(_size(path) > 0 for path in self.segments())
 
     def read(self, segment: Path, batch_size: int) -> Iterator[list[dict[str, Any]]]:
         batch: list[dict[str, Any]] = []
@@ -104,3 +110,26 @@ class Spool:
         # Names sort in the order written: time first, then a counter for appends within one tick.
         self._sequence += 1
         return self.directory / f"segment-{time.time_ns():020d}-{os.getpid()}-{self._sequence:06d}.jsonl"
+
+
+def _replayable(segment: Path) -> bool:
+    try:
+        pid = int(segment.name.split("-")[2])
+    except (IndexError, ValueError):
+        return True  # not named by us: nobody is writing to it
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True  # its writer is gone (a crash, an old run): an orphan, ours to replay
+    except PermissionError:
+        return False
+    return False
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0  # replayed and removed by its owner meanwhile
