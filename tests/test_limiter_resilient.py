@@ -187,6 +187,7 @@ class FlakyPrimary:
         actual_tokens: int,
         reserved_cost_usd: Decimal,
         actual_cost_usd: Decimal,
+        via_fallback: bool = False,
     ) -> None:
         self.calls += 1
         if self.down:
@@ -229,13 +230,24 @@ async def test_the_primary_is_skipped_during_the_cooldown_then_probed_by_one_cal
     assert not limiter.degraded and errors.count == 1
 
 
-async def test_settle_during_an_outage_goes_to_the_fallback_when_failing_open() -> None:
+async def test_a_settle_goes_to_the_backend_that_admitted_it() -> None:
     primary, fallback = FlakyPrimary(), MemoryLimiter()
     primary.gate.set()
     limiter = ResilientLimiter(primary, fallback, policy="fail_open", expected_instances=1)
     spec = LimitSpec(tpm=1000)
-    assert (await limiter.admit(1, spec, tokens=1000, cost_usd=ZERO)).allowed
-    await limiter.settle(1, spec, reserved_tokens=1000, actual_tokens=400, reserved_cost_usd=ZERO, actual_cost_usd=ZERO)
+    admitted = await limiter.admit(1, spec, tokens=1000, cost_usd=ZERO)
+    assert admitted.allowed and admitted.via_fallback  # the primary is down: the local bucket answered
+    primary.down, calls = False, primary.calls  # the primary is back before the settle
+    await limiter.settle(
+        1,
+        spec,
+        reserved_tokens=1000,
+        actual_tokens=400,
+        reserved_cost_usd=ZERO,
+        actual_cost_usd=ZERO,
+        via_fallback=admitted.via_fallback,
+    )
+    assert primary.calls == calls  # never refunded a charge it did not make
     answer = await limiter.admit(1, spec, tokens=600, cost_usd=ZERO)
     assert answer.allowed and answer.tokens is not None and answer.tokens.remaining == 0
 

@@ -35,6 +35,7 @@ Sleep = Callable[[float], Awaitable[None]]
 class Reservation:
     tokens: int
     cost_usd: Decimal
+    via_fallback: bool = False  # settled where it was taken (see ResilientLimiter.settle)
 
 
 class Enforcer:
@@ -103,7 +104,7 @@ class Enforcer:
         self._observe_budget(principal, admission)
         if not admission.allowed:
             raise self._rejected(_refusal(admission, spec, headers))
-        reservation = Reservation(estimated, cost)
+        reservation = Reservation(estimated, cost, admission.via_fallback)
         try:
             slot = self.concurrency.acquire(principal.key_id, self._max_concurrency(principal))
         except AppError as exc:
@@ -135,6 +136,7 @@ class Enforcer:
             actual_tokens=usage.total_tokens,
             reserved_cost_usd=reservation.cost_usd,
             actual_cost_usd=cost,
+            via_fallback=reservation.via_fallback,
         )
 
 
@@ -171,7 +173,7 @@ class Ticket:
         enforcer._observe_budget(self.principal, admission)
         if not admission.allowed:
             raise enforcer._rejected(_refusal(admission, spec, rate_limit_headers(admission)))
-        return Reservation(tokens, cost)
+        return Reservation(tokens, cost, admission.via_fallback)
 
     async def settle(self, reservation: Reservation, usage: Usage, cost: Decimal) -> None:
         await self.enforcer._settle(self.principal, self._spec, reservation, usage, cost)

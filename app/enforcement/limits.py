@@ -71,6 +71,8 @@ class Admission:
     requests: BucketState | None
     tokens: BucketState | None
     budget_remaining_usd: Decimal | None
+    # Answered by a fallback (the local bucket while Redis is down): its settlement goes there too.
+    via_fallback: bool = False
 
 
 class Limiter(Protocol):
@@ -89,6 +91,7 @@ class Limiter(Protocol):
         actual_tokens: int,
         reserved_cost_usd: Decimal,
         actual_cost_usd: Decimal,
+        via_fallback: bool = False,
     ) -> None:
         """Replace an admitted reservation with what was actually used (the token bucket may go negative)."""
         ...

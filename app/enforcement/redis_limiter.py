@@ -254,6 +254,7 @@ class RedisLimiter:
         actual_tokens: int,
         reserved_cost_usd: Decimal,
         actual_cost_usd: Decimal,
+        via_fallback: bool = False,  # only the ResilientLimiter has a fallback to route to
     ) -> None:
         check_request(reserved_tokens, reserved_cost_usd)
         check_request(actual_tokens, actual_cost_usd)

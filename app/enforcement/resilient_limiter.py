@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from decimal import Decimal
 from typing import Literal
 
@@ -83,7 +84,8 @@ class ResilientLimiter:
             raise LimiterUnavailable(
                 "The rate limiter's backend is unreachable; try again shortly.", retry_after=self._retry_after_s
             )
-        return await self._fallback.admit(key_id, spec, tokens=tokens, cost_usd=cost_usd)
+        admission = await self._fallback.admit(key_id, spec, tokens=tokens, cost_usd=cost_usd)
+        return replace(admission, via_fallback=True)
 
     async def settle(
         self,
@@ -94,7 +96,20 @@ class ResilientLimiter:
         actual_tokens: int,
         reserved_cost_usd: Decimal,
         actual_cost_usd: Decimal,
+        via_fallback: bool = False,
     ) -> None:
+        # A reservation is settled where it was taken: a refund to Redis of a charge the local
+        # bucket made would credit other requests' spend (and the other way round).
+        if via_fallback:
+            await self._fallback.settle(
+                key_id,
+                spec,
+                reserved_tokens=reserved_tokens,
+                actual_tokens=actual_tokens,
+                reserved_cost_usd=reserved_cost_usd,
+                actual_cost_usd=actual_cost_usd,
+            )
+            return
         if self._use_primary():
             probe = self._start_probe()
             try:
@@ -113,17 +128,9 @@ class ResilientLimiter:
                 return
             finally:
                 self._end_probe(probe)
-        if self._policy == "fail_open":
-            await self._fallback.settle(
-                key_id,
-                spec,
-                reserved_tokens=reserved_tokens,
-                actual_tokens=actual_tokens,
-                reserved_cost_usd=reserved_cost_usd,
-                actual_cost_usd=actual_cost_usd,
-            )
-        else:
-            log.debug("limiter backend down: settle for key %s dropped", key_id)
+        # Redis took the reservation and is away now: the reservation stands there (the strict
+        # side: the key is charged the estimate), and the buckets refill on their own.
+        log.debug("limiter backend down: settle for key %s dropped", key_id)
 
     async def aclose(self) -> None:
         await self._primary.aclose()
