@@ -54,8 +54,8 @@ class DatabaseSettings(_Section):
 
 
 class AuthSettings(_Section):
-    # How long a key lookup is trusted before the database is asked again (revocation delay
-    # on other instances). A revoke through this process takes effect at once.
+    # How long a key lookup is trusted before the database is asked again: a revoked key keeps
+    # working on a running server for at most this long.
     key_cache_seconds: float = Field(30.0, ge=0)
     key_cache_size: int = Field(10_000, ge=1)
     # Where `make run` keeps the plaintext of the development key it creates (mode 0600).

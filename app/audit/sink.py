@@ -87,10 +87,6 @@ class AuditSink:
                 "audit: rows remain in the spool at %s; they are replayed at the next start", self.spool.directory
             )
 
-    @property
-    def queue_depth(self) -> int:
-        return self._queue.qsize()
-
     async def _run(self) -> None:
         next_replay = 0.0  # a previous run may have left rows in the spool: they go first
         while not (self._stopping and self._queue.empty()):

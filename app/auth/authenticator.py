@@ -72,9 +72,6 @@ class Authenticator:
         pending.set_result(principal)
         return principal
 
-    def forget(self, key_hash: str) -> None:
-        self._cache.pop(key_hash, None)
-
     async def _load(self, key_hash: str) -> Principal | None:
         try:
             async with self._session_maker() as session:

@@ -29,9 +29,6 @@ class ConcurrencyLimiter:
         self._per_key[key_id] = held + 1
         return Slot(self, key_id)
 
-    def in_flight_for(self, key_id: int) -> int:
-        return self._per_key.get(key_id, 0)
-
     def _release(self, key_id: int) -> None:
         self.in_flight -= 1
         left = self._per_key[key_id] - 1

@@ -82,7 +82,6 @@ class ResponseBuilder:
         self._calls: dict[int, ToolCallDelta] = {}
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
-        self.streamed_text_chars = 0
 
     def add(self, chunk: LLMChunk) -> None:
         if chunk.text:

@@ -6,7 +6,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import orjson
 from pydantic import BaseModel, ValidationError
 
 
@@ -83,7 +82,3 @@ class ModelTool(Tool, Generic[ArgsT]):
                 f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}" for err in exc.errors()
             )
             raise ToolError(f"invalid arguments for {self.name}: {problems}") from None
-
-
-def dumps_result(value: Any) -> str:
-    return orjson.dumps(value).decode()
