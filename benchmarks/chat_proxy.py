@@ -49,7 +49,7 @@ import orjson
 import psutil
 import yaml
 
-from benchmarks.harness import HOST, ROOT, Child, child_env, free_port, log, pin, terminate_on_sigterm
+from benchmarks.harness import HOST, Child, child_env, free_port, log, pacemaker_cli, pin, terminate_on_sigterm
 
 PATH = "/v1/chat/completions"
 MODEL = "fake-model"
@@ -107,12 +107,7 @@ def start_pacemaker(workdir: Path, upstream_port: int, children: list[Child]) ->
     env = child_env(PACEMAKER_CONFIG=str(config_path))
 
     def cli(*args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"pacemaker {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
-        return done.stdout
+        return pacemaker_cli(env, *args)
 
     cli("migrate")
     key: str = json.loads(cli("keys", "create", "--name", "bench", "--json"))["key"]

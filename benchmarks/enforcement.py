@@ -53,7 +53,6 @@ import secrets
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -80,7 +79,7 @@ from app.lifespan import build_enforcer
 from app.observability.metrics import Metrics
 from app.providers.base import Usage
 from app.providers.registry import ModelRoute, ProviderRegistry
-from benchmarks.harness import HOST, ROOT, Child, child_env, free_port, log, pin, terminate_on_sigterm
+from benchmarks.harness import HOST, ROOT, Child, child_env, free_port, log, pacemaker_cli, pin, terminate_on_sigterm
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 MODEL = "fake-model"
@@ -525,12 +524,7 @@ def start_server(spec: ServerSpec, workdir: Path, upstream_port: int, children: 
     env = child_env(PACEMAKER_CONFIG=str(config_path))
 
     def cli(*args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"pacemaker {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
-        return done.stdout
+        return pacemaker_cli(env, *args)
 
     cli("migrate")
     created = json.loads(cli("keys", "create", "--name", f"bench-{spec.key}", "--json", *spec.key_args))

@@ -38,6 +38,16 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def pacemaker_cli(env: dict[str, str], *args: str) -> str:
+    """Run `pacemaker ARGS` (migrate, keys create, ...) in its own process; its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"pacemaker {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
+    return done.stdout
+
+
 class Child:
     """A server process in its own session, its output in a log file; stop() ends and reaps it."""
 
