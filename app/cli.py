@@ -157,15 +157,7 @@ def _openapi(args: argparse.Namespace, settings: Settings) -> int:
 def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
     async def create() -> tuple[int, str, str]:
         async with _repository(settings) as repo:
-            limits = KeyLimits(
-                rpm=args.rpm,
-                burst=args.burst,
-                tpm=args.tpm,
-                max_concurrency=args.max_concurrency,
-                max_tokens_per_request=args.max_tokens_per_request,
-                budget_usd=args.budget_usd,
-                budget_period=args.budget_period,
-            )
+            limits = KeyLimits.of(args)
             sandbox = {
                 name: value
                 for name, value in (

@@ -58,7 +58,6 @@ import pstats
 import random
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -88,7 +87,7 @@ from app.audit.sink import AuditSink
 from app.config import AuditSettings, DatabaseSettings
 from app.db import create_engine, migrate
 from app.observability.metrics import Metrics
-from benchmarks.harness import HOST, ROOT, Child, free_port, log, pin, terminate_on_sigterm
+from benchmarks.harness import HOST, ROOT, Child, clean_up, free_port, log, pin, terminate_on_sigterm
 
 PG_HOSTPORT = "127.0.0.1:5432"
 PG_ADMIN_DSN = f"postgresql://postgres@{PG_HOSTPORT}/test"
@@ -1060,10 +1059,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for child in reversed(children):
             child.stop()
         databases.drop_all()
-        if args.keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        clean_up([], workdir, keep=args.keep)
     return 0
 
 

@@ -49,7 +49,17 @@ import orjson
 import psutil
 import yaml
 
-from benchmarks.harness import HOST, Child, child_env, free_port, log, pacemaker_cli, pin, terminate_on_sigterm
+from benchmarks.harness import (
+    HOST,
+    Child,
+    child_env,
+    clean_up,
+    free_port,
+    log,
+    pacemaker_cli,
+    pin,
+    terminate_on_sigterm,
+)
 
 PATH = "/v1/chat/completions"
 MODEL = "fake-model"
@@ -666,12 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("interrupted")
         return 130
     finally:
-        for child in reversed(children):
-            child.stop()
-        if args.keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        clean_up(children, workdir, keep=args.keep)
     return 0
 
 

@@ -50,7 +50,6 @@ import os
 import platform
 import pstats
 import secrets
-import shutil
 import sqlite3
 import statistics
 import sys
@@ -79,7 +78,18 @@ from app.lifespan import build_enforcer
 from app.observability.metrics import Metrics
 from app.providers.base import Usage
 from app.providers.registry import ModelRoute, ProviderRegistry
-from benchmarks.harness import HOST, ROOT, Child, child_env, free_port, log, pacemaker_cli, pin, terminate_on_sigterm
+from benchmarks.harness import (
+    HOST,
+    ROOT,
+    Child,
+    child_env,
+    clean_up,
+    free_port,
+    log,
+    pacemaker_cli,
+    pin,
+    terminate_on_sigterm,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 MODEL = "fake-model"
@@ -844,12 +854,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("interrupted")
         return 130
     finally:
-        for child in reversed(children):
-            child.stop()
-        if args.keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        clean_up(children, workdir, keep=args.keep)
     return 0
 
 

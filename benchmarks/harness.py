@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -118,3 +119,13 @@ def terminate_on_sigterm() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def clean_up(children: list[Child], workdir: Path, *, keep: bool) -> None:
+    """Stop the children (the last started first) and remove the work directory unless kept."""
+    for child in reversed(children):
+        child.stop()
+    if keep:
+        log(f"kept {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)

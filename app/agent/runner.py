@@ -61,6 +61,8 @@ class TaskSpec:
     context: dict[str, Any] | None = None
     ticket: Ticket | None = None  # the admitted request, which pays for each model call
     tool_context: ToolContext = field(default_factory=ToolContext)
+    # The estimated tokens of the initial conversation: counted once, for admission and the first call.
+    prompt_tokens: int | None = None
     audit: AuditContext | None = None
 
 
@@ -109,7 +111,7 @@ async def _loop(
     tools_by_name = {tool.name: tool for tool in spec.tools}
     definitions = [tool.openai_definition() for tool in spec.tools] or None
     route = spec.route
-    for _ in range(spec.max_iterations):
+    for iteration in range(spec.max_iterations):
         request = LLMRequest(
             model=route.upstream_model,
             messages=messages,
@@ -118,7 +120,9 @@ async def _loop(
             temperature=spec.temperature,
             tools=definitions,
         )
-        call = ModelCall(route, request, metrics, spec.ticket)
+        # The first call's messages are the initial ones, whose tokens the spec already counted.
+        prompt_tokens = spec.prompt_tokens if iteration == 0 else None
+        call = ModelCall(route, request, metrics, spec.ticket, prompt_tokens=prompt_tokens)
         try:
             while True:
                 try:
@@ -139,7 +143,7 @@ async def _loop(
                     await call.aclose()
                     route = route.fallback
                     request.model = route.upstream_model
-                    call = ModelCall(route, request, metrics, spec.ticket)
+                    call = ModelCall(route, request, metrics, spec.ticket, prompt_tokens=prompt_tokens)
                     continue
                 if chunk.text:
                     yield TokenDelta(task_id=spec.id, seq=progress.next_seq(), delta=chunk.text)

@@ -82,20 +82,11 @@ class Authenticator:
             ) from None
         if row is None or row.id is None:
             return None
-        limits = KeyLimits(
-            rpm=row.rpm,
-            burst=row.burst,
-            tpm=row.tpm,
-            max_concurrency=row.max_concurrency,
-            max_tokens_per_request=row.max_tokens_per_request,
-            budget_usd=row.budget_usd,
-            budget_period=row.budget_period,
-        )
         return Principal(
             key_id=row.id,
             name=row.name,
             prefix=row.prefix,
-            limits=limits,
+            limits=KeyLimits.of(row),
             is_admin=row.is_admin,
             allowed_tools=frozenset(row.allowed_tools) if row.allowed_tools is not None else None,
             sandbox_max=row.sandbox_limits,

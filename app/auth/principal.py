@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from decimal import Decimal
 
 
@@ -17,6 +17,11 @@ class KeyLimits:
     max_tokens_per_request: int | None = None
     budget_usd: Decimal | None = None
     budget_period: str | None = None
+
+    @classmethod
+    def of(cls, source: object) -> KeyLimits:
+        """The limits held by anything with these attribute names (a key's row, CLI arguments)."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True, slots=True)

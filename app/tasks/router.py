@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Request
 from starlette.responses import Response
 
 from app.agent.events import TaskCompleted, TaskFailed, TaskResult, outcome_of
-from app.agent.runner import Event, TaskSpec, initial_messages, run_agent
+from app.agent.runner import Event, TaskSpec, run_agent
 from app.agent.schemas import TaskCreate
 from app.audit.context import AuditContext, audit_var, outcome_status
 from app.dependencies import PrincipalDep, ResourcesDep
@@ -20,7 +20,6 @@ from app.enforcement.idempotent import run_once
 from app.errors import InvalidRequest
 from app.observability.metrics import Metrics
 from app.problems import problem_response, problem_responses
-from app.providers.tokens import count_message_tokens
 from app.streaming import EventStreamResponse
 from app.tasks.spec import build_task_spec
 
@@ -72,7 +71,7 @@ async def create_task(
         return await resources.enforcer.admit(
             principal,
             route=spec.route,
-            prompt_tokens=count_message_tokens(initial_messages(spec)),
+            prompt_tokens=spec.prompt_tokens or 0,
             max_tokens=spec.max_tokens,
             scope=request.scope,
             audit=audit,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import secrets
 
-from app.agent.runner import TaskSpec
+from app.agent.runner import TaskSpec, initial_messages
 from app.agent.schemas import TaskCreate
 from app.agent.tiers import choose_model
 from app.auth.principal import Principal
 from app.config import Settings
 from app.errors import InvalidRequest, ToolNotAllowed
 from app.providers.registry import ProviderRegistry
+from app.providers.tokens import count_message_tokens
 from app.tools.base import ToolContext
 from app.tools.registry import ToolRegistry
 
@@ -44,7 +45,7 @@ def build_task_spec(
     max_tokens = body.max_tokens or agent.default_max_tokens
     if max_tokens > agent.max_tokens_ceiling:
         raise InvalidRequest(f"max_tokens may be at most {agent.max_tokens_ceiling}.")
-    return TaskSpec(
+    spec = TaskSpec(
         id=new_task_id(),
         query=body.query,
         route=route,
@@ -60,3 +61,5 @@ def build_task_spec(
         context=body.context,
         tool_context=ToolContext(principal.key_id, body.session_id, principal.sandbox_max),
     )
+    spec.prompt_tokens = count_message_tokens(initial_messages(spec))
+    return spec

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from app.agent.events import TaskFailed, outcome_of
-from app.agent.runner import Event, TaskSpec, initial_messages, run_agent
+from app.agent.runner import Event, TaskSpec, run_agent
 from app.agent.schemas import TaskCreate
 from app.audit.context import AuditContext
 from app.auth.authenticator import key_from_headers
@@ -27,7 +27,6 @@ from app.errors import AppError, Cancelled, TooManyTasks
 from app.lifespan import Resources
 from app.middleware import request_id_var
 from app.problems import problem_response
-from app.providers.tokens import count_message_tokens
 from app.tasks.router import describe_task, record_task_end
 from app.tasks.spec import build_task_spec
 
@@ -155,7 +154,7 @@ class TaskSocket:
             spec.ticket = await self.resources.enforcer.admit(
                 self.principal,
                 route=spec.route,
-                prompt_tokens=count_message_tokens(initial_messages(spec)),
+                prompt_tokens=spec.prompt_tokens or 0,
                 max_tokens=spec.max_tokens,
                 audit=audit,
             )
