@@ -39,6 +39,11 @@ class ServerSettings(_Section):
     # A comment line on idle SSE streams, so proxies do not close them.
     sse_ping_seconds: float = Field(15.0, gt=0)
     ws_max_tasks_per_socket: int = Field(16, ge=1)
+    ws_max_per_key: int = Field(64, ge=1, description="Open WebSockets per key, per instance; beyond: 429.")
+    # JSON bodies and WebSocket messages nested deeper than this are refused while parsing (422).
+    max_json_depth: int = Field(64, ge=2, le=200)
+    # A connection that has not sent its whole request head within this is closed (slowloris).
+    header_timeout_s: float = Field(10.0, gt=0)
 
 
 class DatabaseSettings(_Section):
@@ -58,6 +63,8 @@ class AuthSettings(_Section):
     # working on a running server for at most this long.
     key_cache_seconds: float = Field(30.0, ge=0)
     key_cache_size: int = Field(10_000, ge=1)
+    # A key lookup the database does not answer within this is a 503 auth_unavailable.
+    lookup_timeout_s: float = Field(2.0, gt=0)
     # Where `make run` keeps the plaintext of the development key it creates (mode 0600).
     dev_key_file: Path = Path("var/dev-key")
 
