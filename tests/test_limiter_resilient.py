@@ -268,3 +268,33 @@ def test_a_fallback_that_is_not_this_instances_share_is_refused() -> None:
     with pytest.raises(ValueError, match="1/expected_instances"):
         ResilientLimiter(FlakyPrimary(), MemoryLimiter(), policy="fail_open", expected_instances=3)
     ResilientLimiter(FlakyPrimary(), MemoryLimiter(scale=1 / 3), policy="fail_open", expected_instances=3)
+
+
+async def test_fail_closed_serves_every_request_once_redis_answers_again_despite_dead_pooled_connections(
+    redis_server: RedisServer, client: Redis
+) -> None:
+    limiter, _ = resilient(client, "fail_closed", Errors())
+    spec = LimitSpec(rpm=10**7, burst=10**6)
+
+    async def wave(size: int) -> list[bool]:
+        """`size` concurrent admits: True for each one answered, False for each limiter_unavailable."""
+
+        async def one() -> bool:
+            try:
+                return (await limiter.admit(1, spec, tokens=0, cost_usd=ZERO)).allowed
+            except LimiterUnavailable:
+                return False
+
+        return await asyncio.gather(*(one() for _ in range(size)))
+
+    # Concurrent load fills the pool with live connections; a restart of Redis kills them all.
+    assert all(await wave(64))
+    redis_server.kill()
+    assert not any(await wave(16))
+    redis_server.start()
+    deadline = time.monotonic() + 10
+    while not any(await wave(1)):
+        assert time.monotonic() < deadline, "the limiter never came back"
+        await asyncio.sleep(0.05)
+    answers = [answer for _ in range(10) for answer in await wave(64)]
+    assert answers.count(False) == 0, f"{answers.count(False)} of {len(answers)} refused after Redis came back"

@@ -8,6 +8,7 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.enforcement.limits import (
     Admission,
@@ -183,7 +184,10 @@ def build_redis(url: str) -> Redis:
         socket_connect_timeout=0.25,
         socket_timeout=0.25,
         # redis-py 8 retries 10 times by default; the ResilientLimiter decides what a failure means.
-        retry=Retry(NoBackoff(), 0),
+        # One immediate retry, on a reconnected socket, for a connection error only: after a Redis
+        # restart every pooled connection is dead, and each would otherwise cost a cool-down of 503s.
+        # Timeouts are not retried: a slow Redis must fail fast.
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=2,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
