@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=build_lifespan(settings, metrics, counters),
     )
     install_problem_handlers(app)
-    install_openapi(app)
+    install_openapi(app, example_model=settings.tiers.small)
     # The busiest routes first: the router tries them in order.
     app.include_router(openai_compat.router)
     app.include_router(tasks.router)

@@ -8,14 +8,18 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from app.agent.schemas import TaskCreate
 from app.openai_compat.schemas import ChatCompletionRequest
+from app.tools.router import ToolInvocation
 
 # Every /v1 route takes an API key (a test checks each refuses a request without one); health,
 # readiness and metrics do not.
 SECURED_PREFIX = "/v1/"
 
 # Request bodies that handlers read themselves, referenced from their routes' openapi_extra.
-HANDLER_PARSED_BODIES: tuple[type[BaseModel], ...] = (ChatCompletionRequest,)
+HANDLER_PARSED_BODIES: tuple[type[BaseModel], ...] = (ChatCompletionRequest, TaskCreate, ToolInvocation)
+
+_JSON = "application/json"
 
 SECURITY_SCHEMES = {
     "BearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
@@ -23,7 +27,9 @@ SECURITY_SCHEMES = {
 }
 
 
-def install_openapi(app: FastAPI) -> None:
+def install_openapi(app: FastAPI, example_model: str) -> None:
+    """`example_model`: a configured model name, for the request examples that name a model."""
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
@@ -33,9 +39,14 @@ def install_openapi(app: FastAPI) -> None:
             for model in HANDLER_PARSED_BODIES:
                 _add_model(schemas, model)
             for path, operations in schema.get("paths", {}).items():
-                if path.startswith(SECURED_PREFIX):
-                    for operation in operations.values():
+                for operation in operations.values():
+                    if path.startswith(SECURED_PREFIX):
                         operation["security"] = [{"BearerAuth": []}, {"ApiKeyAuth": []}]
+                    content = operation.get("requestBody", {}).get("content", {})
+                    example = content.get(_JSON, {}).get("example")
+                    if isinstance(example, dict) and "model" in example:
+                        # A copy: the route's own example is shared by every app built in this process.
+                        content[_JSON] = {**content[_JSON], "example": {**example, "model": example_model}}
             app.openapi_schema = schema
         return app.openapi_schema
 

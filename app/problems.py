@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from app import json_text
 from app.audit.context import note_error
 from app.errors import (
     AppError,
@@ -43,7 +43,7 @@ _BY_STATUS: dict[int, type[AppError]] = {
 def problem_response(error: AppError) -> Response:
     note_error(error.code)
     return Response(
-        orjson.dumps(error.problem(request_id_var.get())),
+        json_text.dumps(error.problem(request_id_var.get())),
         status_code=error.status,
         media_type=PROBLEM_JSON,
         headers=error.response_headers(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -124,3 +125,92 @@ async def test_every_v1_route_in_the_schema_refuses_a_request_without_a_key(serv
                 response = await anonymous.request(method, path.replace("{name}", "calculator"), json={})
                 assert response.status_code == 401, (method, path, response.status_code)
                 assert operations[method]["security"] == [{"BearerAuth": []}, {"ApiKeyAuth": []}]
+
+
+def nested(depth: int) -> Any:
+    value: Any = "deep"
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("depth", [65, 300, 600, 900, 2000])
+async def test_a_context_nested_too_deep_is_a_422_not_a_500(client: httpx.AsyncClient, depth: int) -> None:
+    """orjson writes at most 255 levels: a deeper context once broke the response and the audit row."""
+    body = b'{"query": "x", "context": ' + b'{"a": ' * depth + b'"deep"' + b"}" * depth + b"}"
+    response = await client.post("/v1/tasks", content=body, headers={"Content-Type": "application/json"})
+    problem = assert_problem(response, 422, "invalid_request")
+    assert "nested more than 64 levels" in problem["detail"]
+
+
+async def test_a_context_within_the_nesting_limit_runs(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/tasks", json={"query": "hi", "context": nested(60)})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"query": "x", "tools": ["\\ud800"]}',  # a lone surrogate: no JSON encoder can write it back
+        b'{"query": "\xff\xfe"}',  # not UTF-8
+        b'{"query": "x", "max_tokens": ' + b"9" * 5000 + b"}",  # past Python's 4,300-digit int limit
+        b'{"query": "x", "temperature": NaN}',
+        b'{"query": "x", "temperature": 1e400}',
+    ],
+)
+async def test_bodies_json_cannot_carry_are_400_malformed_json(client: httpx.AsyncClient, raw: bytes) -> None:
+    for path in ("/v1/tasks", "/v1/tools/calculator/invoke", "/v1/chat/completions"):
+        response = await client.post(path, content=raw, headers={"Content-Type": "application/json"})
+        if path == "/v1/chat/completions":
+            assert response.status_code == 400, (path, response.text)
+            assert response.json()["error"]["code"] == "malformed_json"
+        else:
+            assert_problem(response, 400, "malformed_json")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xff" * 40,
+        b"[" * 1000 + b"]" * 1000,
+        b'{"query": ' + b"1" * 5000 + b"}",
+        b'{"query": "x", "context": ' + b'{"a": ' * 300 + b"1" + b"}" * 300 + b"}",
+    ],
+)
+async def test_a_caller_without_a_key_gets_401_whatever_body_it_sends(server: PacemakerServer, raw: bytes) -> None:
+    """Authentication comes first: a bad body never tells an anonymous caller anything but 401."""
+    async with httpx.AsyncClient(base_url=server.base_url) as anonymous:
+        for path in ("/v1/tasks", "/v1/tools/calculator/invoke", "/v1/chat/completions"):
+            response = await anonymous.post(path, content=raw, headers={"Content-Type": "application/json"})
+            assert response.status_code == 401, (path, response.text)
+
+
+async def test_usage_and_audit_date_filters_at_the_limits_are_answered_not_500(server: PacemakerServer) -> None:
+    admin_key = json.loads(server.cli("keys", "create", "--name", "dates-admin", "--admin", "--json").stdout)["key"]
+    async with server.client(admin_key) as admin:
+        for params in (
+            {"until": "9999-12-31"},
+            {"since": "0001-01-01"},
+            {"since": "0001-01-01", "until": "9999-12-31"},
+        ):
+            response = await admin.get("/v1/usage", params=params)
+            assert response.status_code == 200, (params, response.text)
+        for params in (
+            {"until": "9999-12-31T23:59:59"},
+            {"since": "0001-01-01T00:00:00"},
+            {"until": "9999-12-31T23:59:59+00:00"},
+        ):
+            response = await admin.get("/v1/audit", params=params)
+            assert response.status_code == 200, (params, response.text)
+        for params in ({"since": "0001-01-01T00:00:00+14:00"}, {"until": "9999-12-31T23:59:59-14:00"}):
+            assert_problem(await admin.get("/v1/audit", params=params), 422, "invalid_request")
+
+
+async def test_a_nul_in_an_audit_filter_is_a_422(server: PacemakerServer) -> None:
+    admin_key = json.loads(server.cli("keys", "create", "--name", "nul-admin", "--admin", "--json").stdout)["key"]
+    async with server.client(admin_key) as admin:
+        assert_problem(await admin.get("/v1/audit", params={"model": "a\x00b"}), 422, "invalid_request")
+
+
+async def test_a_path_with_a_nul_is_a_404_problem(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.get("/v1/%00"), 404, "not_found")

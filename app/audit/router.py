@@ -104,6 +104,8 @@ async def get_usage(
 ) -> UsageReport:
     if since is not None and until is not None and since > until:
         raise InvalidRequest(f"since ({since}) is after until ({until}).")
+    if until == date.max:
+        until = None  # the last day there is: no upper bound (the day after it cannot be computed)
     async with resources.session_maker() as session:
         rows = await AuditRepository(session).usage_by_day_and_model(principal.key_id, since, until)
     return UsageReport(
@@ -134,13 +136,21 @@ async def get_audit(
     # Bounded to the column's 32-bit range: a larger number would reach PostgreSQL and fail there as a 500.
     api_key_id: Annotated[int | None, Query(ge=1, le=2**31 - 1, description="Only this key's rows")] = None,
     status: Annotated[AuditStatus | None, Query(description="Only rows with this outcome")] = None,
-    model: Annotated[str | None, Query(description="Only rows for this model")] = None,
+    model: Annotated[
+        str | None, Query(max_length=120, pattern=r"^[^\x00]*$", description="Only rows for this model")
+    ] = None,
     since: Annotated[datetime | None, Query(description="created_at at or after this (ISO 8601; naive is UTC)")] = None,
     until: Annotated[datetime | None, Query(description="created_at before this (ISO 8601; naive is UTC)")] = None,
     cursor: Annotated[str | None, Query(description="The next_cursor of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="Rows per page")] = 100,
 ) -> AuditPage:
-    filters = AuditFilters(api_key_id=api_key_id, status=status, model=model, since=since, until=until)
+    filters = AuditFilters(
+        api_key_id=api_key_id,
+        status=status,
+        model=model,
+        since=_instant("since", since),
+        until=_instant("until", until),
+    )
     after = _decode_cursor(cursor) if cursor is not None else None
     async with resources.session_maker() as session:
         records, next_id = await AuditRepository(session).page(filters, after, limit)
@@ -148,6 +158,19 @@ async def get_audit(
         data=[_audit_row(record) for record in records],
         next_cursor=_encode_cursor(next_id) if next_id is not None else None,
     )
+
+
+def _instant(name: str, moment: datetime | None) -> datetime | None:
+    """The moment in UTC (naive means UTC), or a 422 for one that has no UTC equivalent (year 1 at +14:00)."""
+    if moment is None:
+        return None
+    try:
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:
+        raise InvalidRequest(
+            f"{name}: {moment.isoformat()} is outside the range of UTC times.",
+            extra={"errors": [{"loc": ["query", name], "msg": "out of range", "type": "value_error"}]},
+        ) from None
 
 
 def _usd(value: Decimal) -> str:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import orjson
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app import json_text
 from app.audit.context import note_error
 from app.errors import AppError, Unauthenticated
 from app.middleware import request_id_var
@@ -33,7 +33,7 @@ def openai_error_response(error: AppError) -> Response:
         }
     }
     return Response(
-        orjson.dumps(body), status_code=error.status, media_type="application/json", headers=error.response_headers()
+        json_text.dumps(body), status_code=error.status, media_type="application/json", headers=error.response_headers()
     )
 
 

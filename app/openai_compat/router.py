@@ -10,8 +10,6 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from starlette.responses import Response
 
 from app.agent.model_call import ModelCall
@@ -26,6 +24,7 @@ from app.openai_compat.errors import OpenAIErrorRoute, openai_error_response
 from app.openai_compat.schemas import ChatCompletionRequest
 from app.providers.base import LLMChunk, LLMRequest, LLMResponse
 from app.providers.tokens import count_message_tokens
+from app.request_body import documented_body, read_body
 from app.streaming import EventStreamResponse
 from app.tasks.router import COST_HEADER
 
@@ -51,21 +50,19 @@ async def list_models(_principal: PrincipalDep, resources: ResourcesDep) -> Resp
     "/chat/completions",
     summary="Create a chat completion (OpenAI-compatible)",
     responses={200: {"content": {"application/json": {}, "text/event-stream": {}}}, **_ERRORS},
-    # The body is read and validated by the handler itself, in one pass from bytes (FastAPI's own
-    # body handling was the largest cost of this, the hottest route); the schema is declared here.
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
-        }
-    },
+    # The body is read and validated by the handler itself (FastAPI's own body handling was the
+    # largest cost of this, the hottest route); the schema is declared here.
+    # The example's model is the deployment's own small-tier model (app/openapi.py fills it in).
+    openapi_extra=documented_body(
+        ChatCompletionRequest, {"model": "", "messages": [{"role": "user", "content": "What is 17 * 23 + 4?"}]}
+    ),
 )
 async def chat_completions(request: Request) -> Response:
     # Resources, key and body by plain calls: FastAPI's dependency solving cost more than the
     # rest of this route's own work (the key requirement is still in the schema, see app/openapi.py).
     resources: Resources = request.state.resources
     principal = await authenticate(request, resources)
-    body = await _read_body(request)
+    body = await read_body(request, ChatCompletionRequest, resources.settings.server.max_json_depth)
     idempotency_key = request.headers.get("idempotency-key")
     if body.stream and idempotency_key is not None:
         raise InvalidRequest("Idempotency-Key applies to non-streamed requests; a stream cannot be replayed.")
@@ -153,16 +150,6 @@ async def chat_completions(request: Request) -> Response:
         active=resources.metrics.active_streams.labels("openai"),
         on_close=close,
     )
-
-
-async def _read_body(request: Request) -> ChatCompletionRequest:
-    try:
-        return ChatCompletionRequest.model_validate_json(await request.body())
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_context=False)
-        # Shaped like FastAPI's own, so one renderer (and one set of codes) serves both.
-        located = [{**error, "loc": ("body", *error["loc"])} for error in errors]
-        raise RequestValidationError(located) from None
 
 
 class _Meta:

@@ -20,6 +20,7 @@ from app.enforcement.idempotent import run_once
 from app.errors import InvalidRequest
 from app.observability.metrics import Metrics
 from app.problems import problem_response, problem_responses
+from app.request_body import documented_body, read_body
 from app.streaming import EventStreamResponse
 from app.tasks.spec import build_task_spec
 
@@ -39,11 +40,11 @@ def sse_frame(event: Event) -> bytes:
     summary="Run a task",
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "The result, or its events as SSE"},
-        **problem_responses(400, 401, 402, 404, 409, 413, 422, 429, 502, 503, 504),
+        **problem_responses(400, 401, 402, 403, 404, 409, 413, 422, 429, 502, 503, 504),
     },
+    openapi_extra=documented_body(TaskCreate, {"query": "What is 17 * 23 + 4?"}),
 )
 async def create_task(
-    body: TaskCreate,
     request: Request,
     principal: PrincipalDep,
     resources: ResourcesDep,
@@ -51,6 +52,8 @@ async def create_task(
         str | None, Header(description="Run at most once per key; repeats get the stored result (non-streamed).")
     ] = None,
 ) -> Response:
+    # Read here, after the key was checked, by the one strict parser (app/request_body.py).
+    body = await read_body(request, TaskCreate, resources.settings.server.max_json_depth)
     stream = body.stream or "text/event-stream" in request.headers.get("accept", "")
     if stream and idempotency_key is not None:
         raise InvalidRequest("Idempotency-Key applies to non-streamed requests; a stream cannot be replayed.")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
@@ -18,6 +18,7 @@ from app.dependencies import PrincipalDep, ResourcesDep
 from app.enforcement.breaker import classify
 from app.errors import AppError, InvalidRequest, NotFound, ToolNotAllowed
 from app.problems import problem_responses
+from app.request_body import documented_body, read_body
 from app.tools.base import ToolContext, ToolError
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,9 @@ class ToolInvocationResult(BaseModel):
     duration_ms: float
 
 
-@router.get("", response_model=list[ToolOut], summary="List the tools you may use")
+@router.get(
+    "", response_model=list[ToolOut], summary="List the tools you may use", responses=problem_responses(401, 503)
+)
 async def list_tools(principal: PrincipalDep, resources: ResourcesDep) -> list[ToolOut]:
     return [
         ToolOut(name=tool.name, description=tool.description, parameters=tool.parameters)
@@ -56,16 +59,21 @@ async def list_tools(principal: PrincipalDep, resources: ResourcesDep) -> list[T
     "/{name}/invoke",
     response_model=ToolInvocationResult,
     summary="Call a tool directly",
-    responses=problem_responses(401, 403, 404, 422, 429, 503),
+    responses=problem_responses(400, 401, 403, 404, 413, 422, 429, 503),
+    openapi_extra=documented_body(ToolInvocation, {"arguments": {"expression": "17 * 23 + 4"}}),
 )
 async def invoke_tool(
-    name: str, body: ToolInvocation, request: Request, principal: PrincipalDep, resources: ResourcesDep
+    name: Annotated[str, Path(description="The tool's name", examples=["calculator"])],
+    request: Request,
+    principal: PrincipalDep,
+    resources: ResourcesDep,
 ) -> Response:
     tool = resources.tools.get(name)
     if tool is None:
         raise NotFound(f"No tool named {name!r}. Available: {', '.join(resources.tools.names())}.")
     if name not in resources.tools.allowed_for(principal):
         raise ToolNotAllowed(f"This key may not use {name!r}.")
+    body = await read_body(request, ToolInvocation, resources.settings.server.max_json_depth)
     try:
         arguments = tool.parse_arguments(body.arguments)
     except ToolError as exc:
