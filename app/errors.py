@@ -95,6 +95,11 @@ class TooManyTasks(AppError):
     status, code, title, retryable = 429, "too_many_tasks", "Too many tasks on this connection", True
 
 
+class TooManySockets(AppError):
+    status, code, title, retryable = 429, "too_many_websockets", "Too many WebSockets open for this key", True
+    capacity_refusal = True
+
+
 class RequestTimeout(AppError):
     status, code, title, retryable = 504, "request_timeout", "Request timed out", True
 

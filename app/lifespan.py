@@ -20,7 +20,7 @@ from app.auth.authenticator import Authenticator
 from app.config import Settings
 from app.db import SessionMaker, create_engine, create_session_maker
 from app.enforcement.breaker import BreakerConfig, BreakerRegistry, BreakerState
-from app.enforcement.concurrency import ConcurrencyLimiter
+from app.enforcement.concurrency import ConcurrencyLimiter, SocketLimiter
 from app.enforcement.enforcer import Enforcer
 from app.enforcement.idempotency import IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
 from app.enforcement.limits import Limiter
@@ -56,6 +56,7 @@ class Resources:
     idempotency: IdempotencyStore
     audit: AuditSink | None  # None when audit.enabled is false
     sandbox: Sandbox | None  # None when tools.python is false
+    websockets: SocketLimiter
 
 
 def upstream_http_session(settings: Settings) -> aiohttp.ClientSession:
@@ -152,12 +153,14 @@ def build_lifespan(
                     session_maker,
                     cache_seconds=settings.auth.key_cache_seconds,
                     cache_size=settings.auth.key_cache_size,
+                    lookup_timeout_s=settings.auth.lookup_timeout_s,
                 ),
                 redis=redis,
                 enforcer=enforcer,
                 idempotency=idempotency,
                 audit=audit,
                 sandbox=sandbox,
+                websockets=SocketLimiter(),
             )
             log.info(
                 "pacemaker started: %d models, database %s", len(providers.routes()), engine.url.get_backend_name()

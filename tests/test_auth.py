@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from app.auth.repository import ApiKeyRepository
 from app.config import DatabaseSettings
 from app.db import create_engine, create_session_maker, migrate, session_scope
 from app.errors import Unauthenticated
+from tests.postgres_cluster import PostgresCluster
 from tests.support import (
     PacemakerServer,
     fresh_postgres_database,
@@ -173,3 +175,69 @@ async def test_many_requests_missing_the_cache_at_once_read_the_database_once(mi
         assert loads == 1
     finally:
         await engine.dispose()
+
+
+async def test_a_flood_of_one_bad_key_reads_the_database_once(migrated_sqlite: str) -> None:
+    """Unknown keys are cached negatively: guessing does not cost a database read per request."""
+    engine = create_engine(DatabaseSettings(url=migrated_sqlite))
+    authenticator = Authenticator(create_session_maker(engine), cache_seconds=10, cache_size=10)
+    loads = 0
+    original = authenticator._load
+
+    async def counting(key_hash: str) -> Any:
+        nonlocal loads
+        loads += 1
+        return await original(key_hash)
+
+    authenticator._load = counting  # type: ignore[method-assign]
+    try:
+        for _ in range(100):
+            with pytest.raises(Unauthenticated):
+                await authenticator.authenticate("pk_guessing")
+        assert loads == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_a_frozen_database_answers_key_lookups_with_a_quick_503(tmp_path: Path) -> None:
+    """With PostgreSQL stopped (SIGSTOP), an uncached key once hung for 25 s; now 503 within the lookup timeout.
+
+    Every request: a cached key is still served (200); an uncached valid key and a bad key get
+    503 auth_unavailable with Retry-After in about auth.lookup_timeout_s; after the thaw all work.
+    """
+    cluster = PostgresCluster()
+    cluster.start()
+    try:
+        config = server_config(
+            tmp_path, None, database={"url": cluster.url}, auth={"lookup_timeout_s": 1, "key_cache_seconds": 60}
+        )
+        server = start_pacemaker(tmp_path, config)
+        try:
+            uncached = json.loads(server.cli("keys", "create", "--name", "uncached", "--json").stdout)["key"]
+            async with server.client() as cached:
+                assert (await cached.post("/v1/tasks", json={"query": "warm the cache"})).status_code == 200
+                cluster.freeze()
+                try:
+                    assert (await cached.post("/v1/tasks", json={"query": "cached key"})).status_code == 200
+                    for key in (uncached, "pk_bogus_while_frozen"):
+                        async with server.client(key) as http:
+                            started = time.monotonic()
+                            response = await http.post("/v1/tasks", json={"query": "x"})
+                            elapsed = time.monotonic() - started
+                        assert response.status_code == 503, response.text
+                        assert response.json()["code"] == "auth_unavailable"
+                        assert response.headers["retry-after"] == "1"
+                        assert elapsed < 1 + 3, elapsed  # the lookup timeout plus a generous margin
+                finally:
+                    cluster.thaw()
+                for _ in range(50):  # the pool's broken connections are replaced on the next checkouts
+                    async with server.client(uncached) as http:
+                        if (await http.post("/v1/tasks", json={"query": "after the thaw"})).status_code == 200:
+                            break
+                    await asyncio.sleep(0.2)
+                else:
+                    raise AssertionError("key lookups did not recover after the thaw")
+        finally:
+            server.process.stop()
+    finally:
+        cluster.destroy()

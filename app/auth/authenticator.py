@@ -26,9 +26,11 @@ class Authenticator:
         *,
         cache_seconds: float,
         cache_size: int,
+        lookup_timeout_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._session_maker = session_maker
+        self._lookup_timeout_s = lookup_timeout_s
         self._ttl = cache_seconds
         self._size = cache_size
         self._clock = clock
@@ -74,8 +76,13 @@ class Authenticator:
 
     async def _load(self, key_hash: str) -> Principal | None:
         try:
-            async with self._session_maker() as session:
+            # Bounded: a frozen database once held requests for 25 s; better a quick 503 to retry.
+            async with asyncio.timeout(self._lookup_timeout_s), self._session_maker() as session:
                 row = await ApiKeyRepository(session).find_active_by_hash(key_hash)
+        except TimeoutError:
+            raise AuthUnavailable(
+                f"The key store did not answer within {self._lookup_timeout_s:g} s; retry shortly.", retry_after=1.0
+            ) from None
         except (OSError, SQLAlchemyError) as exc:
             raise AuthUnavailable(
                 f"The key store did not answer ({type(exc).__name__}); retry shortly.", retry_after=1.0

@@ -1,10 +1,9 @@
-"""Health: a JSON summary, liveness (the process answers) and readiness (its dependencies answer)."""
+"""Health: a JSON summary, liveness (the process answers) and readiness (it can serve traffic)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,8 +12,8 @@ from sqlalchemy import text
 from starlette.responses import JSONResponse, Response
 
 from app import __version__
-from app.audit.sink import AuditSink
 from app.dependencies import ResourcesDep
+from app.enforcement.breaker import BreakerState
 
 router = APIRouter(tags=["health"])
 
@@ -64,25 +63,42 @@ async def live() -> dict[str, str]:
 @router.get(
     "/health/ready",
     response_model=ReadinessOut,
-    summary="Readiness: the database, Redis (when configured) and the audit spool",
-    responses={503: {"model": ReadinessOut, "description": "A dependency is down"}},
+    summary="Readiness: can this instance serve traffic (degraded dependencies are reported, not fatal)",
+    responses={503: {"model": ReadinessOut, "description": "This instance cannot serve traffic"}},
 )
 async def ready(resources: ResourcesDep) -> JSONResponse:
-    checks = {"database": await _check_database(resources)}
+    """200 `ready`, 200 `degraded` (serving, with a dependency down that the design absorbs), or 503.
+
+    A database outage is absorbed (audit rows spool to disk, cached keys keep working), and so is
+    Redis under fail_open; if readiness failed on them, every replica would leave the load balancer
+    at once and a short outage would become a full one. 503 means this instance itself cannot
+    serve: rate limits fail closed with Redis down, or audit rows cannot be kept on disk.
+    """
+    checks: dict[str, str] = {}
+    fatal: list[str] = []
+    degraded: list[str] = []
+
+    def report(name: str, outcome: str, *, down: str | None = None) -> None:
+        checks[name] = outcome
+        if outcome != "ok" and down is not None:
+            (fatal if down == "fatal" else degraded).append(name)
+
+    report("database", await _check_database(resources), down="degraded")
     if resources.redis is not None:
-        checks["redis"] = await _check_redis(resources)
+        fail_closed = resources.settings.limits.redis_failure_policy == "fail_closed"
+        report("redis", await _check_redis(resources), down="fatal" if fail_closed else "degraded")
     if resources.audit is not None:
-        checks["audit"] = _check_audit(resources.audit)
-    # Spooling keeps every row safe while the database is away (which its own check reports).
-    ok = all(value in ("ok", "spooling") for value in checks.values())
-    body: dict[str, Any] = {"status": "ready" if ok else "unavailable", "checks": checks}
-    return JSONResponse(body, status_code=200 if ok else 503)
-
-
-def _check_audit(audit: AuditSink) -> str:
-    if audit.spool_error is not None:
-        return f"error: the spool cannot be written ({audit.spool_error})"
-    return "ok" if audit.database_ok else "spooling"
+        audit = resources.audit
+        if audit.spool_error is not None:
+            report("audit", f"error: rows cannot be kept on disk ({audit.spool_error})", down="fatal")
+        else:
+            report("audit", "ok" if audit.database_ok else "spooling", down="degraded")
+    open_breakers = [
+        name for name, state in resources.enforcer.breakers.states().items() if state != BreakerState.CLOSED
+    ]
+    report("breakers", "ok" if not open_breakers else "open: " + ", ".join(sorted(open_breakers)), down="degraded")
+    status = "unavailable" if fatal else "degraded" if degraded else "ready"
+    return JSONResponse({"status": status, "checks": checks}, status_code=503 if fatal else 200)
 
 
 async def _check_redis(resources: ResourcesDep) -> str:

@@ -1,7 +1,8 @@
 """WS /v1/ws: several tasks over one socket, their events interleaved and tagged by task id.
 
 Client messages: {"type": "task.create", "ref"?, ...task fields} and {"type": "task.cancel",
-"task_id"}. A bad message gets {"type": "error", "code", "detail"} and the socket stays open.
+"task_id"}. A bad message gets {"type": "error", "code", "detail"} and the socket stays open; a key
+revoked while the socket is open closes it with 4401 (after an error message).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from app.audit.context import AuditContext
 from app.auth.authenticator import key_from_headers
 from app.auth.principal import Principal
 from app.dependencies import ResourcesDep
-from app.errors import AppError, Cancelled, TooManyTasks
+from app.errors import AppError, Cancelled, MalformedJSON, TooManyTasks, Unauthenticated
 from app.lifespan import Resources
 from app.middleware import request_id_var
 from app.problems import problem_response
+from app.request_body import parse_json
 from app.tasks.router import describe_task, record_task_end
 from app.tasks.spec import build_task_spec
 
@@ -34,24 +36,56 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["tasks"])
 
 _OUTBOX_SIZE = 256
+BEARER_SUBPROTOCOL = "pacemaker.bearer"
+# Close code for a key that stopped being valid while its socket was open (4000-4999: the application's).
+CLOSE_KEY_REVOKED = 4401
+_CLOSE = b""  # queued after the last message of a socket being closed (never a message of its own)
 
 
 @router.websocket("/v1/ws")
 async def task_socket(websocket: WebSocket, resources: ResourcesDep) -> None:
-    # Browsers cannot set headers on a WebSocket, so the key may also come as ?api_key=.
-    presented = key_from_headers(
-        websocket.headers.get("authorization"), websocket.headers.get("x-api-key")
-    ) or websocket.query_params.get("api_key")
+    presented, subprotocol = presented_key(websocket)
     try:
         principal = await resources.authenticator.authenticate(presented)
     except AppError as exc:
-        refused = _audit_context(websocket, request_id_var.get() or "")
-        refused.http_status, refused.error_code = exc.status, exc.code
-        _submit(resources, refused)
-        await websocket.send_denial_response(problem_response(exc))
+        await _refuse(websocket, resources, exc, None)
         return
-    await websocket.accept()
-    await TaskSocket(websocket, resources, principal).serve()
+    try:
+        slot = resources.websockets.open(principal.key_id, resources.settings.server.ws_max_per_key)
+    except AppError as exc:
+        await _refuse(websocket, resources, exc, principal.key_id)
+        return
+    try:
+        await websocket.accept(subprotocol=subprotocol)
+        await TaskSocket(websocket, resources, principal, presented).serve()
+    finally:
+        slot.release()
+
+
+def presented_key(websocket: WebSocket) -> tuple[str | None, str | None]:
+    """The key a socket presents, and the subprotocol to echo.
+
+    Headers first; then the Sec-WebSocket-Protocol pair `pacemaker.bearer, <key>`, which browsers
+    can send (they cannot set headers) without putting the key in the URL, where proxies and access
+    logs keep it; only `pacemaker.bearer` is echoed back, never the key. `?api_key=` stays for
+    older clients.
+    """
+    headers = websocket.headers
+    key = key_from_headers(headers.get("authorization"), headers.get("x-api-key"))
+    offered = [part.strip() for part in headers.get("sec-websocket-protocol", "").split(",") if part.strip()]
+    subprotocol = BEARER_SUBPROTOCOL if BEARER_SUBPROTOCOL in offered else None
+    if key is None and subprotocol is not None:
+        position = offered.index(BEARER_SUBPROTOCOL)
+        key = offered[position + 1] if position + 1 < len(offered) else None
+    return key or websocket.query_params.get("api_key"), subprotocol
+
+
+async def _refuse(websocket: WebSocket, resources: Resources, error: AppError, key_id: int | None) -> None:
+    """Refuse the handshake with a problem+json answer, and audit the refusal."""
+    refused = _audit_context(websocket, request_id_var.get() or "")
+    refused.http_status, refused.error_code, refused.api_key_id = error.status, error.code, key_id
+    _submit(resources, refused)
+    await websocket.send_denial_response(problem_response(error))
 
 
 def _audit_context(websocket: WebSocket, request_id: str) -> AuditContext:
@@ -71,10 +105,12 @@ def _submit(resources: Resources, audit: AuditContext) -> None:
 
 
 class TaskSocket:
-    def __init__(self, websocket: WebSocket, resources: Resources, principal: Principal) -> None:
+    def __init__(self, websocket: WebSocket, resources: Resources, principal: Principal, presented: str | None) -> None:
         self.websocket = websocket
         self.resources = resources
         self.principal = principal
+        self._presented = presented  # checked again on every task.create and every key_cache_seconds
+        self._revoked = False
         self.outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_OUTBOX_SIZE)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.cancel_requested: set[str] = set()
@@ -85,14 +121,40 @@ class TaskSocket:
     async def serve(self) -> None:
         reader = asyncio.create_task(self._read())
         writer = asyncio.create_task(self._write())
+        watcher = asyncio.create_task(self._watch_key())
         try:
-            # The socket is done when the client leaves (reader) or can no longer be written to (writer).
+            # The socket is done when the client leaves (reader) or can no longer be written to
+            # (writer, which also closes it once its key is revoked).
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             running = list(self.tasks.values())
-            for task in (*running, reader, writer):
+            for task in (*running, reader, writer, watcher):
                 task.cancel()
-            await asyncio.gather(*running, reader, writer, return_exceptions=True)
+            await asyncio.gather(*running, reader, writer, watcher, return_exceptions=True)
+
+    async def _watch_key(self) -> None:
+        """Close the socket once its key is revoked, even if it never creates another task."""
+        period = max(1.0, self.resources.settings.auth.key_cache_seconds)
+        while True:
+            await asyncio.sleep(period)
+            if not await self._key_still_valid():
+                return
+
+    async def _key_still_valid(self) -> bool:
+        """Authenticate the socket's key again (through the cache); a revoked key closes it with 4401."""
+        if self._revoked:
+            return False
+        try:
+            self.principal = await self.resources.authenticator.authenticate(self._presented)
+        except Unauthenticated as exc:
+            self._revoked = True
+            # The writer sends the error, then the close frame; the tasks still running end with the socket.
+            await self._error(exc.code, "The API key of this socket was revoked.")
+            await self.outbox.put(_CLOSE)
+            return False
+        except AppError:
+            return True  # the key store is unavailable: keep serving on what the socket was granted
+        return True
 
     async def _read(self) -> None:
         while True:
@@ -108,23 +170,32 @@ class TaskSocket:
         while True:
             data = await self.outbox.get()
             try:
+                if data == _CLOSE:
+                    await self.websocket.close(CLOSE_KEY_REVOKED, "API key revoked")
+                    return
                 await self.websocket.send_text(data.decode())
             except (WebSocketDisconnect, OSError, RuntimeError):
                 return  # the client is gone; the reader will see it, or serve() ends us both
 
     async def _handle(self, raw: str | bytes) -> None:
         try:
-            message = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            message = parse_json(raw, self.resources.settings.server.max_json_depth)
+        except MalformedJSON:
             await self._error("invalid_message", "Messages must be JSON objects.")
+            return
+        except AppError as exc:  # nested too deep
+            await self._error(exc.code, exc.detail)
             return
         if not isinstance(message, dict):
             await self._error("invalid_message", "Messages must be JSON objects.")
             return
         kind = message.pop("type", None)
         ref = message.pop("ref", None)
+        if self._revoked:
+            return  # closing: the writer sends the close frame after what is queued
         if kind == "task.create":
-            await self._create(message, ref)
+            if await self._key_still_valid():
+                await self._create(message, ref)
         elif kind == "task.cancel":
             await self._cancel(message.get("task_id"), ref)
         else:
@@ -168,6 +239,13 @@ class TaskSocket:
             audit.status, audit.error_code, audit.http_status = "rejected", exc.code, exc.status
             _submit(self.resources, audit)
             await self._error(exc.code, exc.detail, ref, retry_after=exc.retry_after)
+            return
+        except Exception:
+            # A bug of ours must not end the socket (and its running tasks) without a word.
+            log.exception("task.create failed unexpectedly")
+            audit.status, audit.error_code, audit.http_status = "failed", "internal_error", 500
+            _submit(self.resources, audit)
+            await self._error("internal_error", "The task could not be created; the request id is in the logs.", ref)
             return
         self.tasks[spec.id] = asyncio.create_task(self._run(spec, ref, content_chars))
 
