@@ -181,13 +181,21 @@ class RetrySettings(_Section):
 
 class AuditSettings(_Section):
     enabled: bool = True
-    queue_size: int = Field(20_000, ge=1, description="Rows held in memory; beyond them rows go to the spool.")
+    queue_size: int = Field(
+        20_000, ge=1, description="Rows held in memory; beyond them the writer reads rows back from the journal."
+    )
     batch_size: int = Field(500, ge=1)
-    flush_interval_s: float = Field(0.2, gt=0)
+    flush_interval_s: float = Field(0.2, gt=0, description="Longest wait of a row for its batch; the journal's fsync.")
     write_timeout_s: float = Field(5.0, gt=0)
     retry_interval_s: float = Field(1.0, gt=0, description="How often a down database is tried again.")
     shutdown_timeout_s: float = Field(10.0, gt=0)
-    spool_dir: Path = Path("var/audit-spool")
+    startup_replay_timeout_s: float = Field(
+        5.0, gt=0, description="How long start waits for the rows earlier processes left in the journal."
+    )
+    spool_dir: Path = Field(Path("var/audit-spool"), description="The journal: every row is appended here first.")
+    dead_letter_dir: Path | None = Field(
+        None, description="Rows the database refuses for their content (default: <spool_dir>-dead-letter)."
+    )
     # Prompts and outputs are not kept unless asked for, and then only their first characters.
     store_content: bool = False
     content_max_chars: int = Field(2000, ge=1)

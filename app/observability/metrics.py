@@ -94,16 +94,23 @@ class Metrics:
             "pacemaker_audit_rows_written_total", "Audit rows written to the database.", registry=self.registry
         )
         self.audit_rows_spooled = Counter(
-            "pacemaker_audit_rows_spooled_total", "Audit rows written to the local spool.", registry=self.registry
+            "pacemaker_audit_rows_spooled_total",
+            "Audit rows memory let go of (the queue was full): read back from the journal.",
+            registry=self.registry,
         )
         self.audit_rows_replayed = Counter(
             "pacemaker_audit_rows_replayed_total",
-            "Audit rows moved from the spool to the database.",
+            "Audit rows written to the database from the journal on disk.",
             registry=self.registry,
         )
         self.audit_spool_errors = Counter(
             "pacemaker_audit_spool_errors_total",
-            "Failed writes to the audit spool (rows lost).",
+            "Failed writes to the audit journal: rows it could not take (held in memory only), failed fsyncs.",
+            registry=self.registry,
+        )
+        self.audit_rows_dead_lettered = Counter(
+            "pacemaker_audit_rows_dead_lettered_total",
+            "Audit rows the database refused for their content, kept in the dead-letter directory.",
             registry=self.registry,
         )
         self.tasks = Counter(
