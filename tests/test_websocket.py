@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -206,9 +207,11 @@ async def create_until_closed(socket: ClientConnection) -> tuple[list[dict[str, 
             seen.append(await asyncio.wait_for(receive(socket), timeout=10))
             while seen[-1]["type"] not in ("task.completed", "task.failed", "error"):
                 seen.append(await asyncio.wait_for(receive(socket), timeout=10))
-            if seen[-1]["type"] == "error":
-                await asyncio.wait_for(socket.recv(), timeout=5)  # raises once the close frame is in
     except websockets.ConnectionClosed as closed:
+        # What arrived before the close frame is still readable after it.
+        with contextlib.suppress(websockets.ConnectionClosed):
+            while True:
+                seen.append(await asyncio.wait_for(receive(socket), timeout=5))
         return seen, closed.rcvd.code if closed.rcvd is not None else None
 
 
