@@ -72,19 +72,57 @@ class OpenAICompatibleProvider:
 
 
 async def _read_event_stream(name: str, response: aiohttp.ClientResponse) -> AsyncGenerator[LLMChunk, None]:
-    done = finished = False
-    async for line in response.content:
-        if done or not line.startswith(_DATA):
-            continue  # blank separators, comments, event:/id: fields, anything after [DONE]
+    events = _EventStream()
+    try:
+        async for line in response.content:
+            chunk = events.parse(line)
+            if chunk is not None:
+                yield chunk  # the usage chunk comes after the one with finish_reason
+    except aiohttp.ClientError:
+        # aiohttp raises a dropped connection's error before handing out lines it had already
+        # received (its readline checks the error first), so tokens the client was never sent
+        # would be lost, and uncounted. Deliver the whole lines still buffered, then fail.
+        for line in _buffered_lines(response.content):
+            chunk = events.parse(line)
+            if chunk is not None:
+                yield chunk
+        raise
+    if not events.complete:
+        raise UpstreamUnavailable(f"{name}: the stream ended before the response was complete")
+
+
+class _EventStream:
+    """The `data:` lines of an SSE body, as chunks, up to `[DONE]`."""
+
+    __slots__ = ("done", "finished")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.finished = False
+
+    @property
+    def complete(self) -> bool:
+        return self.done or self.finished
+
+    def parse(self, line: bytes) -> LLMChunk | None:
+        if self.done or not line.startswith(_DATA):
+            return None  # blank separators, comments, event:/id: fields, anything after [DONE]
         payload = line[len(_DATA) :].strip()
         if payload == _DONE:
-            done = True  # read on to the end of the body, so the connection can be reused
-            continue
+            self.done = True  # read on to the end of the body, so the connection can be reused
+            return None
         chunk = parse_completion(payload)
-        finished = finished or chunk.finish_reason is not None
-        yield chunk  # the usage chunk comes after the one with finish_reason
-    if not (done or finished):
-        raise UpstreamUnavailable(f"{name}: the stream ended before the response was complete")
+        self.finished = self.finished or chunk.finish_reason is not None
+        return chunk
+
+
+def _buffered_lines(content: aiohttp.StreamReader) -> list[bytes]:
+    """The complete lines a failed stream still holds (a torn last line is dropped)."""
+    read_buffered = getattr(content, "_read_nowait", None)  # aiohttp's own, which skips the error check
+    if read_buffered is None:
+        return []
+    data: bytes = read_buffered(-1)
+    return [line + b"\n" for line in data.split(b"\n")[:-1]]
 
 
 def _status_error(name: str, status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:
