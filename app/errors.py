@@ -183,6 +183,12 @@ class LimiterUnavailable(AppError):
     status, code, title, retryable = 503, "limiter_unavailable", "Rate limiting is unavailable", True
 
 
+class BudgetUnavailable(AppError):
+    """The key's spend could not be read from the audit log in time: its budget cannot be checked."""
+
+    status, code, title, retryable = 503, "budget_unavailable", "The key's budget cannot be checked right now", True
+
+
 class IdempotencyInProgress(AppError):
     status, code, title, retryable = (
         409,

@@ -1,4 +1,4 @@
-"""The in-process limiter: buckets, reservations, budget periods and bounded state, on fake clocks."""
+"""The in-process limiter: buckets, reservations, budget periods, seeding and bounded state, on fake clocks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from app.enforcement.limits import LimitSpec, nanos_to_usd, usd_to_nanos
+from app.enforcement.limits import Admission, LimitSpec, Period, PeriodSpend, Reservation, nanos_to_usd, usd_to_nanos
 from app.enforcement.memory_limiter import MemoryLimiter
 
 
@@ -33,6 +33,18 @@ def limiter(**kwargs: object) -> tuple[MemoryLimiter, FakeClock, FakeClock]:
 
 
 ZERO = Decimal(0)
+
+
+async def seed(limits: MemoryLimiter, key_id: int, spec: LimitSpec, spent: Decimal = ZERO) -> None:
+    """Seed a budget as the Enforcer does: the limiter names the period it lacks, which is then seeded."""
+    asked = await limits.admit(key_id, spec, tokens=0, cost_usd=ZERO)
+    assert asked.reason == "seed" and asked.period is not None and not asked.allowed
+    await limits.seed(key_id, spec, PeriodSpend(asked.period, spent))
+
+
+def taken(admission: Admission) -> Reservation:
+    assert admission.reservation is not None, admission
+    return admission.reservation
 
 
 async def test_burst_is_admitted_at_once_then_the_next_request_is_refused_for_rpm() -> None:
@@ -78,7 +90,7 @@ async def test_settle_gives_unused_tokens_back_to_the_tpm_bucket() -> None:
     assert admitted.tokens is not None and admitted.tokens.remaining == 100
     refused = await limits.admit(1, spec, tokens=200, cost_usd=ZERO)
     assert refused.reason == "tpm" and refused.retry_after_s == pytest.approx(10.0)
-    await limits.settle(1, spec, reserved_tokens=500, actual_tokens=200, reserved_cost_usd=ZERO, actual_cost_usd=ZERO)
+    await limits.settle(1, spec, taken(admitted), actual_tokens=200, actual_cost_usd=ZERO)
     after = await limits.admit(1, spec, tokens=200, cost_usd=ZERO)
     assert after.allowed and after.tokens is not None and after.tokens.remaining == 200
 
@@ -86,9 +98,9 @@ async def test_settle_gives_unused_tokens_back_to_the_tpm_bucket() -> None:
 async def test_an_overshoot_is_paid_back_before_the_next_request_passes() -> None:
     limits, clock, _ = limiter()
     spec = LimitSpec(tpm=600)
-    assert (await limits.admit(1, spec, tokens=500, cost_usd=ZERO)).allowed
+    admitted = await limits.admit(1, spec, tokens=500, cost_usd=ZERO)
     # The response used 600 tokens more than reserved: the bucket goes to -500.
-    await limits.settle(1, spec, reserved_tokens=500, actual_tokens=1100, reserved_cost_usd=ZERO, actual_cost_usd=ZERO)
+    await limits.settle(1, spec, taken(admitted), actual_tokens=1100, actual_cost_usd=ZERO)
     refused = await limits.admit(1, spec, tokens=100, cost_usd=ZERO)
     assert refused.reason == "tpm" and refused.retry_after_s == pytest.approx(60.0)
     assert refused.tokens is not None and refused.tokens.remaining == 0
@@ -110,6 +122,7 @@ async def test_a_request_larger_than_the_tpm_capacity_is_refused_without_a_retry
 async def test_a_refusal_takes_nothing_from_the_other_dimensions() -> None:
     limits, _, _ = limiter()
     spec = LimitSpec(rpm=60, burst=2, tpm=1000, budget_usd=Decimal(10))
+    await seed(limits, 1, spec)
     assert (await limits.admit(1, spec, tokens=900, cost_usd=Decimal(1))).allowed
     refused = await limits.admit(1, spec, tokens=200, cost_usd=Decimal(1))
     assert refused.reason == "tpm"
@@ -120,6 +133,7 @@ async def test_a_refusal_takes_nothing_from_the_other_dimensions() -> None:
 async def test_a_spent_budget_is_reported_before_rpm_and_rpm_before_tpm() -> None:
     limits, _, _ = limiter()
     spec = LimitSpec(rpm=1, tpm=100, budget_usd=Decimal(1))
+    await seed(limits, 1, spec)
     assert (await limits.admit(1, spec, tokens=100, cost_usd=Decimal(1))).allowed
     # Now all three are exhausted: the refusal names the budget (waiting will not help), then rpm, tpm.
     refused = await limits.admit(1, spec, tokens=100, cost_usd=Decimal(1))
@@ -133,6 +147,7 @@ async def test_a_spent_budget_is_reported_before_rpm_and_rpm_before_tpm() -> Non
 async def test_budget_reservations_let_exactly_what_fits_through_concurrent_admits() -> None:
     limits, _, _ = limiter()
     spec = LimitSpec(budget_usd=Decimal("5.5"))
+    await seed(limits, 7, spec)
     answers = await asyncio.gather(*(limits.admit(7, spec, tokens=0, cost_usd=Decimal(1)) for _ in range(10)))
     assert sum(a.allowed for a in answers) == 5
     refused = [a for a in answers if not a.allowed]
@@ -143,12 +158,11 @@ async def test_budget_reservations_let_exactly_what_fits_through_concurrent_admi
 async def test_settling_to_the_actual_cost_frees_the_rest_of_the_reservation() -> None:
     limits, _, _ = limiter()
     spec = LimitSpec(budget_usd=Decimal("2"))
-    for _ in range(2):
-        assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
+    await seed(limits, 1, spec)
+    first = await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
     assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal("0.5"))).reason == "budget"
-    await limits.settle(
-        1, spec, reserved_tokens=0, actual_tokens=0, reserved_cost_usd=Decimal(1), actual_cost_usd=Decimal("0.25")
-    )
+    await limits.settle(1, spec, taken(first), actual_tokens=0, actual_cost_usd=Decimal("0.25"))
     admitted = await limits.admit(1, spec, tokens=0, cost_usd=Decimal("0.5"))
     assert admitted.allowed and admitted.budget_remaining_usd == Decimal("0.25")
 
@@ -156,21 +170,25 @@ async def test_settling_to_the_actual_cost_frees_the_rest_of_the_reservation() -
 async def test_a_settled_cost_above_the_reservation_is_charged() -> None:
     limits, _, _ = limiter()
     spec = LimitSpec(budget_usd=Decimal(1))
-    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal("0.1"))).allowed
-    await limits.settle(
-        1, spec, reserved_tokens=0, actual_tokens=0, reserved_cost_usd=Decimal("0.1"), actual_cost_usd=Decimal("1.2")
-    )
+    await seed(limits, 1, spec)
+    admitted = await limits.admit(1, spec, tokens=0, cost_usd=Decimal("0.1"))
+    await limits.settle(1, spec, taken(admitted), actual_tokens=0, actual_cost_usd=Decimal("1.2"))
     refused = await limits.admit(1, spec, tokens=0, cost_usd=Decimal("0.000000001"))
     assert refused.reason == "budget" and refused.budget_remaining_usd == 0
 
 
-async def test_a_daily_budget_resets_at_the_utc_day_boundary() -> None:
+async def test_a_daily_budget_asks_for_a_seed_again_at_the_utc_day_boundary() -> None:
     clock, wall = FakeClock(0.0), wall_at("2025-03-31T23:59:59")
     limits = MemoryLimiter(clock=clock, wall_clock=wall)
     spec = LimitSpec(budget_usd=Decimal(1), budget_period="day")
+    await seed(limits, 1, spec)
     assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
     assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).reason == "budget"
     wall.advance(1)  # 2025-04-01T00:00:00Z
+    asked = await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))
+    assert asked.period is not None and asked.period.id == "2025-04-01"
+    assert asked.period.start == datetime(2025, 4, 1, tzinfo=UTC)
+    await limits.seed(1, spec, PeriodSpend(asked.period, ZERO))
     assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
     wall.advance(86399)
     assert not (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
@@ -180,16 +198,22 @@ async def test_a_monthly_budget_resets_at_the_utc_month_boundary_and_not_before(
     clock, wall = FakeClock(0.0), wall_at("2024-02-01T00:00:00")
     limits = MemoryLimiter(clock=clock, wall_clock=wall)
     spec = LimitSpec(budget_usd=Decimal(1), budget_period="month")
+    await seed(limits, 1, spec)
     assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
     wall.advance(28 * 86400 + 86399)  # 2024-02-29T23:59:59Z, a leap day
-    assert not (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).reason == "budget"
     wall.advance(1)
-    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
+    asked = await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))
+    assert asked.period is not None and (asked.period.id, asked.period.start) == (
+        "2024-03",
+        datetime(2024, 3, 1, tzinfo=UTC),
+    )
 
 
 async def test_a_lifetime_budget_never_resets() -> None:
     limits, _, wall = limiter()
     spec = LimitSpec(budget_usd=Decimal(1))
+    await seed(limits, 1, spec)
     assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
     wall.advance(400 * 86400)
     assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).reason == "budget"
@@ -217,6 +241,7 @@ async def test_state_is_bounded_by_max_keys_and_an_evicted_key_starts_fresh() ->
 
 async def test_idle_keys_are_dropped_once_refilled_but_unspent_budgets_are_kept() -> None:
     limits, clock, _ = limiter()
+    await seed(limits, 2, LimitSpec(budget_usd=Decimal(1)))
     await limits.admit(2, LimitSpec(budget_usd=Decimal(1)), tokens=0, cost_usd=Decimal("0.5"))
     await limits.admit(1, LimitSpec(rpm=60, burst=1), tokens=0, cost_usd=ZERO)
     clock.advance(1.5)
@@ -229,6 +254,7 @@ async def test_idle_keys_are_dropped_once_refilled_but_unspent_budgets_are_kept(
 async def test_scale_multiplies_every_limit() -> None:
     limits, _, _ = limiter(scale=0.5)
     spec = LimitSpec(rpm=60, burst=10, tpm=1000, budget_usd=Decimal(10))
+    await seed(limits, 1, spec)
     first = await limits.admit(1, spec, tokens=100, cost_usd=Decimal(1))
     assert first.requests is not None and first.tokens is not None
     assert (first.requests.limit, first.tokens.limit) == (5, 500)
@@ -276,3 +302,99 @@ async def test_negative_amounts_are_a_caller_bug() -> None:
     limits, _, _ = limiter()
     with pytest.raises(ValueError, match="tokens"):
         await limits.admit(1, LimitSpec(), tokens=-1, cost_usd=ZERO)
+
+
+# Seeding: the limiter only stores; a budget's spend comes from the durable record (see ledger.py).
+
+
+async def test_a_budget_without_state_asks_for_a_seed_and_takes_nothing_meanwhile() -> None:
+    limits, _, _ = limiter()
+    spec = LimitSpec(rpm=60, burst=1, tpm=1000, budget_usd=Decimal(10))
+    asked = await limits.admit(1, spec, tokens=1000, cost_usd=Decimal(1))
+    assert (asked.allowed, asked.reason, asked.reservation) == (False, "seed", None)
+    assert asked.period == Period("life", None)
+    await limits.seed(1, spec, PeriodSpend(asked.period, Decimal(4)))
+    admitted = await limits.admit(1, spec, tokens=1000, cost_usd=Decimal(1))  # the burst of one is still there
+    assert admitted.allowed and admitted.budget_remaining_usd == Decimal(5)
+    assert admitted.tokens is not None and admitted.tokens.remaining == 0
+
+
+async def test_keys_without_a_budget_never_ask_for_a_seed() -> None:
+    limits, _, _ = limiter()
+    assert (await limits.admit(1, LimitSpec(rpm=60, tpm=1000), tokens=10, cost_usd=Decimal(1))).allowed
+
+
+async def test_a_seed_counts_once_however_many_callers_seed_at_the_same_time() -> None:
+    limits, _, _ = limiter()
+    spec = LimitSpec(budget_usd=Decimal(10), budget_period="month")
+    asked = await limits.admit(1, spec, tokens=0, cost_usd=ZERO)
+    assert asked.period is not None and asked.period.id == "2025-03"
+    await asyncio.gather(*(limits.seed(1, spec, PeriodSpend(asked.period, Decimal(3))) for _ in range(20)))
+    await limits.seed(1, spec, PeriodSpend(asked.period, Decimal(7)))  # a later seed changes nothing either
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))).budget_remaining_usd == Decimal(6)
+
+
+async def test_a_seed_read_for_a_period_that_has_ended_is_ignored() -> None:
+    limits, _, wall = limiter()
+    spec = LimitSpec(budget_usd=Decimal(10), budget_period="day")
+    asked = await limits.admit(1, spec, tokens=0, cost_usd=ZERO)
+    assert asked.period is not None
+    wall.advance(86400)
+    await limits.seed(1, spec, PeriodSpend(asked.period, Decimal(9)))  # yesterday's spend
+    again = await limits.admit(1, spec, tokens=0, cost_usd=ZERO)
+    assert again.reason == "seed" and again.period is not None and again.period.id == "2025-03-16"
+
+
+async def test_the_fallback_share_of_a_seeded_budget_is_the_share_of_what_is_left() -> None:
+    limits, _, _ = limiter(scale=0.5)
+    spec = LimitSpec(budget_usd=Decimal(10))
+    await seed(limits, 1, spec, spent=Decimal(6))
+    # (10 - 6) / 2 instances: this instance may spend 2 of the 4 left.
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=ZERO)).budget_remaining_usd == Decimal(2)
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=Decimal("2.000000001"))).reason == "budget"
+
+
+async def test_a_seeded_budget_is_kept_while_idle_even_with_nothing_spent() -> None:
+    limits, clock, _ = limiter()
+    budgeted = LimitSpec(budget_usd=Decimal(1))
+    await seed(limits, 1, budgeted)
+    clock.advance(3600)
+    for key_id in range(2, 10):
+        await limits.admit(key_id, LimitSpec(rpm=60), tokens=0, cost_usd=ZERO)
+    assert (await limits.admit(1, budgeted, tokens=0, cost_usd=ZERO)).allowed  # no second seed needed
+
+
+async def test_settling_after_the_state_was_lost_and_seeded_again_charges_the_call_in_full() -> None:
+    limits, _, _ = limiter(max_keys=1)
+    spec = LimitSpec(budget_usd=Decimal(10))
+    await seed(limits, 1, spec)
+    in_flight = await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))
+    await limits.admit(2, LimitSpec(rpm=60), tokens=0, cost_usd=ZERO)  # evicts key 1
+    # The record knows 2 USD of other requests, not the one in flight (its row comes after its settlement).
+    await seed(limits, 1, spec, spent=Decimal(2))
+    await limits.settle(1, spec, taken(in_flight), actual_tokens=0, actual_cost_usd=Decimal("0.25"))
+    # Neither a refund of the lost 1 USD reservation from the seeded 2 USD, nor nothing: 2 + 0.25.
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=ZERO)).budget_remaining_usd == Decimal("7.75")
+
+
+async def test_settling_while_the_state_is_lost_changes_nothing() -> None:
+    limits, _, _ = limiter(max_keys=1)
+    spec = LimitSpec(budget_usd=Decimal(10))
+    await seed(limits, 1, spec)
+    in_flight = await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))
+    await limits.admit(2, LimitSpec(rpm=60), tokens=0, cost_usd=ZERO)  # evicts key 1
+    await limits.settle(1, spec, taken(in_flight), actual_tokens=0, actual_cost_usd=Decimal("0.25"))
+    await seed(limits, 1, spec, spent=Decimal("2.25"))  # the record, this call's row included by now
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=ZERO)).budget_remaining_usd == Decimal("7.75")
+
+
+async def test_a_call_admitted_yesterday_and_settled_today_is_not_charged_to_today() -> None:
+    clock, wall = FakeClock(0.0), wall_at("2025-03-31T23:59:59")
+    limits = MemoryLimiter(clock=clock, wall_clock=wall)
+    spec = LimitSpec(budget_usd=Decimal(10), budget_period="day")
+    await seed(limits, 1, spec)
+    late = await limits.admit(1, spec, tokens=0, cost_usd=Decimal(1))
+    wall.advance(2)
+    await seed(limits, 1, spec)
+    await limits.settle(1, spec, taken(late), actual_tokens=0, actual_cost_usd=Decimal("0.5"))
+    assert (await limits.admit(1, spec, tokens=0, cost_usd=ZERO)).budget_remaining_usd == Decimal(10)

@@ -1,4 +1,4 @@
-"""The Redis limiter against a real Redis: atomic admits under concurrency, server-clock periods and key expiry."""
+"""The Redis limiter against a real Redis: atomic admits and seeds under concurrency, server-clock periods, expiry."""
 
 from __future__ import annotations
 
@@ -11,11 +11,24 @@ from decimal import Decimal
 import pytest
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from app.enforcement.limits import LimitSpec
+from app.enforcement.limits import Admission, LimitSpec, Period, PeriodSpend, Reservation
 from app.enforcement.redis_limiter import LUA_PRELUDE, RedisLimiter
 from tests.support import require_service
 
 ZERO = Decimal(0)
+
+
+async def seed(limiter: RedisLimiter, key_id: int, spec: LimitSpec, spent: Decimal = ZERO) -> Period:
+    """Seed a budget as the Enforcer does: the limiter names the period it lacks, which is then seeded."""
+    asked = await limiter.admit(key_id, spec, tokens=0, cost_usd=ZERO)
+    assert asked.reason == "seed" and asked.period is not None and not asked.allowed
+    await limiter.seed(key_id, spec, PeriodSpend(asked.period, spent))
+    return asked.period
+
+
+def taken(admission: Admission) -> Reservation:
+    assert admission.reservation is not None, admission
+    return admission.reservation
 
 
 @pytest.fixture
@@ -31,8 +44,12 @@ async def redis() -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-async def limiter(redis: Redis) -> AsyncIterator[RedisLimiter]:
-    prefix = f"pacemaker-test:{uuid.uuid4().hex}"
+def prefix() -> str:
+    return f"pacemaker-test:{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+async def limiter(redis: Redis, prefix: str) -> AsyncIterator[RedisLimiter]:
     yield RedisLimiter(redis, prefix=prefix)
     keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]
     if keys:
@@ -68,6 +85,7 @@ async def test_concurrent_admits_take_exactly_the_burst(limiter: RedisLimiter) -
 
 async def test_concurrent_admits_never_overspend_the_budget(limiter: RedisLimiter) -> None:
     spec = LimitSpec(budget_usd=Decimal("1.05"))
+    await seed(limiter, 4, spec)
     answers = await asyncio.gather(*(limiter.admit(4, spec, tokens=0, cost_usd=Decimal("0.1")) for _ in range(100)))
     assert sum(a.allowed for a in answers) == 10
     refused = [a for a in answers if not a.allowed]
@@ -79,15 +97,11 @@ async def test_settle_gives_tokens_back_and_an_overshoot_must_be_paid_back(limit
     spec = LimitSpec(tpm=6000)  # a hundred tokens per second
     admitted = await limiter.admit(5, spec, tokens=5000, cost_usd=ZERO)
     assert admitted.tokens is not None and admitted.tokens.remaining in (1000, 1001)
-    await limiter.settle(
-        5, spec, reserved_tokens=5000, actual_tokens=1000, reserved_cost_usd=ZERO, actual_cost_usd=ZERO
-    )
+    await limiter.settle(5, spec, taken(admitted), actual_tokens=1000, actual_cost_usd=ZERO)
     again = await limiter.admit(5, spec, tokens=5000, cost_usd=ZERO)
     assert again.allowed and again.tokens is not None and again.tokens.remaining < 100
     # 11000 used against 5000 reserved: the bucket goes about 6000 below zero, 61 s from holding 100.
-    await limiter.settle(
-        5, spec, reserved_tokens=5000, actual_tokens=11000, reserved_cost_usd=ZERO, actual_cost_usd=ZERO
-    )
+    await limiter.settle(5, spec, taken(again), actual_tokens=11000, actual_cost_usd=ZERO)
     refused = await limiter.admit(5, spec, tokens=100, cost_usd=ZERO)
     assert refused.reason == "tpm" and refused.retry_after_s is not None
     assert 60.0 < refused.retry_after_s <= 61.0
@@ -103,12 +117,11 @@ async def test_settling_to_the_actual_cost_frees_the_rest_of_the_reservation(
     limiter: RedisLimiter, redis: Redis
 ) -> None:
     spec = LimitSpec(budget_usd=Decimal(2), budget_period="day")
-    for _ in range(2):
-        assert (await limiter.admit(7, spec, tokens=0, cost_usd=Decimal(1))).allowed
+    await seed(limiter, 7, spec)
+    first = await limiter.admit(7, spec, tokens=0, cost_usd=Decimal(1))
+    assert (await limiter.admit(7, spec, tokens=0, cost_usd=Decimal(1))).allowed
     assert (await limiter.admit(7, spec, tokens=0, cost_usd=Decimal("0.5"))).reason == "budget"
-    await limiter.settle(
-        7, spec, reserved_tokens=0, actual_tokens=0, reserved_cost_usd=Decimal(1), actual_cost_usd=Decimal("0.25")
-    )
+    await limiter.settle(7, spec, taken(first), actual_tokens=0, actual_cost_usd=Decimal("0.25"))
     admitted = await limiter.admit(7, spec, tokens=0, cost_usd=Decimal("0.5"))
     assert admitted.allowed and admitted.budget_remaining_usd == Decimal("0.25")
     _, _, budget_key = limiter.keys_for(7)
@@ -117,6 +130,7 @@ async def test_settling_to_the_actual_cost_frees_the_rest_of_the_reservation(
 
 async def test_refusals_take_nothing(limiter: RedisLimiter) -> None:
     spec = LimitSpec(rpm=60, burst=2, tpm=1000, budget_usd=Decimal(10))
+    await seed(limiter, 8, spec)
     assert (await limiter.admit(8, spec, tokens=900, cost_usd=Decimal(1))).allowed
     refused = await limiter.admit(8, spec, tokens=200, cost_usd=Decimal(1))
     assert refused.reason == "tpm"
@@ -135,22 +149,27 @@ async def test_bucket_keys_expire_once_refilled_and_budget_keys_at_the_end_of_th
     limiter: RedisLimiter, redis: Redis
 ) -> None:
     spec = LimitSpec(rpm=60, burst=10, tpm=600, budget_usd=Decimal(5), budget_period="day")
+    await seed(limiter, 10, spec)
     await limiter.admit(10, spec, tokens=300, cost_usd=Decimal(1))
     requests_key, tokens_key, budget_key = limiter.keys_for(10)
     assert 1000 < await redis.pttl(requests_key) <= 2000  # one second to refill one request, plus a margin
     assert 30_000 < await redis.pttl(tokens_key) <= 31_000  # thirty seconds for 300 tokens at ten a second
     seconds, _ = await redis.time()
     until_midnight_ms = (86400 - seconds % 86400) * 1000
-    assert until_midnight_ms < await redis.pttl(budget_key) <= until_midnight_ms + 3_600_000
+    assert until_midnight_ms - 1000 < await redis.pttl(budget_key) <= until_midnight_ms + 1000
+    await seed(limiter, 11, LimitSpec(budget_usd=Decimal(5)))
     await limiter.admit(11, LimitSpec(budget_usd=Decimal(5)), tokens=0, cost_usd=Decimal(1))
     assert await redis.ttl(limiter.keys_for(11)[2]) == -1  # a lifetime budget never expires
 
 
 async def test_budget_periods_are_named_from_the_redis_server_clock(limiter: RedisLimiter, redis: Redis) -> None:
-    await limiter.admit(12, LimitSpec(budget_usd=Decimal(5), budget_period="day"), tokens=0, cost_usd=ZERO)
-    await limiter.admit(13, LimitSpec(budget_usd=Decimal(5), budget_period="month"), tokens=0, cost_usd=ZERO)
+    day = await seed(limiter, 12, LimitSpec(budget_usd=Decimal(5), budget_period="day"))
+    month = await seed(limiter, 13, LimitSpec(budget_usd=Decimal(5), budget_period="month"))
     seconds, _ = await redis.time()
     today = datetime.fromtimestamp(seconds, UTC)
+    midnight = today.replace(hour=0, minute=0, second=0, microsecond=0)
+    assert day == Period(today.strftime("%Y-%m-%d"), midnight)
+    assert month == Period(today.strftime("%Y-%m"), midnight.replace(day=1))
     assert await redis.hget(limiter.keys_for(12)[2], "period") == today.strftime("%Y-%m-%d").encode()
     assert await redis.hget(limiter.keys_for(13)[2], "period") == today.strftime("%Y-%m").encode()
 
@@ -212,3 +231,73 @@ async def test_an_admit_is_one_evalsha_of_a_cached_script(limiter: RedisLimiter,
     after = await redis.info("commandstats")
     # Other tests may share this Redis, so only the minimum is certain: our call was an EVALSHA.
     assert after["cmdstat_evalsha"]["calls"] >= before["cmdstat_evalsha"]["calls"] + 1
+
+
+# Seeding: a budget's spend comes from the durable record whenever Redis holds no state for the period.
+
+
+async def test_a_lost_budget_key_asks_for_a_seed_and_the_admit_takes_nothing(
+    limiter: RedisLimiter, redis: Redis
+) -> None:
+    spec = LimitSpec(rpm=60, burst=1, budget_usd=Decimal(10))
+    await seed(limiter, 20, spec, spent=Decimal(4))
+    await redis.delete(limiter.keys_for(20)[2])  # a FLUSHALL, an eviction, a restart without persistence
+    asked = await limiter.admit(20, spec, tokens=0, cost_usd=Decimal(1))
+    assert (asked.reason, asked.period, asked.reservation) == ("seed", Period("life", None), None)
+    await limiter.seed(20, spec, PeriodSpend(Period("life", None), Decimal(4)))
+    admitted = await limiter.admit(20, spec, tokens=0, cost_usd=Decimal(1))
+    # The burst of one is still there: neither answer "seed" took the request.
+    assert admitted.allowed and admitted.budget_remaining_usd == Decimal(5)
+
+
+async def test_instances_seeding_one_key_at_once_count_the_spend_once(limiter: RedisLimiter, prefix: str) -> None:
+    spec = LimitSpec(budget_usd=Decimal(10), budget_period="month")
+    asked = await limiter.admit(21, spec, tokens=0, cost_usd=ZERO)
+    assert asked.period is not None
+    # Two instances (two clients), each with many requests waiting for the same seed.
+    clients = [Redis.from_pool(BlockingConnectionPool.from_url("redis://127.0.0.1:6379/0", timeout=30)) for _ in "ab"]
+    try:
+        instances = [RedisLimiter(client, prefix=prefix) for client in clients]
+        spend = PeriodSpend(asked.period, Decimal(3))
+        await asyncio.gather(*(instance.seed(21, spec, spend) for instance in instances for _ in range(25)))
+    finally:
+        for client in clients:
+            await client.aclose()
+    assert (await limiter.admit(21, spec, tokens=0, cost_usd=Decimal(1))).budget_remaining_usd == Decimal(6)
+    await limiter.seed(21, spec, PeriodSpend(asked.period, Decimal(9)))  # a late seed changes nothing
+    assert (await limiter.admit(21, spec, tokens=0, cost_usd=ZERO)).budget_remaining_usd == Decimal(6)
+
+
+async def test_a_seed_read_for_another_period_is_ignored(limiter: RedisLimiter) -> None:
+    spec = LimitSpec(budget_usd=Decimal(10), budget_period="day")
+    await limiter.seed(22, spec, PeriodSpend(Period("1999-12-31", datetime(1999, 12, 31, tzinfo=UTC)), Decimal(9)))
+    assert (await limiter.admit(22, spec, tokens=0, cost_usd=ZERO)).reason == "seed"
+
+
+async def test_settling_after_the_key_was_lost_and_seeded_again_charges_the_call_in_full(
+    limiter: RedisLimiter, redis: Redis
+) -> None:
+    spec = LimitSpec(budget_usd=Decimal(10), budget_period="day")
+    await seed(limiter, 23, spec)
+    in_flight = await limiter.admit(23, spec, tokens=0, cost_usd=Decimal(1))
+    await redis.delete(limiter.keys_for(23)[2])
+    # Settled while the key is gone: nothing to settle into, and nothing is created.
+    lost = await limiter.admit(23, spec, tokens=0, cost_usd=ZERO)
+    assert lost.reason == "seed"
+    await limiter.settle(23, spec, taken(in_flight), actual_tokens=0, actual_cost_usd=Decimal("0.5"))
+    assert await redis.exists(limiter.keys_for(23)[2]) == 0
+    # Seeded again (2 USD of other requests), then a call admitted before the loss settles.
+    assert lost.period is not None
+    await limiter.seed(23, spec, PeriodSpend(lost.period, Decimal(2)))
+    await limiter.settle(23, spec, taken(in_flight), actual_tokens=0, actual_cost_usd=Decimal("0.25"))
+    # Neither a refund of the lost 1 USD reservation from the seeded 2 USD, nor nothing: 2 + 0.25.
+    assert (await limiter.admit(23, spec, tokens=0, cost_usd=ZERO)).budget_remaining_usd == Decimal("7.75")
+
+
+async def test_a_budget_hash_written_before_seeding_existed_keeps_working(limiter: RedisLimiter, redis: Redis) -> None:
+    spec = LimitSpec(budget_usd=Decimal(10))
+    await redis.hset(limiter.keys_for(24)[2], mapping={"period": "life", "spent": 4_000_000_000})
+    admitted = await limiter.admit(24, spec, tokens=0, cost_usd=Decimal(1))
+    assert admitted.allowed and admitted.budget_remaining_usd == Decimal(5)
+    await limiter.settle(24, spec, taken(admitted), actual_tokens=0, actual_cost_usd=Decimal("0.5"))
+    assert await redis.hget(limiter.keys_for(24)[2], "spent") == b"4500000000"

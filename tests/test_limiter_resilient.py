@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from app.enforcement.limits import Admission, LimitSpec
+from app.enforcement.limits import Admission, LimitSpec, Period, PeriodSpend, Reservation
 from app.enforcement.memory_limiter import MemoryLimiter
 from app.enforcement.redis_limiter import RedisLimiter, build_redis
 from app.enforcement.resilient_limiter import ResilientLimiter
@@ -26,7 +26,8 @@ from tests.support import IN_CI, ManagedProcess, free_port
 
 LOGGER = "app.enforcement.resilient_limiter"
 ZERO = Decimal(0)
-SPEC = LimitSpec(rpm=6000, burst=100, tpm=100_000, budget_usd=Decimal(100))
+SPEC = LimitSpec(rpm=6000, burst=100, tpm=100_000)
+LIFETIME = Period("life", None)
 COOLDOWN_S = 0.3
 
 
@@ -119,7 +120,7 @@ async def test_fail_open_answers_locally_without_hanging_and_returns_to_redis_af
         answer, elapsed = await timed_admit(limiter)
         assert elapsed < 0.5
         assert answer.allowed and not answered_by_redis(answer)
-    await limiter.settle(1, SPEC, reserved_tokens=10, actual_tokens=5, reserved_cost_usd=ZERO, actual_cost_usd=ZERO)
+    await limiter.settle(1, SPEC, Reservation(10, ZERO), actual_tokens=5, actual_cost_usd=ZERO)
     assert errors.count == 1  # the calls inside the cool-down did not even try Redis
     await asyncio.sleep(COOLDOWN_S)
     answer, elapsed = await timed_admit(limiter)  # a probe, which fails: still one warning
@@ -154,7 +155,7 @@ async def test_fail_closed_refuses_with_limiter_unavailable_never_a_rate_limit_r
         assert (refused.value.status, refused.value.retry_after) == (503, 1.0)
         assert refused.value.response_headers()["Retry-After"] == "1"
     # A settle during the outage is dropped: it must not fail the response that is already done.
-    await limiter.settle(1, SPEC, reserved_tokens=10, actual_tokens=5, reserved_cost_usd=ZERO, actual_cost_usd=ZERO)
+    await limiter.settle(1, SPEC, Reservation(10, ZERO), actual_tokens=5, actual_cost_usd=ZERO)
     assert errors.count == 1
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
@@ -170,6 +171,7 @@ class FlakyPrimary:
     down: bool = True
     calls: int = 0
     gate: asyncio.Event = field(default_factory=asyncio.Event)
+    seeds: list[PeriodSpend] = field(default_factory=list)
 
     async def admit(self, key_id: int, spec: LimitSpec, *, tokens: int, cost_usd: Decimal) -> Admission:
         self.calls += 1
@@ -179,19 +181,17 @@ class FlakyPrimary:
         return Admission(True, None, None, None, None, None)
 
     async def settle(
-        self,
-        key_id: int,
-        spec: LimitSpec,
-        *,
-        reserved_tokens: int,
-        actual_tokens: int,
-        reserved_cost_usd: Decimal,
-        actual_cost_usd: Decimal,
-        via_fallback: bool = False,
+        self, key_id: int, spec: LimitSpec, reservation: Reservation, *, actual_tokens: int, actual_cost_usd: Decimal
     ) -> None:
         self.calls += 1
         if self.down:
             raise ConnectionError("refused")
+
+    async def seed(self, key_id: int, spec: LimitSpec, spend: PeriodSpend) -> None:
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("refused")
+        self.seeds.append(spend)
 
     async def aclose(self) -> None:
         pass
@@ -236,17 +236,9 @@ async def test_a_settle_goes_to_the_backend_that_admitted_it() -> None:
     limiter = ResilientLimiter(primary, fallback, policy="fail_open", expected_instances=1)
     spec = LimitSpec(tpm=1000)
     admitted = await limiter.admit(1, spec, tokens=1000, cost_usd=ZERO)
-    assert admitted.allowed and admitted.via_fallback  # the primary is down: the local bucket answered
+    assert admitted.reservation is not None and admitted.reservation.via_fallback  # the local bucket answered
     primary.down, calls = False, primary.calls  # the primary is back before the settle
-    await limiter.settle(
-        1,
-        spec,
-        reserved_tokens=1000,
-        actual_tokens=400,
-        reserved_cost_usd=ZERO,
-        actual_cost_usd=ZERO,
-        via_fallback=admitted.via_fallback,
-    )
+    await limiter.settle(1, spec, admitted.reservation, actual_tokens=400, actual_cost_usd=ZERO)
     assert primary.calls == calls  # never refunded a charge it did not make
     answer = await limiter.admit(1, spec, tokens=600, cost_usd=ZERO)
     assert answer.allowed and answer.tokens is not None and answer.tokens.remaining == 0
@@ -298,3 +290,46 @@ async def test_fail_closed_serves_every_request_once_redis_answers_again_despite
         await asyncio.sleep(0.05)
     answers = [answer for _ in range(10) for answer in await wave(64)]
     assert answers.count(False) == 0, f"{answers.count(False)} of {len(answers)} refused after Redis came back"
+
+
+async def test_the_fallback_seeds_its_share_of_what_is_left_of_a_budget() -> None:
+    primary, clock = FlakyPrimary(), FakeClock()
+    primary.gate.set()
+    limiter = ResilientLimiter(primary, MemoryLimiter(scale=0.5), policy="fail_open", expected_instances=2, clock=clock)
+    spec = LimitSpec(budget_usd=Decimal(10))
+    asked = await limiter.admit(1, spec, tokens=0, cost_usd=ZERO)  # Redis is down: the fallback has no state
+    assert asked.reason == "seed" and asked.period == LIFETIME
+    await limiter.seed(1, spec, PeriodSpend(LIFETIME, Decimal(6)))  # 6 of 10 spent, by the audit log
+    admitted = await limiter.admit(1, spec, tokens=0, cost_usd=Decimal(1))
+    # This instance's share of the 4 USD left, with two instances: 2, of which 1 is now reserved.
+    assert admitted.allowed and admitted.budget_remaining_usd == Decimal(1)
+    assert admitted.reservation is not None and admitted.reservation.via_fallback
+    assert primary.seeds == []
+
+
+async def test_a_seed_goes_to_redis_while_it_answers_and_fails_closed_without_it() -> None:
+    primary = FlakyPrimary(down=False)
+    primary.gate.set()
+    limiter = ResilientLimiter(primary, MemoryLimiter(), policy="fail_closed", expected_instances=1)
+    spend = PeriodSpend(LIFETIME, Decimal(6))
+    await limiter.seed(1, LimitSpec(budget_usd=Decimal(10)), spend)
+    assert primary.seeds == [spend]
+    primary.down = True
+    with pytest.raises(LimiterUnavailable):
+        await limiter.seed(1, LimitSpec(budget_usd=Decimal(10)), spend)
+
+
+async def test_each_outage_seeds_the_fallback_afresh() -> None:
+    primary, clock = FlakyPrimary(), FakeClock()
+    primary.gate.set()
+    limiter = ResilientLimiter(primary, MemoryLimiter(), policy="fail_open", expected_instances=1, clock=clock)
+    spec = LimitSpec(budget_usd=Decimal(10))
+    assert (await limiter.admit(1, spec, tokens=0, cost_usd=ZERO)).reason == "seed"
+    await limiter.seed(1, spec, PeriodSpend(LIFETIME, Decimal(2)))
+    assert (await limiter.admit(1, spec, tokens=0, cost_usd=Decimal(1))).allowed
+    clock.now, primary.down = 1.0, False
+    assert (await limiter.admit(1, spec, tokens=0, cost_usd=ZERO)).requests is None  # Redis answers again
+    primary.down = True
+    clock.now = 2.0
+    # Spend went on in Redis meanwhile: the second outage must read it, not reuse the first one's state.
+    assert (await limiter.admit(1, spec, tokens=0, cost_usd=ZERO)).reason == "seed"

@@ -3,6 +3,7 @@
 At admission: token ceiling -> budget reservation and rate limits (one atomic limiter step) ->
 concurrency. Around each model call (see ModelCall): a reservation for that call, the circuit
 breaker, retries, and settlement to the real usage. Refusals carry the headers a client needs.
+A limiter that holds no budget state for a key's period is seeded from the spend ledger first.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from decimal import Decimal
 
 from starlette.types import Scope
@@ -20,9 +21,11 @@ from app.auth.principal import Principal
 from app.config import LimitSettings
 from app.enforcement.breaker import BreakerRegistry, CircuitBreaker
 from app.enforcement.concurrency import ConcurrencyLimiter, Slot
-from app.enforcement.limits import Admission, Limiter, LimitSpec
+from app.enforcement.ledger import RETRY_AFTER_S, BudgetSeeder, SpendLedger
+from app.enforcement.limits import Admission, Limiter, LimitSpec, Period
+from app.enforcement.limits import Reservation as Reservation  # re-exported: ModelCall holds one per call
 from app.enforcement.retry import RetryPolicy
-from app.errors import AppError, BudgetExceeded, RateLimitExceeded, TokenLimitExceeded
+from app.errors import AppError, BudgetExceeded, BudgetUnavailable, RateLimitExceeded, TokenLimitExceeded
 from app.middleware import add_response_headers
 from app.observability.metrics import Metrics
 from app.providers.base import Usage
@@ -30,12 +33,9 @@ from app.providers.registry import ModelRoute
 
 Sleep = Callable[[float], Awaitable[None]]
 
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    tokens: int
-    cost_usd: Decimal
-    via_fallback: bool = False  # settled where it was taken (see ResilientLimiter.settle)
+# A state seeded, then gone again before the admit that follows (evicted, a period just ended):
+# seeding is tried this many times before the request is refused as retryable.
+SEED_ATTEMPTS = 2
 
 
 class Enforcer:
@@ -48,9 +48,12 @@ class Enforcer:
         retry: RetryPolicy,
         metrics: Metrics,
         sleep: Sleep = asyncio.sleep,
+        *,
+        ledger: SpendLedger | None = None,
     ) -> None:
         self.defaults = defaults
         self.limiter = limiter
+        self.seeder = BudgetSeeder(limiter, ledger)
         self.concurrency = concurrency
         self.breakers = breakers
         self.retry = retry
@@ -98,19 +101,36 @@ class Enforcer:
             )
         cost = route.cost(Usage(prompt_tokens, max_tokens)) if route is not None else Decimal(0)
         admission = await self.limiter.admit(principal.key_id, spec, tokens=estimated, cost_usd=cost)
+        if admission.period is not None:
+            admission = await self._seeded(principal.key_id, spec, admission.period, estimated, cost)
         headers = rate_limit_headers(admission)
         if scope is not None:
             add_response_headers(scope, headers)
         self._observe_budget(principal, admission)
-        if not admission.allowed:
+        reservation = admission.reservation
+        if reservation is None:
             raise self._rejected(_refusal(admission, spec, headers))
-        reservation = Reservation(estimated, cost, admission.via_fallback)
         try:
             slot = self.concurrency.acquire(principal.key_id, self._max_concurrency(principal))
         except AppError as exc:
             await self._settle(principal, spec, reservation, Usage(), Decimal(0))
             raise self._rejected(exc) from None
         return Ticket(self, principal, spec, slot, reservation, audit)
+
+    async def _seeded(self, key_id: int, spec: LimitSpec, period: Period, tokens: int, cost: Decimal) -> Admission:
+        """Seed the budget state the limiter lacks for `period`, then admit again."""
+        for _ in range(SEED_ATTEMPTS):
+            try:
+                await self.seeder.seed(key_id, spec, period)
+            except AppError as exc:
+                raise self._rejected(exc) from None
+            admission = await self.limiter.admit(key_id, spec, tokens=tokens, cost_usd=cost)
+            if admission.period is None:
+                return admission
+            period = admission.period
+        raise self._rejected(
+            BudgetUnavailable("The key's budget could not be loaded; try again shortly.", retry_after=RETRY_AFTER_S)
+        )
 
     def breaker(self, route: ModelRoute) -> CircuitBreaker:
         return self.breakers.get(f"model:{route.provider.name}/{route.upstream_model}")
@@ -130,13 +150,7 @@ class Enforcer:
         self, principal: Principal, spec: LimitSpec, reservation: Reservation, usage: Usage, cost: Decimal
     ) -> None:
         await self.limiter.settle(
-            principal.key_id,
-            spec,
-            reserved_tokens=reservation.tokens,
-            actual_tokens=usage.total_tokens,
-            reserved_cost_usd=reservation.cost_usd,
-            actual_cost_usd=cost,
-            via_fallback=reservation.via_fallback,
+            principal.key_id, spec, reservation, actual_tokens=usage.total_tokens, actual_cost_usd=cost
         )
 
 
@@ -169,11 +183,14 @@ class Ticket:
         cost = route.cost(Usage(prompt_tokens, max_tokens))
         # Later calls of the same task spend tokens and budget, but are not new requests.
         spec = replace(self._spec, rpm=None, burst=None)
-        admission = await enforcer.limiter.admit(self.principal.key_id, spec, tokens=tokens, cost_usd=cost)
+        key_id = self.principal.key_id
+        admission = await enforcer.limiter.admit(key_id, spec, tokens=tokens, cost_usd=cost)
+        if admission.period is not None:
+            admission = await enforcer._seeded(key_id, spec, admission.period, tokens, cost)
         enforcer._observe_budget(self.principal, admission)
-        if not admission.allowed:
+        if admission.reservation is None:
             raise enforcer._rejected(_refusal(admission, spec, rate_limit_headers(admission)))
-        return Reservation(tokens, cost, admission.via_fallback)
+        return admission.reservation
 
     async def settle(self, reservation: Reservation, usage: Usage, cost: Decimal) -> None:
         await self.enforcer._settle(self.principal, self._spec, reservation, usage, cost)

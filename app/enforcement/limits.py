@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Literal, Protocol
 
-Reason = Literal["rpm", "tpm", "budget"]
+# "seed": the limiter holds no budget state for the key's current period and must be seeded first.
+Reason = Literal["rpm", "tpm", "budget", "seed"]
 BudgetPeriod = Literal["day", "month"]
 
 NANOS_PER_USD = 1_000_000_000
@@ -57,12 +59,41 @@ class BucketState:
 
 
 @dataclass(frozen=True, slots=True)
+class Period:
+    """A budget period as the limiter's clock sees it: its id ("2025-06-01", "2025-06", "life") and start."""
+
+    id: str
+    start: datetime | None  # None: a lifetime budget, which counts everything ever spent
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodSpend:
+    """What a key spent in one budget period, by the durable record: the value a limiter is seeded with."""
+
+    period: Period
+    usd: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What an admission took; settling it needs it back, to settle where and into what it was taken."""
+
+    tokens: int
+    cost_usd: Decimal
+    # Taken by a fallback (the local bucket while Redis is down): its settlement goes there too.
+    via_fallback: bool = False
+    # The budget state it was charged to ("" without a budget); a state seeded since then is another.
+    budget_epoch: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     """The answer of one admit: allowed, or the failing dimension (budget first, then rpm, then tpm).
 
     `retry_after_s` is the refill time of the failing bucket; it is None for a budget refusal
     (waiting does not help within the period) and for a request larger than the whole TPM
     capacity (reason "tpm": waiting never helps, the caller should answer 4xx, not 429).
+    Reason "seed" took nothing: the caller seeds `period` (see Limiter.seed) and admits again.
     """
 
     allowed: bool
@@ -71,29 +102,29 @@ class Admission:
     requests: BucketState | None
     tokens: BucketState | None
     budget_remaining_usd: Decimal | None
-    # Answered by a fallback (the local bucket while Redis is down): its settlement goes there too.
-    via_fallback: bool = False
+    reservation: Reservation | None = None  # set when allowed
+    period: Period | None = None  # set with reason "seed"
 
 
 class Limiter(Protocol):
-    """Checks and takes a key's requests, tokens and budget in one atomic step."""
+    """Checks and takes a key's requests, tokens and budget in one atomic step.
+
+    A limiter only stores: a budget's spend comes from outside (the audit log) through `seed`,
+    whenever the limiter holds no budget state for the key's current period.
+    """
 
     async def admit(self, key_id: int, spec: LimitSpec, *, tokens: int, cost_usd: Decimal) -> Admission:
         """Refill, then take one request, `tokens` tokens and `cost_usd` of budget, or take nothing."""
         ...
 
     async def settle(
-        self,
-        key_id: int,
-        spec: LimitSpec,
-        *,
-        reserved_tokens: int,
-        actual_tokens: int,
-        reserved_cost_usd: Decimal,
-        actual_cost_usd: Decimal,
-        via_fallback: bool = False,
+        self, key_id: int, spec: LimitSpec, reservation: Reservation, *, actual_tokens: int, actual_cost_usd: Decimal
     ) -> None:
         """Replace an admitted reservation with what was actually used (the token bucket may go negative)."""
+        ...
+
+    async def seed(self, key_id: int, spec: LimitSpec, spend: PeriodSpend) -> None:
+        """Start the key's budget state at `spend`, only if it still has none for that period (never counted twice)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -136,4 +167,16 @@ def check_request(tokens: int, cost_usd: Decimal) -> None:
 def never_fits_admission() -> Admission:
     return Admission(
         allowed=False, reason="tpm", retry_after_s=None, requests=None, tokens=None, budget_remaining_usd=None
+    )
+
+
+def needs_seed(period: Period) -> Admission:
+    return Admission(
+        allowed=False,
+        reason="seed",
+        retry_after_s=None,
+        requests=None,
+        tokens=None,
+        budget_remaining_usd=None,
+        period=period,
     )

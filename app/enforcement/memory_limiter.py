@@ -16,10 +16,14 @@ from app.enforcement.limits import (
     Admission,
     BudgetPeriod,
     LimitSpec,
+    Period,
+    PeriodSpend,
     Reason,
+    Reservation,
     bucket_state,
     check_request,
     nanos_to_usd,
+    needs_seed,
     never_fits_admission,
     refill_wait,
     usd_to_nanos,
@@ -41,10 +45,20 @@ class _Bucket:
 class _KeyState:
     requests: _Bucket | None = None
     tokens: _Bucket | None = None
-    budget_period: str = ""
+    budget_period: str = ""  # the period the budget state is for; "" until it is seeded
     budget_spent: int = 0  # nano-USD, reservations included
     budget_ends_at: float = math.inf  # wall-clock end of budget_period
+    budget_epoch: str = ""  # names this seeding of the state, for the reservations charged to it
     full_at: float = 0.0  # monotonic time when both buckets are full again
+
+
+@dataclass(frozen=True, slots=True)
+class _Window:
+    """A budget period on the wall clock."""
+
+    id: str
+    start: float | None  # None: lifetime
+    end: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +79,10 @@ class MemoryLimiter:
     """Per-key state in a bounded LRU; atomic because admit and settle never await.
 
     `scale` multiplies every limit: as the fail-open fallback it is 1 / expected_instances, so
-    that the instances together stay near the key's real limits while Redis is unreachable.
-    Budgets live only as long as the process and are forgotten when a key is evicted by `max_keys`.
+    that the instances together stay near the key's real limits while Redis is unreachable; a
+    seeded spend is scaled alike, so the share of what is left is (budget - spent) * scale.
+    A budget's state lives as long as the process or until `max_keys` evicts it; then the next
+    admit answers "seed" and the caller seeds it again from the durable record.
     """
 
     def __init__(
@@ -86,8 +102,9 @@ class MemoryLimiter:
         self.scale = scale
         self._limits_cache: dict[LimitSpec, _Limits] = {}
         # The current day and month periods, kept until the wall clock passes their end.
-        self._periods: dict[BudgetPeriod | None, tuple[str, float]] = {}
+        self._periods: dict[BudgetPeriod | None, _Window] = {}
         self._keys: OrderedDict[int, _KeyState] = OrderedDict()
+        self._seeds = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -99,6 +116,10 @@ class MemoryLimiter:
         now = self._clock()
         state = self._state(key_id, now)
         limits = self._limits(spec)
+        if limits.budget_nanos is not None:
+            window = self._current_period(spec.budget_period)
+            if state.budget_period != window.id:
+                return needs_seed(_as_period(window))  # before anything is taken
         cost = usd_to_nanos(cost_usd, round_up=True)
         reason: Reason | None = None
         retry_after: float | None = None
@@ -115,12 +136,10 @@ class MemoryLimiter:
             needed = min(tokens, limits.token_capacity)
             if reason is None and tokens_level + EPSILON < needed:
                 reason, retry_after = "tpm", refill_wait(tokens_level, needed, limits.token_rate)
-        spent = 0
-        if limits.budget_nanos is not None:
-            spent = self._spent(state, spec.budget_period)
-            if spent + cost > limits.budget_nanos:
-                # A spent budget outranks a busy bucket: waiting will not help, so say so.
-                reason, retry_after = "budget", None
+        spent = state.budget_spent
+        if limits.budget_nanos is not None and spent + cost > limits.budget_nanos:
+            # A spent budget outranks a busy bucket: waiting will not help, so say so.
+            reason, retry_after = "budget", None
 
         if reason is None:
             requests -= 1
@@ -148,20 +167,14 @@ class MemoryLimiter:
             budget_remaining_usd=None
             if limits.budget_nanos is None
             else nanos_to_usd(max(0, limits.budget_nanos - spent)),
+            reservation=None if reason is not None else Reservation(tokens, cost_usd, budget_epoch=state.budget_epoch),
         )
 
     async def settle(
-        self,
-        key_id: int,
-        spec: LimitSpec,
-        *,
-        reserved_tokens: int,
-        actual_tokens: int,
-        reserved_cost_usd: Decimal,
-        actual_cost_usd: Decimal,
-        via_fallback: bool = False,  # only the ResilientLimiter has a fallback to route to
+        self, key_id: int, spec: LimitSpec, reservation: Reservation, *, actual_tokens: int, actual_cost_usd: Decimal
     ) -> None:
-        check_request(reserved_tokens, reserved_cost_usd)
+        reserved_tokens = reservation.tokens
+        check_request(reserved_tokens, reservation.cost_usd)
         check_request(actual_tokens, actual_cost_usd)
         now = self._clock()
         state = self._state(key_id, now)
@@ -172,13 +185,39 @@ class MemoryLimiter:
             level = min(limits.token_capacity, level + reserved_tokens - actual_tokens)
             state.tokens = _Bucket(level, now)
             state.full_at = _full_at(state, limits, now)
-        if limits.budget_nanos is not None:
-            delta = usd_to_nanos(actual_cost_usd, round_up=True) - usd_to_nanos(reserved_cost_usd, round_up=True)
-            # Never below zero: a refund settled after a period boundary must not credit the new period.
-            state.budget_spent = max(0, self._spent(state, spec.budget_period) + delta)
+        if limits.budget_nanos is None:
+            return
+        window = self._current_period(spec.budget_period)
+        if state.budget_period != window.id:
+            return  # no state to settle into: the next admit seeds it from the record, this call included
+        actual = usd_to_nanos(actual_cost_usd, round_up=True)
+        if reservation.budget_epoch == state.budget_epoch:
+            state.budget_spent += actual - usd_to_nanos(reservation.cost_usd, round_up=True)
+        elif reservation.budget_epoch.startswith(window.id + "/"):
+            # Charged to a state since lost and seeded again this period: the seed cannot hold this
+            # call (a request's audit row is written after its settlements), so it is charged in full.
+            state.budget_spent += actual
+        # Otherwise it was charged in an earlier period: that period's spend, not this one's.
+
+    async def seed(self, key_id: int, spec: LimitSpec, spend: PeriodSpend) -> None:
+        if spec.budget_usd is None:
+            return
+        window = self._current_period(spec.budget_period)
+        state = self._state(key_id, self._clock())
+        # Read for a period that has ended, or there is a state already (seeded by a concurrent
+        # caller, or charged since): never count the spend twice.
+        if spend.period.id != window.id or state.budget_period == window.id:
+            return
+        state.budget_period, state.budget_ends_at = window.id, window.end
+        state.budget_spent = _scaled_spend(usd_to_nanos(spend.usd, round_up=True), self.scale)
+        state.budget_epoch = f"{window.id}/{next(self._seeds)}"
+
+    def forget(self) -> None:
+        """Drop every key's state (the fallback does, once Redis answers again, so the next outage seeds afresh)."""
+        self._keys.clear()
 
     async def aclose(self) -> None:
-        self._keys.clear()
+        self.forget()
 
     def _state(self, key_id: int, now: float) -> _KeyState:
         self._purge_idle(now)
@@ -192,23 +231,18 @@ class MemoryLimiter:
         return state
 
     def _purge_idle(self, now: float) -> None:
-        """Drop, among the least recently used keys, those whose buckets are full and whose budget holds nothing."""
+        """Drop, among the least recently used keys, those whose buckets are full and that hold no current budget."""
         wall = self._wall_clock()
         oldest = list(itertools.islice(self._keys.items(), _PURGE_PER_CALL))
         for key_id, state in oldest:
-            if now >= state.full_at and not (state.budget_spent and wall < state.budget_ends_at):
+            # A budget state is kept even at zero spend: dropping it would cost a seed from the record.
+            if now >= state.full_at and not (state.budget_period and wall < state.budget_ends_at):
                 del self._keys[key_id]
 
-    def _spent(self, state: _KeyState, period: BudgetPeriod | None) -> int:
-        period_id, ends_at = self._current_period(period)
-        if state.budget_period != period_id:
-            state.budget_period, state.budget_spent, state.budget_ends_at = period_id, 0, ends_at
-        return state.budget_spent
-
-    def _current_period(self, period: BudgetPeriod | None) -> tuple[str, float]:
+    def _current_period(self, period: BudgetPeriod | None) -> _Window:
         wall = self._wall_clock()
         known = self._periods.get(period)
-        if known is None or wall >= known[1] or period is None:
+        if known is None or wall >= known.end:
             known = self._periods[period] = _period(period, wall)
         return known
 
@@ -252,16 +286,25 @@ def _full_at(state: _KeyState, limits: _Limits, now: float) -> float:
     return full_at
 
 
-def _period(period: BudgetPeriod | None, wall: float) -> tuple[str, float]:
-    """The UTC period id ("2025-06-01", "2025-06" or "life") and its end as a wall-clock time."""
+def _scaled_spend(nanos: int, scale: float) -> int:
+    # Rounded up, as the budget is rounded down: rounding never favours spending.
+    return nanos if scale == 1 else math.ceil(nanos * Fraction(scale))
+
+
+def _as_period(window: _Window) -> Period:
+    return Period(window.id, None if window.start is None else datetime.fromtimestamp(window.start, UTC))
+
+
+def _period(period: BudgetPeriod | None, wall: float) -> _Window:
+    """The UTC period ("2025-06-01", "2025-06" or "life") that `wall` falls in."""
     if period is None:
-        return "life", math.inf
+        return _Window("life", None, math.inf)
     now = datetime.fromtimestamp(wall, UTC)
     if period == "day":
         start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        return start.strftime("%Y-%m-%d"), (start + timedelta(days=1)).timestamp()
+        return _Window(start.strftime("%Y-%m-%d"), start.timestamp(), (start + timedelta(days=1)).timestamp())
     start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     following = (
         start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
     )
-    return start.strftime("%Y-%m"), following.timestamp()
+    return _Window(start.strftime("%Y-%m"), start.timestamp(), following.timestamp())

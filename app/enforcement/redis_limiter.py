@@ -1,7 +1,9 @@
-"""A Limiter shared by every instance: each admit and settle is one Lua script run on Redis's own clock."""
+"""A Limiter shared by every instance: each admit, settle and seed is one Lua script run on Redis's own clock."""
 
 from __future__ import annotations
 
+import secrets
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -13,24 +15,26 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from app.enforcement.limits import (
     Admission,
     LimitSpec,
+    Period,
+    PeriodSpend,
     Reason,
+    Reservation,
     bucket_state,
     check_request,
     nanos_to_usd,
+    needs_seed,
     never_fits_admission,
     refill_wait,
     usd_to_nanos,
 )
 
-# Shared by both scripts. Every time comes from the server (TIME), so instances whose clocks
+# Shared by every script. Every time comes from the server (TIME), so instances whose clocks
 # disagree still share one bucket; budget periods are UTC days and months of that same clock.
 LUA_PRELUDE = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 -- Float refill arithmetic must not refuse a caller who waited exactly the retry_after we gave.
 local EPSILON = 1e-9
--- Kept past the end of its period so a settle arriving just after the boundary still finds it.
-local BUDGET_MARGIN_MS = 3600000
 
 local function fmt(x) return string.format('%.17g', x) end
 
@@ -68,44 +72,31 @@ end
 
 local MONTH_DAYS = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31}
 
--- The current budget period's id and the seconds until it ends (nil: a lifetime budget).
+-- The current budget period's id, the seconds until it ends and its start in Unix seconds (both
+-- nil for a lifetime budget).
 local function period(kind)
-  if kind == '' then return 'life', nil end
+  if kind == '' then return 'life', nil, nil end
   local days = math.floor(now / 86400)
   local year, month, day = civil_from_days(days)
   if kind == 'day' then
-    return string.format('%04d-%02d-%02d', year, month, day), (days + 1) * 86400 - now
+    return string.format('%04d-%02d-%02d', year, month, day), (days + 1) * 86400 - now, days * 86400
   end
   local length = MONTH_DAYS[month]
   if month == 2 and ((year % 4 == 0 and year % 100 ~= 0) or year % 400 == 0) then length = 29 end
-  return string.format('%04d-%02d', year, month), (days - day + 1 + length) * 86400 - now
-end
-
-local function spent_in(key, period_id)
-  local stored = redis.call('HMGET', key, 'period', 'spent')
-  if stored[1] ~= period_id then return 0 end  -- a new period starts from nothing
-  return tonumber(stored[2]) or 0
-end
-
--- HINCRBY keeps the nano-USD counter an exact 64-bit integer.
-local function charge(key, period_id, ends_in, nanos)
-  if redis.call('HGET', key, 'period') ~= period_id then
-    redis.call('HSET', key, 'period', period_id, 'spent', 0)
-  end
-  local spent = redis.call('HINCRBY', key, 'spent', nanos)
-  if ends_in == nil then
-    redis.call('PERSIST', key)
-  else
-    redis.call('PEXPIRE', key, math.ceil(ends_in * 1000) + BUDGET_MARGIN_MS)
-  end
-  return spent
+  local first = days - day + 1
+  return string.format('%04d-%02d', year, month), (first + length) * 86400 - now, first * 86400
 end
 """
+
+# A budget hash holds `period`, `spent` (nano-USD, reservations included, kept an exact 64-bit
+# integer by HINCRBY) and `epoch` (this seeding of it). Only SEED_LUA creates one; a hash for
+# another period counts as none, and its key expires when its period ends.
 
 # KEYS: request bucket, token bucket, budget.
 # ARGV: rpm, request capacity, tpm, tokens wanted, budget nano-USD, cost nano-USD, period kind;
 # an empty rpm, tpm or budget means unlimited. Returns reason ('' when admitted), the request
-# and token levels after the call and the nano-USD spent in the period ('' when unlimited).
+# and token levels after the call, the nano-USD spent in the period ('' when unlimited) and the
+# budget's epoch; or, with reason 'seed' and nothing taken, the period id and its start.
 ADMIT_LUA = (
     LUA_PRELUDE
     + """
@@ -113,8 +104,18 @@ local rpm, request_capacity = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tpm, wanted = tonumber(ARGV[3]), tonumber(ARGV[4])
 local budget, cost, kind = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 
+local spent, epoch
+if budget then
+  local period_id, _, starts_at = period(kind)
+  local stored = redis.call('HMGET', KEYS[3], 'period', 'spent', 'epoch')
+  if stored[1] ~= period_id then
+    return {'seed', period_id, starts_at and string.format('%.0f', starts_at) or ''}
+  end
+  spent, epoch = tonumber(stored[2]) or 0, stored[3] or ''
+end
+
 local reason = ''
-local requests, tokens, spent, period_id, ends_in
+local requests, tokens
 if rpm then
   requests = level(KEYS[1], request_capacity, rpm / 60)
   if requests + EPSILON < 1 then reason = 'rpm' end
@@ -123,12 +124,8 @@ if tpm then
   tokens = level(KEYS[2], tpm, tpm / 60)
   if reason == '' and tokens + EPSILON < wanted then reason = 'tpm' end
 end
-if budget then
-  period_id, ends_in = period(kind)
-  spent = spent_in(KEYS[3], period_id)
-  -- A spent budget outranks a busy bucket: waiting will not help, so say so.
-  if spent + cost > budget then reason = 'budget' end
-end
+-- A spent budget outranks a busy bucket: waiting will not help, so say so.
+if budget and spent + cost > budget then reason = 'budget' end
 
 -- Nothing is written on a refusal: the refilled levels follow from the stored ones anyway.
 if reason == '' then
@@ -140,33 +137,62 @@ if reason == '' then
     tokens = tokens - wanted
     store(KEYS[2], tpm, tpm / 60, tokens)
   end
-  if budget then spent = charge(KEYS[3], period_id, ends_in, cost) end
+  if budget then spent = redis.call('HINCRBY', KEYS[3], 'spent', cost) end
 end
 return {
   reason,
   requests and fmt(requests) or '',
   tokens and fmt(tokens) or '',
   spent and string.format('%.0f', spent) or '',
+  epoch or '',
 }
 """
 )
 
 # KEYS: token bucket, budget. ARGV: tpm ('' unlimited), tokens to give back (negative: take),
-# budget flag ('' unlimited), nano-USD to add to the spend (negative: refund), period kind.
+# budget flag ('' unlimited), actual and reserved nano-USD, period kind, the reservation's epoch.
 SETTLE_LUA = (
     LUA_PRELUDE
     + """
 local tpm, give_back = tonumber(ARGV[1]), tonumber(ARGV[2])
-local has_budget, delta, kind = ARGV[3] ~= '', tonumber(ARGV[4]), ARGV[5]
+local has_budget, actual, reserved, kind, epoch = ARGV[3] ~= '', tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7]
 if tpm and give_back ~= 0 then
   -- Going negative is the point: an overshoot is paid back before the next request passes.
   local tokens = math.min(tpm, level(KEYS[1], tpm, tpm / 60) + give_back)
   store(KEYS[1], tpm, tpm / 60, tokens)
 end
-if has_budget and delta ~= 0 then
-  local period_id, ends_in = period(kind)
-  -- Never below zero: a refund settled after a period boundary must not credit the new period.
-  if charge(KEYS[2], period_id, ends_in, delta) < 0 then redis.call('HSET', KEYS[2], 'spent', 0) end
+if has_budget then
+  local period_id = period(kind)
+  local stored = redis.call('HMGET', KEYS[2], 'period', 'epoch')
+  -- No state for this period: nothing to settle into; the next admit seeds it, this call included.
+  if stored[1] == period_id then
+    if (stored[2] or '') == epoch then
+      redis.call('HINCRBY', KEYS[2], 'spent', actual - reserved)
+    elseif string.sub(epoch, 1, #period_id + 1) == period_id .. '/' then
+      -- Charged to a state since lost and seeded again this period: the seed cannot hold this
+      -- call (a request's audit row is written after its settlements), so it is charged in full.
+      redis.call('HINCRBY', KEYS[2], 'spent', actual)
+    end
+    -- Otherwise it was charged in an earlier period: that period's spend, not this one's.
+  end
+end
+return 1
+"""
+)
+
+# KEYS: budget. ARGV: period kind, the period id the spend was read for, nano-USD spent, a nonce.
+# Returns 1 when seeded, 0 when the period has ended or the key has a state for it already
+# (seeded by another instance, or charged since): the spend is never counted twice.
+SEED_LUA = (
+    LUA_PRELUDE
+    + """
+local period_id, ends_in = period(ARGV[1])
+if period_id ~= ARGV[2] or redis.call('HGET', KEYS[1], 'period') == period_id then return 0 end
+redis.call('HSET', KEYS[1], 'period', period_id, 'spent', ARGV[3], 'epoch', period_id .. '/' .. ARGV[4])
+if ends_in == nil then
+  redis.call('PERSIST', KEYS[1])
+else
+  redis.call('PEXPIRE', KEYS[1], math.ceil(ends_in * 1000) + 1000)
 end
 return 1
 """
@@ -205,6 +231,7 @@ class RedisLimiter:
         # register_script sends EVALSHA and loads the script only when the server lacks it.
         self._admit = redis.register_script(ADMIT_LUA)
         self._settle = redis.register_script(SETTLE_LUA)
+        self._seed = redis.register_script(SEED_LUA)
 
     def keys_for(self, key_id: int) -> tuple[str, str, str]:
         """The request bucket, token bucket and budget keys of one API key."""
@@ -225,8 +252,10 @@ class RedisLimiter:
             usd_to_nanos(cost_usd, round_up=True),
             spec.budget_period or "",
         ]
-        reply = await self._admit(keys=self.keys_for(key_id), args=args)
-        reason_text, requests_text, tokens_text, spent_text = (_text(part) for part in reply)
+        reply = [_text(part) for part in await self._admit(keys=self.keys_for(key_id), args=args)]
+        if reply[0] == "seed":
+            return needs_seed(_period(reply[1], reply[2]))
+        reason_text, requests_text, tokens_text, spent_text, epoch = reply
         reason: Reason | None = None
         retry_after: float | None = None
         if reason_text == "rpm" and spec.rpm is not None:
@@ -247,36 +276,43 @@ class RedisLimiter:
             else bucket_state(request_capacity, spec.rpm / 60, float(requests_text)),
             tokens=None if spec.tpm is None else bucket_state(spec.tpm, spec.tpm / 60, float(tokens_text)),
             budget_remaining_usd=None if budget is None else nanos_to_usd(max(0, budget - int(spent_text))),
+            reservation=None if reason is not None else Reservation(tokens, cost_usd, budget_epoch=epoch),
         )
 
     async def settle(
-        self,
-        key_id: int,
-        spec: LimitSpec,
-        *,
-        reserved_tokens: int,
-        actual_tokens: int,
-        reserved_cost_usd: Decimal,
-        actual_cost_usd: Decimal,
-        via_fallback: bool = False,  # only the ResilientLimiter has a fallback to route to
+        self, key_id: int, spec: LimitSpec, reservation: Reservation, *, actual_tokens: int, actual_cost_usd: Decimal
     ) -> None:
-        check_request(reserved_tokens, reserved_cost_usd)
+        check_request(reservation.tokens, reservation.cost_usd)
         check_request(actual_tokens, actual_cost_usd)
-        give_back = reserved_tokens - actual_tokens if spec.tpm is not None else 0
-        delta = 0
+        give_back = reservation.tokens - actual_tokens if spec.tpm is not None else 0
+        actual = reserved = 0
         if spec.budget_usd is not None:
-            delta = usd_to_nanos(actual_cost_usd, round_up=True) - usd_to_nanos(reserved_cost_usd, round_up=True)
-        if give_back == 0 and delta == 0:
+            actual = usd_to_nanos(actual_cost_usd, round_up=True)
+            reserved = usd_to_nanos(reservation.cost_usd, round_up=True)
+        if give_back == 0 and actual == reserved:
             return  # the reservation was exact: no round trip
         _, token_key, budget_key = self.keys_for(key_id)
         args: list[Any] = [
             _optional(spec.tpm),
             give_back,
             "" if spec.budget_usd is None else "1",
-            delta,
+            actual,
+            reserved,
             spec.budget_period or "",
+            reservation.budget_epoch,
         ]
         await self._settle(keys=[token_key, budget_key], args=args)
+
+    async def seed(self, key_id: int, spec: LimitSpec, spend: PeriodSpend) -> None:
+        if spec.budget_usd is None:
+            return
+        args: list[Any] = [
+            spec.budget_period or "",
+            spend.period.id,
+            usd_to_nanos(spend.usd, round_up=True),
+            secrets.token_hex(8),  # unique per seeding, across instances
+        ]
+        await self._seed(keys=[self.keys_for(key_id)[2]], args=args)
 
     async def aclose(self) -> None:
         """Nothing to release: the Redis client belongs to whoever built it."""
@@ -284,6 +320,10 @@ class RedisLimiter:
 
 def _optional(value: int | None) -> int | str:
     return "" if value is None else value
+
+
+def _period(period_id: str, start_text: str) -> Period:
+    return Period(period_id, datetime.fromtimestamp(int(start_text), UTC) if start_text else None)
 
 
 def _text(value: bytes | str) -> str:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from redis.exceptions import RedisError
 
-from app.enforcement.limits import Admission, Limiter, LimitSpec
+from app.enforcement.limits import Admission, Limiter, LimitSpec, PeriodSpend, Reservation
 from app.enforcement.memory_limiter import MemoryLimiter
 from app.errors import LimiterUnavailable
 
@@ -29,7 +29,8 @@ class ResilientLimiter:
 
     After a failure the primary is skipped for `cooldown_s`, so an outage costs one timeout, not
     one per request; then a single call probes it again, so it recovers without a restart.
-    A backend failure is never reported as a rate-limit refusal.
+    A backend failure is never reported as a rate-limit refusal. The fallback's budgets are
+    seeded afresh in each outage: its state is dropped once the primary answers again.
     """
 
     def __init__(
@@ -85,41 +86,25 @@ class ResilientLimiter:
                 "The rate limiter's backend is unreachable; try again shortly.", retry_after=self._retry_after_s
             )
         admission = await self._fallback.admit(key_id, spec, tokens=tokens, cost_usd=cost_usd)
-        return replace(admission, via_fallback=True)
+        if admission.reservation is None:
+            return admission
+        return replace(admission, reservation=replace(admission.reservation, via_fallback=True))
 
     async def settle(
-        self,
-        key_id: int,
-        spec: LimitSpec,
-        *,
-        reserved_tokens: int,
-        actual_tokens: int,
-        reserved_cost_usd: Decimal,
-        actual_cost_usd: Decimal,
-        via_fallback: bool = False,
+        self, key_id: int, spec: LimitSpec, reservation: Reservation, *, actual_tokens: int, actual_cost_usd: Decimal
     ) -> None:
         # A reservation is settled where it was taken: a refund to Redis of a charge the local
         # bucket made would credit other requests' spend (and the other way round).
-        if via_fallback:
+        if reservation.via_fallback:
             await self._fallback.settle(
-                key_id,
-                spec,
-                reserved_tokens=reserved_tokens,
-                actual_tokens=actual_tokens,
-                reserved_cost_usd=reserved_cost_usd,
-                actual_cost_usd=actual_cost_usd,
+                key_id, spec, reservation, actual_tokens=actual_tokens, actual_cost_usd=actual_cost_usd
             )
             return
         if self._use_primary():
             probe = self._start_probe()
             try:
                 await self._primary.settle(
-                    key_id,
-                    spec,
-                    reserved_tokens=reserved_tokens,
-                    actual_tokens=actual_tokens,
-                    reserved_cost_usd=reserved_cost_usd,
-                    actual_cost_usd=actual_cost_usd,
+                    key_id, spec, reservation, actual_tokens=actual_tokens, actual_cost_usd=actual_cost_usd
                 )
             except BACKEND_ERRORS as exc:
                 self._failed(exc)
@@ -131,6 +116,25 @@ class ResilientLimiter:
         # Redis took the reservation and is away now: the reservation stands there (the strict
         # side: the key is charged the estimate), and the buckets refill on their own.
         log.debug("limiter backend down: settle for key %s dropped", key_id)
+
+    async def seed(self, key_id: int, spec: LimitSpec, spend: PeriodSpend) -> None:
+        """Seed the backend the next admit will ask: the primary, or the fallback while it is down."""
+        if self._use_primary():
+            probe = self._start_probe()
+            try:
+                await self._primary.seed(key_id, spec, spend)
+            except BACKEND_ERRORS as exc:
+                self._failed(exc)
+            else:
+                self._answered()
+                return
+            finally:
+                self._end_probe(probe)
+        if self._policy == "fail_closed":
+            raise LimiterUnavailable(
+                "The rate limiter's backend is unreachable; try again shortly.", retry_after=self._retry_after_s
+            )
+        await self._fallback.seed(key_id, spec, spend)
 
     async def aclose(self) -> None:
         await self._primary.aclose()
@@ -164,4 +168,7 @@ class ResilientLimiter:
     def _answered(self) -> None:
         if self._down:
             self._down = False
+            # What the fallback spent meanwhile is in the audit log; a later outage seeds from there,
+            # not from this outage's state, which knows nothing of the spend on the primary since.
+            self._fallback.forget()
             log.info("rate limiter backend is answering again")
