@@ -1,4 +1,4 @@
-"""SQL for reading the audit log: usage totals per day and model, and keyset pages of rows. Callers own the session."""
+"""SQL for reading the audit log: usage totals, a key's spend, and keyset pages of rows. Callers own the session."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 
-from sqlalchemy import Date, cast, delete, func
+from sqlalchemy import BigInteger, Date, cast, delete, func
 from sqlalchemy import select as sa_select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.audit.models import AuditRecord
+
+_NANOS_PER_USD = 1_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,23 @@ class AuditRepository:
             )
             for row in rows
         ]
+
+    async def spent_since(self, api_key_id: int, since: datetime | None) -> Decimal:
+        """One key's summed cost_usd over rows created at or after `since` (None: all its rows), exactly."""
+        cost = col(AuditRecord.cost_usd)
+        in_nanos = self.session.get_bind().dialect.name == "sqlite"
+        # SQLite keeps each cost as a float: each is rounded back to its whole nano-USD (it has 9
+        # decimal places), so the sum is an exact integer rather than a sum of float errors.
+        # PostgreSQL's NUMERIC sums exactly as it is.
+        total = func.sum(cast(func.round(cost * _NANOS_PER_USD), BigInteger)) if in_nanos else func.sum(cost)
+        query = select(total).where(AuditRecord.api_key_id == api_key_id)
+        if since is not None:
+            query = query.where(col(AuditRecord.created_at) >= _as_utc(since))  # the (api_key_id, created_at) index
+        value = (await self.session.exec(query)).one()
+        if value is None:
+            return Decimal(0)  # no rows
+        assert isinstance(value, int | Decimal)
+        return Decimal(value).scaleb(-9) if in_nanos else Decimal(value)
 
     async def page(
         self, filters: AuditFilters, cursor: int | None, limit: int
