@@ -14,8 +14,6 @@ from app.providers.base import Usage
 
 audit_var: ContextVar[AuditContext | None] = ContextVar("audit", default=None)
 
-_MAX_USER_AGENT = 400
-
 
 @dataclass(slots=True)
 class AuditContext:
@@ -59,14 +57,14 @@ class AuditContext:
             self.ttft_ms = round((time.perf_counter() - self.started) * 1000, 3)
 
     def row(self) -> dict[str, Any]:
-        """The audit_record row, with values a JSON spool can carry (see spool.py for the way back)."""
+        """The audit_record row, with values the JSON journal can carry (journal.py; the sink makes text storable)."""
         return {
             "record_uid": secrets.token_hex(16),
             "request_id": self.request_id,
             "created_at": self.created_at,
             "finished_at": datetime.now(UTC),
             "api_key_id": self.api_key_id,
-            "route": self.route[:120],
+            "route": self.route,
             "transport": self.transport,
             "task_id": self.task_id,
             "mode": self.mode,
@@ -86,7 +84,7 @@ class AuditContext:
             "tool_names": _joined(self.tool_names, 1000),
             "retries": self.retries,
             "client_ip": self.client_ip,
-            "user_agent": self.user_agent[:_MAX_USER_AGENT] if self.user_agent else None,
+            "user_agent": self.user_agent,
             "prompt": self.prompt,
             "output": self.output,
         }
