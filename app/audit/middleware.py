@@ -1,9 +1,4 @@
-"""Pure ASGI middleware that gives every HTTP request an audit context and submits its row at the end.
-
-It sits inside the request-id middleware and outside everything that can refuse a request (body
-limit, auth, validation, enforcement), so refused requests get their row too. Operational
-endpoints (health, metrics, docs) are not audited: probes and scrapes would drown the log.
-"""
+"""Pure ASGI middleware that gives every HTTP request an audit context and submits its row before its last byte."""
 
 from __future__ import annotations
 
@@ -15,6 +10,12 @@ NOT_AUDITED = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/dash
 
 
 class AuditMiddleware:
+    """Sits inside the request-id middleware and outside everything that can refuse a request.
+
+    So refused requests (body limit, auth, validation, enforcement) get their row too. Operational
+    endpoints (health, metrics, docs) are not audited: probes and scrapes would drown the log.
+    """
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
@@ -33,27 +34,39 @@ class AuditMiddleware:
         )
         state["audit"] = context
         token = audit_var.set(context)
+        sink = getattr(state.get("resources"), "audit", None)
+        submitted = False
 
-        async def send_and_note_status(message: Message) -> None:
-            if message["type"] == "http.response.start":
+        def submit() -> None:
+            nonlocal submitted
+            if submitted:
+                return
+            submitted = True
+            template = getattr(scope.get("route"), "path", None)
+            if template:
+                context.route = template  # the template, e.g. /v1/tools/{name}/invoke
+            if sink is not None:
+                sink.submit(context.row())
+
+        async def send_and_note(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
                 context.http_status = message["status"]
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                # Journaled before the last byte goes out: a crash after the client has its
+                # whole answer cannot lose the row.
+                submit()
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_note_status)
+            await self.app(scope, receive, send_and_note)
         except BaseException:
             if context.http_status is None:
                 context.http_status = 500
             raise
         finally:
             audit_var.reset(token)
-            route = scope.get("route")
-            template = getattr(route, "path", None)
-            if template:
-                context.route = template  # the template, e.g. /v1/tools/{name}/invoke
-            sink = getattr(state.get("resources"), "audit", None)
-            if sink is not None:
-                sink.submit(context.row())
+            submit()  # no complete response (a client gone, a failure): the row goes now
 
 
 def _not_audited(path: str) -> bool:
