@@ -1,70 +1,43 @@
-"""Benchmark the audit log: batched inserts into PostgreSQL, and the latency the audit path adds.
+"""Benchmark the audit log: the sink's throughput into PostgreSQL, and the latency the audit path adds.
 
-    .venv/bin/python -m benchmarks.audit [--rows 100000] [--seconds 10] [--warmup 2] [--parts a,b]
+    .venv/bin/python -m benchmarks.audit [--rows 100000] [--seconds 10] [--warmup 2] [--parts a,b] [--smoke]
 
-Part A (insert throughput, in this process). A fresh PostgreSQL database on the shared server
-(127.0.0.1:5432, user postgres) is migrated with app.db.migrate, and an AuditSink is built as
-app/lifespan.py builds it: AuditSink(create_engine(DatabaseSettings(url=...)), AuditSettings(...),
-Metrics()). --rows rows, made the way the middleware makes them (AuditContext(...).row(), with
-realistic values: routes, models, statuses, token counts, costs, user agents), are submitted by a
-producer that keeps within the queue (queue_size as configured, default 20,000: a faster producer
-would send rows to the spool, which is not what is measured). Throughput is rows / (first submit
-until count(*) on audit_record says every row is in), for batch_size 500 and 2000; no row may reach
-the spool. Then, to show where the time goes, the insert alone (no queue, one batch after another,
-one transaction per batch) for three ways of writing a batch:
+Part A, in this process, on a fresh migrated database on the shared server (127.0.0.1:5432): the
+request path's share per row (AuditContext.row(), and AuditSink.submit(): storable text, one write(2)
+to the journal, the queue), then the sink end to end: --rows realistic rows submitted by a producer
+that keeps within the queue, timed from the first submit until count(*) has every row, at batch 500
+and 2000, with the CPU it cost this process and the database's backends. A run must be clean: no row
+read back from the journal or dead-lettered, and the journal empty after stop.
 
-  sink._insert_rows     the app's path: SQLAlchemy Core insert().on_conflict_do_nothing(), executemany
-  asyncpg executemany   one prepared INSERT ... ON CONFLICT (record_uid) DO NOTHING, executemany
-  asyncpg unnest        one INSERT ... SELECT FROM unnest($1::varchar(32)[], ...) ON CONFLICT DO NOTHING
+Part B, end to end: `pacemaker serve` with audit.enabled off and on (fresh databases, simulated
+provider unpaced, limits that never bind), run off, on, off, on; an open-loop generator launches
+POST /v1/tasks every 2 ms (500 req/s) for --warmup then --seconds; latency is launch to last byte.
+After an audit-on run every answered request is matched with its row by x-request-id. With two CPUs
+the server is pinned to CPU 0 and this process to CPU 1.
 
-and an end-to-end run of a sink (defined here, not in app/) whose _insert_rows sends each batch as
-that single unnest statement through the same SQLAlchemy engine: what changing the sink would buy.
-Each figure comes with the CPU it cost: this process (the client side: SQLAlchemy, asyncpg encoding)
-and the PostgreSQL backends of the benchmark's database (psutil, the server being local); what is
-left of the wall time is waiting (round trips, WAL flush at commit). A cProfile of the app's insert
-path closes the part. The table is truncated before every run, so that each starts alike.
-
-Part B (added latency, end to end). Two more fresh, migrated databases and two `pacemaker serve`
-configurations on them, identical but for audit.enabled (true / false); the simulated provider
-streams without pacing, and the key's limits never bind (keys create --rpm 100000000 --tpm
-2000000000 --max-concurrency 10000; a tpm of 10^12 does not fit api_key.tpm, an INTEGER column, on
-PostgreSQL). The servers run one at a time, in the order off, on, off, on (two pairs, as the machine
-is noisy), each started for its run and stopped after it. An open-loop load generator in this
-process (aiohttp on uvloop) launches POST /v1/tasks {"query": ...} on a fixed 2 ms schedule (500
-req/s) whatever the responses do, for --warmup then --seconds; latency is from a request's launch to
-its last byte, for the requests scheduled in the measured window. Every request carries its own
-x-request-id, so that after an audit-on run the rows can be matched one to one with the requests
-the server answered (warm-up included): none missing, none twice. With two or more CPUs the server
-is pinned to CPU 0 and this process to CPU 1 (--no-pin turns that off); PostgreSQL is the shared
-server's and is not pinned.
-
-Before measuring, the benchmark waits (polling every 20 s, at most 10 minutes) while another
-`python -m benchmarks.*` runs on the machine (--no-wait skips that). Every child process is stopped
-and every database dropped on every exit: normal, error, Ctrl-C, SIGTERM or SIGHUP.
-
-Everything printed on stdout is markdown, ready for the README; progress goes to stderr.
+--smoke takes a few seconds (small runs, one audit-on run, no waiting, no pinning; figures mean
+nothing) and exits 1 unless every row arrived once. Otherwise the benchmark first waits (at most 10
+minutes) while another `python -m benchmarks.*` runs. Children are stopped and databases dropped on
+every exit. Stdout is markdown for the README; progress goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
 import itertools
 import math
 import os
 import platform
-import pstats
 import random
 import re
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -79,15 +52,23 @@ import sqlalchemy
 import uvloop
 import yaml
 from sqlalchemy import text
-from sqlalchemy.dialects import postgresql
 
 from app.audit.context import AuditContext
-from app.audit.models import AuditRecord
 from app.audit.sink import AuditSink
 from app.config import AuditSettings, DatabaseSettings
 from app.db import create_engine, migrate
 from app.observability.metrics import Metrics
-from benchmarks.harness import HOST, ROOT, Child, clean_up, free_port, log, pin, terminate_on_sigterm
+from benchmarks.harness import (
+    HOST,
+    Child,
+    child_env,
+    clean_up,
+    free_port,
+    log,
+    pacemaker_cli,
+    pin,
+    terminate_on_sigterm,
+)
 
 PG_HOSTPORT = "127.0.0.1:5432"
 PG_ADMIN_DSN = f"postgresql://postgres@{PG_HOSTPORT}/test"
@@ -104,27 +85,7 @@ TARGET_ROWS_PER_S = 20_000
 TARGET_ADDED_P50_MS = 0.5
 WAIT_POLL_S = 20.0
 WAIT_MAX_S = 600.0
-
-_TABLE = AuditRecord.__table__  # type: ignore[attr-defined]
-COLUMNS = [c.name for c in _TABLE.columns if c.name != "id"]
-_PG_TYPES = {c.name: c.type.compile(dialect=postgresql.dialect()) for c in _TABLE.columns}
-# Column names and types come from the app's own table definition, never from input.
-EXECUTEMANY_SQL = (
-    f"INSERT INTO audit_record ({', '.join(COLUMNS)})"  # noqa: S608
-    f" VALUES ({', '.join(f'${i}' for i in range(1, len(COLUMNS) + 1))})"
-    " ON CONFLICT (record_uid) DO NOTHING"
-)
-UNNEST_SQL = (
-    f"INSERT INTO audit_record ({', '.join(COLUMNS)})"  # noqa: S608
-    f" SELECT * FROM unnest({', '.join(f'${i}::{_PG_TYPES[c]}[]' for i, c in enumerate(COLUMNS, 1))})"
-    " ON CONFLICT (record_uid) DO NOTHING"
-)
-# The same statement through SQLAlchemy (named binds; CAST because `:name::type` would not parse).
-UNNEST_TEXT = text(
-    f"INSERT INTO audit_record ({', '.join(COLUMNS)})"  # noqa: S608
-    f" SELECT * FROM unnest({', '.join(f'CAST(:{c} AS {_PG_TYPES[c]}[])' for c in COLUMNS)})"
-    " ON CONFLICT (record_uid) DO NOTHING"
-)
+SUBMIT_SAMPLE = 20_000  # rows timed through submit() alone
 
 
 def pg_url(name: str) -> str:
@@ -136,7 +97,7 @@ def pg_dsn(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Databases, processes, the machine
+# Databases, the machine
 
 
 class Databases:
@@ -174,7 +135,7 @@ async def server_facts() -> dict[str, str]:
     connection = await asyncpg.connect(PG_ADMIN_DSN, timeout=10)
     try:
         facts = {"version": str(await connection.fetchval("SHOW server_version"))}
-        for name in ("synchronous_commit", "fsync", "shared_buffers", "wal_level"):
+        for name in ("synchronous_commit", "fsync", "shared_buffers"):
             facts[name] = str(await connection.fetchval(f"SHOW {name}"))
         return facts
     finally:
@@ -259,7 +220,7 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 
 # ---------------------------------------------------------------------------------------------
-# Part A: insert throughput
+# Part A: the sink
 
 _ROUTES = [  # (weight, route, transport)
     (55, "/v1/tasks", "json"),
@@ -328,15 +289,12 @@ def make_rows(n: int, seed: int = 7) -> tuple[list[dict[str, Any]], float]:
 
 
 @dataclass
-class InsertRun:
-    part: str  # "sink" (queue + writer, end to end) or "insert" (insert path alone)
-    method: str
+class SinkRun:
     batch_size: int
     rows: int
     seconds: float
     cpu: CpuWindow
-    batches: int = 0
-    spooled: int = 0
+    batches: int
 
     @property
     def rows_per_s(self) -> float:
@@ -351,53 +309,32 @@ class InsertRun:
         return max(0.0, self.cpu.machine - self.cpu.me - self.cpu.pg_all)
 
 
-def median_runs(runs: Sequence[InsertRun], part: str) -> list[tuple[InsertRun, list[float]]]:
-    """Per (method, batch size), in first-seen order: the round with the median rows/s, and every round's."""
-    groups: dict[tuple[str, int], list[InsertRun]] = {}
-    for run in runs:
-        if run.part == part:
-            groups.setdefault((run.method, run.batch_size), []).append(run)
-    chosen = []
-    for group in groups.values():
-        ordered = sorted(group, key=lambda r: r.rows_per_s)
-        chosen.append((ordered[(len(ordered) - 1) // 2], [r.rows_per_s for r in group]))
-    return chosen
-
-
-class UnnestSink(AuditSink):
-    """The app's sink with one change, for this benchmark only: a batch is one INSERT ... SELECT FROM unnest."""
-
-    async def _insert_rows(self, rows: list[dict[str, Any]]) -> bool:
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(self._settings.write_timeout_s), self._engine.begin() as connection:
-                await connection.execute(UNNEST_TEXT, columns_of(rows))
-        except Exception as exc:
-            log(f"unnest sink: write failed: {type(exc).__name__}: {exc}")
-            self.database_ok = False
-            return False
-        self.database_ok = True
-        self._metrics.audit_flush_seconds.observe(time.perf_counter() - started)
-        self._metrics.audit_rows_written.inc(len(rows))
-        return True
-
-
-def columns_of(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {column: [row[column] for row in rows] for column in COLUMNS}
-
-
 def _sample(metrics: Metrics, name: str) -> float:
     return metrics.registry.get_sample_value(name) or 0.0
 
 
-async def through_sink(
-    database: str, rows: list[dict[str, Any]], batch_size: int, spool_dir: Path, sink_class: type[AuditSink]
-) -> InsertRun:
+async def submit_cost(database: str, rows: list[dict[str, Any]], journal_dir: Path) -> float:
+    """µs per row of AuditSink.submit() alone (storable text, the journal's write, the queue): no writer runs."""
+    engine = create_engine(DatabaseSettings(url=pg_url(database)))  # never connects
+    sink = AuditSink(engine, AuditSettings(queue_size=len(rows) + 1, spool_dir=journal_dir), Metrics())
+    copies = [dict(row) for row in rows]
+    started = time.perf_counter()
+    for row in copies:
+        sink.submit(row)
+    seconds = time.perf_counter() - started
+    sink.journal.close()  # its rows are never meant for the database: the directory goes
+    await engine.dispose()
+    for path in journal_dir.iterdir():
+        path.unlink()
+    return seconds / len(rows) * 1e6
+
+
+async def through_sink(database: str, rows: list[dict[str, Any]], batch_size: int, journal_dir: Path) -> SinkRun:
     """Submit every row to a started sink (keeping within its queue); time until count(*) has them all."""
-    settings = AuditSettings(batch_size=batch_size, spool_dir=spool_dir)
+    settings = AuditSettings(batch_size=batch_size, spool_dir=journal_dir)
     engine = create_engine(DatabaseSettings(url=pg_url(database)))
     metrics = Metrics()
-    sink = sink_class(engine, settings, metrics)
+    sink = AuditSink(engine, settings, metrics)
     pg = await asyncpg.connect(pg_dsn(database), timeout=10)
     n = len(rows)
     try:
@@ -435,8 +372,6 @@ async def through_sink(
                     break
             if producer.done() and producer.exception() is not None:
                 raise RuntimeError(f"producer failed: {producer.exception()}")
-            if _sample(metrics, "pacemaker_audit_rows_spooled_total") > 0:
-                raise RuntimeError("rows went to the spool: the run does not measure the database")
             if now > deadline:
                 raise RuntimeError(f"only {written:.0f} of {n} rows written within the time limit")
             await asyncio.sleep(0.005)
@@ -447,138 +382,25 @@ async def through_sink(
         await sink.stop()
         await engine.dispose()
         await pg.close()
-    return InsertRun(
-        "sink",
-        sink_class.__name__,
-        batch_size,
-        n,
-        seconds,
-        cpu,
-        batches=int(_sample(metrics, "pacemaker_audit_flush_seconds_count")),
-        spooled=int(_sample(metrics, "pacemaker_audit_rows_spooled_total")),
-    )
-
-
-async def insert_only(
-    database: str,
-    rows: list[dict[str, Any]],
-    batch_size: int,
-    method: str,
-    spool_dir: Path,
-    profiler: cProfile.Profile | None = None,
-) -> InsertRun:
-    """Write every row, batch after batch (one transaction each), by one method; no queue, no writer task."""
-    engine = create_engine(DatabaseSettings(url=pg_url(database)))
-    sink = AuditSink(engine, AuditSettings(batch_size=batch_size, spool_dir=spool_dir), Metrics())
-    pg = await asyncpg.connect(pg_dsn(database), timeout=10)
-    raw = await asyncpg.connect(pg_dsn(database), timeout=10)
-    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    try:
-        await pg.execute("TRUNCATE audit_record")
-        write = await _writer(method, sink, raw)
-        await write(batches[0][:1])  # connect, prepare: not part of the figure
-        await pg.execute("TRUNCATE audit_record")
-        cpu = CpuWindow()
-        cpu.start()
-        started = time.perf_counter()
-        if profiler is not None:
-            profiler.enable()
-        try:
-            for batch in batches:
-                await write(batch)
-        finally:
-            if profiler is not None:
-                profiler.disable()
-        seconds = time.perf_counter() - started
-        cpu.stop([*await backend_pids(pg, database)])
-        count = await pg.fetchval("SELECT count(*) FROM audit_record")
-        if count != len(rows):
-            raise RuntimeError(f"{method}: {count} rows in the table, {len(rows)} written")
-    finally:
-        await raw.close()
-        await engine.dispose()
-        await pg.close()
-    return InsertRun("insert", method, batch_size, len(rows), seconds, cpu, batches=len(batches))
-
-
-async def _writer(
-    method: str, sink: AuditSink, raw: asyncpg.Connection
-) -> Callable[[list[dict[str, Any]]], Awaitable[None]]:
-    if method == "sink._insert_rows":
-
-        async def via_sink(batch: list[dict[str, Any]]) -> None:
-            if not await sink._insert_rows(batch):
-                raise RuntimeError("sink._insert_rows failed (see the log)")
-
-        return via_sink
-    if method == "asyncpg executemany":
-
-        async def executemany(batch: list[dict[str, Any]]) -> None:
-            async with raw.transaction():
-                await raw.executemany(EXECUTEMANY_SQL, [tuple(row[c] for c in COLUMNS) for row in batch])
-
-        return executemany
-    if method == "asyncpg unnest":
-        statement = await raw.prepare(UNNEST_SQL)
-
-        async def unnest(batch: list[dict[str, Any]]) -> None:
-            arrays = columns_of(batch)
-            async with raw.transaction():
-                await statement.fetch(*(arrays[c] for c in COLUMNS))
-
-        return unnest
-    raise ValueError(method)
-
-
-INSERT_METHODS = ("sink._insert_rows", "asyncpg executemany", "asyncpg unnest")
-
-
-def profile_insert_path(
-    runner: asyncio.Runner, database: str, rows: list[dict[str, Any]], spool_dir: Path
-) -> pstats.Stats:
-    """cProfile of the app's insert path (sink._insert_rows, batch 500) over the given rows."""
-    profiler = cProfile.Profile(time.process_time)  # CPU time: waiting for PostgreSQL is not this process's cost
-    runner.run(insert_only(database, rows, BATCH_SIZES[0], "sink._insert_rows", spool_dir, profiler))
-    return pstats.Stats(profiler)
-
-
-_SITE = re.compile(r"site-packages/([^/]+)/")
-
-
-def _package(filename: str) -> str:
-    if filename.startswith("~") or filename.startswith("<"):
-        return "(builtins, C code)"
-    match = _SITE.search(filename)
-    if match:
-        return match[1].removesuffix(".py")
-    if f"{ROOT}/app/" in filename:
-        return "app"
-    if f"{ROOT}/benchmarks/" in filename:
-        return "benchmarks"
-    return "(stdlib) " + Path(filename).stem
-
-
-def render_profile(stats: pstats.Stats, top: int = 14) -> str:
-    entries = stats.stats  # type: ignore[attr-defined]
-    total = sum(tt for (_cc, _nc, tt, _ct, _callers) in entries.values()) or float("nan")
-    by_package: Counter[str] = Counter()
-    rows = []
-    for (filename, line, func), (_cc, calls, tottime, cumtime, _callers) in entries.items():
-        by_package[_package(filename)] += tottime
-        rows.append((tottime, cumtime, calls, func, f"{Path(filename).name}:{line}", _package(filename)))
-    rows.sort(reverse=True)
-    lines = [
-        "| own time % | own s | cumulative s | calls | function | where | package |",
-        "|---:|---:|---:|---:|---|---|---|",
-    ]
-    for tottime, cumtime, calls, func, where, package in rows[:top]:
-        lines.append(
-            f"| {100 * tottime / total:.1f} | {tottime:.3f} | {cumtime:.3f} | {calls:,} | `{func}` | {where}"
-            f" | {package} |"
+    read_back = _sample(metrics, "pacemaker_audit_rows_spooled_total")
+    if read_back or sink.dead_lettered or sink.spool_error or any(journal_dir.glob("segment-*")):
+        raise RuntimeError(
+            f"not a clean run: {read_back:.0f} rows read back from the journal, {sink.dead_lettered} dead-lettered,"
+            f" journal error {sink.spool_error}, segments left: {sorted(journal_dir.glob('segment-*'))}"
         )
-    lines += ["", "| own time % | package |", "|---:|---|"]
-    lines += [f"| {100 * s / total:.1f} | {name} |" for name, s in by_package.most_common(10)]
-    return "\n".join(lines)
+    return SinkRun(batch_size, n, seconds, cpu, int(_sample(metrics, "pacemaker_audit_flush_seconds_count")))
+
+
+def median_runs(runs: Sequence[SinkRun]) -> list[tuple[SinkRun, list[float]]]:
+    """Per batch size, in first-seen order: the round with the median rows/s, and every round's."""
+    groups: dict[int, list[SinkRun]] = {}
+    for run in runs:
+        groups.setdefault(run.batch_size, []).append(run)
+    chosen = []
+    for group in groups.values():
+        ordered = sorted(group, key=lambda r: r.rows_per_s)
+        chosen.append((ordered[(len(ordered) - 1) // 2], [r.rows_per_s for r in group]))
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,28 +426,17 @@ def prepare_variant(workdir: Path, database: str, audit: bool) -> Variant:
         "database": {"url": pg_url(database)},
         "auth": {"dev_key_file": str(workdir / f"dev-key-{label}")},
         "server": {"access_log": False},
-        "audit": {"enabled": audit, "spool_dir": str(workdir / f"audit-spool-{label}")},
+        "audit": {"enabled": audit, "spool_dir": str(workdir / f"audit-journal-{label}")},
         "providers": {"simulated": {"kind": "simulated", "tokens_per_second": 0}},
         "models": {name: {"provider": "simulated"} for name in ("sim-small", "sim-medium", "sim-large")},
     }
     config_path = workdir / f"pacemaker-{label}.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACEMAKER_")}
-    env.update(PACEMAKER_CONFIG=str(config_path), PYTHONUNBUFFERED="1")
-    variant = Variant(audit, database, env)
+    variant = Variant(audit, database, child_env(PACEMAKER_CONFIG=str(config_path)))
     # tpm 2*10^9, not the 10^12 one might pick: api_key.tpm is an INTEGER column, and PostgreSQL refuses more.
     limits = ["--rpm", "100000000", "--tpm", "2000000000", "--max-concurrency", "10000"]
-    done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", "create", "--name", f"bench-{label}", "--json", *limits],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"keys create failed ({done.returncode}):\n{done.stderr}")
-    variant.key = orjson.loads(done.stdout)["key"]
+    created = pacemaker_cli(variant.env, "keys", "create", "--name", f"bench-{label}", "--json", *limits)
+    variant.key = orjson.loads(created)["key"]
     return variant
 
 
@@ -650,7 +461,6 @@ class LoadRun:
     lags_ms: list[float] = field(default_factory=list)  # launch time minus scheduled time
     errors: Counter[str] = field(default_factory=Counter)
     answered: set[str] = field(default_factory=set)  # request ids that got an HTTP response (warm-up too)
-    launched: int = 0
     server_cpu_s: float = float("nan")
     cpu: CpuWindow = field(default_factory=CpuWindow)
     rows: RowsCheck | None = None
@@ -684,18 +494,6 @@ class RowsCheck:
     duplicated: int
     unexpected: int
     statuses: dict[str, int]
-
-
-async def smoke(url: str, key: str) -> None:
-    headers = {"Authorization": f"Bearer {key}", "x-request-id": "audit-bench-smoke"}
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as http,
-        http.post(url, json={"query": QUERY}, headers=headers) as response,
-    ):
-        content = await response.read()
-        if response.status != 200 or b'"status":"completed"' not in content:
-            raise RuntimeError(f"smoke request: HTTP {response.status} {content[:300]!r}")
 
 
 async def open_loop(url: str, key: str, run: LoadRun, warmup_s: float, seconds: float, server: Child) -> None:
@@ -753,7 +551,6 @@ async def open_loop(url: str, key: str, run: LoadRun, warmup_s: float, seconds: 
             task = asyncio.create_task(one(i, scheduled))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-        run.launched = total
         await sampling
         if tasks:
             _, pending = await asyncio.wait(set(tasks), timeout=REQUEST_TIMEOUT_S + 5)
@@ -765,7 +562,18 @@ async def open_loop(url: str, key: str, run: LoadRun, warmup_s: float, seconds: 
     run.server_cpu_s = snapshots[1] - snapshots[0]
 
 
-_METRIC = re.compile(r"^(pacemaker_audit_rows_(?:written|spooled)_total) ([0-9.e+]+)$", re.MULTILINE)
+async def first_request(url: str, key: str) -> None:
+    headers = {"Authorization": f"Bearer {key}", "x-request-id": "audit-bench-first"}
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as http,
+        http.post(url, json={"query": QUERY}, headers=headers) as response,
+    ):
+        content = await response.read()
+    if response.status != 200 or b'"status":"completed"' not in content:
+        raise RuntimeError(f"first request: HTTP {response.status} {content[:300]!r}")
+
+
+_METRIC = re.compile(r"^(pacemaker_audit_rows_(?:written|spooled|dead_lettered)_total) ([0-9.e+]+)$", re.MULTILINE)
 
 
 async def audit_metrics(base_url: str) -> dict[str, float]:
@@ -806,22 +614,16 @@ async def check_rows(database: str, run: LoadRun) -> RowsCheck:
     )
 
 
-def run_latency_pair(
-    runner: asyncio.Runner,
-    workdir: Path,
-    variant: Variant,
-    pair: int,
-    args: argparse.Namespace,
-    pinning: bool,
-    children: list[Child],
+def run_latency(
+    runner: asyncio.Runner, workdir: Path, variant: Variant, pair: int, args: argparse.Namespace, children: list[Child]
 ) -> LoadRun:
     server = start_server(workdir, variant, children)
     try:
-        if pinning:
+        if args.pinning:
             pin(server.popen.pid, {SERVER_CPU})
             pin(os.getpid(), {LOAD_CPU})
         base_url = f"http://{HOST}:{server.port}"
-        runner.run(smoke(f"{base_url}/v1/tasks", variant.key))
+        runner.run(first_request(f"{base_url}/v1/tasks", variant.key))
         run = LoadRun(variant.label, pair, f"audit-bench-p{pair}-{variant.label}")
         log(f"pair {pair}, audit {variant.label}: {args.warmup:g} s warm-up + {args.seconds:g} s at {RATE} req/s ...")
         runner.run(open_loop(f"{base_url}/v1/tasks", variant.key, run, args.warmup, args.seconds, server))
@@ -857,82 +659,51 @@ def verdict(ok: bool) -> str:
 
 
 def render_a(
-    runs: Sequence[InsertRun], row_us: float, facts: dict[str, str], args: argparse.Namespace, profile: str | None
+    runs: Sequence[SinkRun], row_us: float, submit_us: float, facts: dict[str, str], args: argparse.Namespace
 ) -> str:
     rounds = f"median of {args.rounds} rounds by rows/s" if args.rounds > 1 else "one round"
     lines = [
-        "### Audit sink: batched inserts into PostgreSQL",
+        "### Audit sink: journal and batched inserts into PostgreSQL",
         "",
         f"PostgreSQL {facts['version']} on 127.0.0.1 (synchronous_commit={facts['synchronous_commit']},"
         f" fsync={facts['fsync']}, shared_buffers={facts['shared_buffers']}), {args.rows:,} rows per run into an"
-        f" empty audit_record (truncated before each run), {rounds}; {platform.python_implementation()}"
-        f" {platform.python_version()}, SQLAlchemy {sqlalchemy.__version__}, asyncpg {asyncpg.__version__}, uvloop;"
-        f" {psutil.cpu_count()} CPUs, nothing pinned in this part. Building one row (AuditContext.row(), the"
-        f" request path's share) took {row_us:.1f} µs.",
+        f" empty audit_record, {rounds}; {platform.python_implementation()} {platform.python_version()},"
+        f" SQLAlchemy {sqlalchemy.__version__}, asyncpg {asyncpg.__version__}, uvloop; {psutil.cpu_count()} CPUs,"
+        f" nothing pinned in this part. The request path's share per row: AuditContext.row() {row_us:.1f} µs,"
+        f" AuditSink.submit() {submit_us:.1f} µs (storable text, one write(2) to the journal, the queue).",
         "",
-        "End to end: a producer submits every row to a started sink (keeping within its 20,000-row queue);"
-        " the time runs from the first submit until count(*) finds every row in the table.",
+        "A producer submits every row to a started sink (keeping within its 20,000-row queue); the time runs from"
+        " the first submit until count(*) finds every row in the table. The journal is fsynced once per flush"
+        " interval in a thread; no row was read back from it or dead-lettered, and it was empty after stop.",
         "",
-        "| sink | batch_size | rows/s | rows/s, all rounds | seconds | batches | spooled | client CPU µs/row"
+        "| batch_size | rows/s | rows/s, all rounds | seconds | batches | client CPU µs/row"
         " | PG CPU µs/row (our backends) | other CPU % | target | verdict |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    for r, all_rates in median_runs(runs, "sink"):
-        name = "AuditSink (app)" if r.method == "AuditSink" else "UnnestSink (this benchmark: one unnest per batch)"
+    for r, all_rates in median_runs(runs):
         lines.append(
-            f"| {name} | {r.batch_size:,} | {fmt(r.rows_per_s, 0)} | {' / '.join(fmt(x, 0) for x in all_rates)}"
-            f" | {fmt(r.seconds)} | {r.batches:,} | {r.spooled} | {fmt(r.per_row_us(r.cpu.me), 1)}"
+            f"| {r.batch_size:,} | {fmt(r.rows_per_s, 0)} | {' / '.join(fmt(x, 0) for x in all_rates)}"
+            f" | {fmt(r.seconds)} | {r.batches:,} | {fmt(r.per_row_us(r.cpu.me), 1)}"
             f" | {fmt(r.per_row_us(r.cpu.pg_ours), 1)} | {fmt(100 * r.other_cpu / r.seconds, 0)}"
             f" | >= {TARGET_ROWS_PER_S:,} | {verdict(r.rows_per_s >= TARGET_ROWS_PER_S)} |"
         )
     lines += [
         "",
-        "The insert alone: the same rows written batch after batch, one transaction per batch, no queue and no"
-        " writer task. Wall time per row = client CPU + PostgreSQL CPU + waiting (round trips, WAL flush at"
-        " commit; negative when the two CPUs overlap, as asyncpg's pipelined executemany lets them).",
-        "",
-        "| insert path | batch | rows/s | rows/s, all rounds | ms/batch | wall µs/row | client CPU µs/row"
-        " | PG CPU µs/row (our backends) | waiting µs/row | PG CPU µs/row (all of PostgreSQL) | other CPU % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Other CPU % (of one core) is the rest of the machine's busy time: rows with much of it were disturbed.",
     ]
-    for r, all_rates in median_runs(runs, "insert"):
-        wall = r.per_row_us(r.seconds)
-        me, ours = r.per_row_us(r.cpu.me), r.per_row_us(r.cpu.pg_ours)
-        lines.append(
-            f"| {r.method} | {r.batch_size:,} | {fmt(r.rows_per_s, 0)} | {' / '.join(fmt(x, 0) for x in all_rates)}"
-            f" | {fmt(r.seconds * 1000 / r.batches)} | {fmt(wall, 1)} | {fmt(me, 1)} | {fmt(ours, 1)}"
-            f" | {fmt(wall - me - ours, 1)} | {fmt(r.per_row_us(r.cpu.pg_all), 1)}"
-            f" | {fmt(100 * r.other_cpu / r.seconds, 0)} |"
-        )
-    lines += [
-        "",
-        "sink._insert_rows is the app's path (SQLAlchemy Core insert().on_conflict_do_nothing(), executemany over"
-        " dicts); asyncpg executemany is the same statement sent by asyncpg alone (rows as tuples); asyncpg unnest"
-        " is one INSERT ... SELECT FROM unnest($1::varchar(32)[], ...) ON CONFLICT (record_uid) DO NOTHING per"
-        " batch. PG CPU (all of PostgreSQL) also counts its WAL writer and checkpointer, and any other user of"
-        " the shared server; other CPU % (of one core) is the rest of the machine's busy time: rows with much of"
-        " it were disturbed.",
-    ]
-    if profile:
-        lines += [
-            "",
-            f"#### Where the app's insert path spends this process's CPU (cProfile on CPU time, batch"
-            f" {BATCH_SIZES[0]}, {min(args.profile_rows, args.rows):,} rows)",
-            "",
-            profile,
-        ]
     return "\n".join(lines) + "\n"
 
 
-def render_b(runs: Sequence[LoadRun], args: argparse.Namespace, pinning: bool) -> str:
+def render_b(runs: Sequence[LoadRun], args: argparse.Namespace) -> str:
     lines = [
         "### Audit path: added latency at a steady 500 req/s",
         "",
         f"POST /v1/tasks (JSON, one simulated model call, unpaced) on `pacemaker serve` (one worker, PostgreSQL),"
-        f" audit.enabled off and on, run off, on, off, on, each server started for its run; open-loop load: one"
+        f" audit.enabled {'on only (smoke)' if args.smoke else 'off and on, run off, on, off, on'}, each server"
+        " started for its run; open-loop load: one"
         f" request launched every 2 ms whatever the responses do (aiohttp, uvloop), {args.warmup:g} s warm-up +"
         f" {args.seconds:g} s measured; latency from launch to the response's last byte;"
-        f" {'server pinned to CPU 0, load generator to CPU 1' if pinning else 'nothing pinned'}.",
+        f" {'server pinned to CPU 0, load generator to CPU 1' if args.pinning else 'nothing pinned'}.",
         "",
         "| pair | audit | sent/s | ok/s | p50 ms | p90 ms | p99 ms | max ms | > 10 ms | launch lag p99 ms"
         " | server CPU ms/req | server CPU % | PG CPU % | other CPU % | errors |",
@@ -977,8 +748,8 @@ def render_b(runs: Sequence[LoadRun], args: argparse.Namespace, pinning: bool) -
         " after the server stopped:",
         "",
         "| pair | requests answered | audit rows | missing | duplicated | rows of no request | statuses"
-        " | rows written (server metric) | rows spooled |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        " | rows written (server metric) | read back from the journal | dead-lettered |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in runs:
         if r.rows is None:
@@ -987,9 +758,10 @@ def render_b(runs: Sequence[LoadRun], args: argparse.Namespace, pinning: bool) -
         statuses = ", ".join(f"{k} {v:,}" for k, v in sorted(c.statuses.items()))
         written = r.server_metrics.get("pacemaker_audit_rows_written_total", math.nan)
         spooled = r.server_metrics.get("pacemaker_audit_rows_spooled_total", math.nan)
+        dead = r.server_metrics.get("pacemaker_audit_rows_dead_lettered_total", math.nan)
         lines.append(
             f"| {r.pair} | {c.answered:,} | {c.rows:,} | {c.missing} | {c.duplicated} | {c.unexpected}"
-            f" | {statuses} | {fmt(written, 0)} | {fmt(spooled, 0)} |"
+            f" | {statuses} | {fmt(written, 0)} | {fmt(spooled, 0)} | {fmt(dead, 0)} |"
         )
     lines += ["", "(The metric is read before shutdown: the last rows are flushed by the shutdown itself.)"]
     return "\n".join(lines) + "\n"
@@ -1001,12 +773,12 @@ def render_b(runs: Sequence[LoadRun], args: argparse.Namespace, pinning: bool) -
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rows", type=int, default=100_000, help="rows per insert run in part A (default 100000)")
+    parser.add_argument("--rows", type=int, default=100_000, help="rows per sink run in part A (default 100000)")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run in part B (default 10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per run in part B (default 2)")
     parser.add_argument("--parts", default="a,b", help="comma-separated subset of a, b (default a,b)")
     parser.add_argument("--rounds", type=int, default=3, help="part A: rounds of every run, median shown (default 3)")
-    parser.add_argument("--profile-rows", type=int, default=20_000, help="rows in part A's cProfile (0: none)")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds: small runs, exit status 1 on any loss")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs in part B")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for other benchmarks to finish")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, server logs)")
@@ -1014,34 +786,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.parts = {p.strip().lower() for p in args.parts.split(",") if p.strip()}
     if not args.parts or args.parts - {"a", "b"}:
         parser.error("--parts takes a, b or a,b")
-    if not (
-        1000 <= args.rows <= 5_000_000
-        and 1 <= args.seconds <= 300
-        and 0 <= args.warmup <= 60
-        and 0 <= args.profile_rows <= 1_000_000
-        and 1 <= args.rounds <= 20
-    ):
-        parser.error(
-            "--rows must be in [1000, 5000000], --seconds in [1, 300], --warmup in [0, 60],"
-            " --profile-rows in [0, 1000000], --rounds in [1, 20]"
-        )
+    if args.smoke:
+        args.rows, args.rounds, args.warmup, args.seconds, args.no_wait, args.no_pin = 5_000, 1, 0.5, 1.0, True, True
+    if not (1000 <= args.rows <= 5_000_000 and 1 <= args.seconds <= 300 and 0 <= args.warmup <= 60):
+        parser.error("--rows must be in [1000, 5000000], --seconds in [1, 300], --warmup in [0, 60]")
+    if not 1 <= args.rounds <= 20:
+        parser.error("--rounds must be in [1, 20]")
+    affinity = os.sched_getaffinity(0)
+    args.pinning = not args.no_pin and len(affinity) >= 2 and {SERVER_CPU, LOAD_CPU} <= affinity
     return args
-
-
-def command_line(argv: Sequence[str] | None) -> str:
-    given = list(sys.argv[1:] if argv is None else argv)
-    return " ".join([".venv/bin/python -m benchmarks.audit", *given])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    pinning = (
-        not args.no_pin and len(os.sched_getaffinity(0)) >= 2 and {SERVER_CPU, LOAD_CPU} <= os.sched_getaffinity(0)
-    )
     workdir = Path(tempfile.mkdtemp(prefix="pacemaker-bench-audit-"))
     databases = Databases()
     children: list[Child] = []
-    output: list[str] = [f"Command: `{command_line(argv)}`\n"]
+    failures: list[str] = []
+    given = list(sys.argv[1:] if argv is None else argv)
+    output: list[str] = [f"Command: `{' '.join(['.venv/bin/python -m benchmarks.audit', *given])}`\n"]
     try:
         with terminate_on_sigterm():
             if not args.no_wait:
@@ -1050,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "a" in args.parts:
                 output.append(part_a(args, databases, workdir, facts))
             if "b" in args.parts:
-                output.append(part_b(args, databases, workdir, pinning, children))
+                output.append(part_b(args, databases, workdir, children, failures))
             print("\n".join(output))
     except KeyboardInterrupt:
         log("interrupted")
@@ -1060,54 +823,53 @@ def main(argv: Sequence[str] | None = None) -> int:
             child.stop()
         databases.drop_all()
         clean_up([], workdir, keep=args.keep)
-    return 0
+    for failure in failures:
+        log(f"FAILED: {failure}")
+    return 1 if failures else 0
 
 
 def part_a(args: argparse.Namespace, databases: Databases, workdir: Path, facts: dict[str, str]) -> str:
+    """Raises RuntimeError when a run is not clean (rows missing, read back, dead-lettered, left on disk)."""
     log("part A: creating and migrating a database ...")
-    database = databases.create("inserts")
+    database = databases.create("sink")
     log(f"building {args.rows:,} rows ...")
     rows, row_us = make_rows(args.rows)
-    runs: list[InsertRun] = []
-    spool_dir = workdir / "spool-a"
+    runs: list[SinkRun] = []
+    batch_sizes = BATCH_SIZES[:1] if args.smoke else BATCH_SIZES
     with asyncio.Runner(loop_factory=new_loop) as runner:
+        sample = make_rows(SUBMIT_SAMPLE // 10 if args.smoke else SUBMIT_SAMPLE, seed=11)[0]
+        submit_us = runner.run(submit_cost(database, sample, workdir / "journal-submit"))
+        log(f"  submit() alone: {submit_us:.1f} µs per row")
         for round_no in range(1, args.rounds + 1):  # in turns, so that drift hits every variant alike
-            for sink_class in (AuditSink, UnnestSink):
-                for batch_size in BATCH_SIZES:
-                    log(f"  round {round_no}/{args.rounds}: {sink_class.__name__}, batch_size {batch_size} ...")
-                    run = runner.run(through_sink(database, rows, batch_size, spool_dir, sink_class))
-                    log(f"{'':4}{run.rows_per_s:,.0f} rows/s, other CPU {100 * run.other_cpu / run.seconds:.0f} %")
-                    runs.append(run)
-            for method in INSERT_METHODS:
-                for batch_size in BATCH_SIZES:
-                    log(f"  round {round_no}/{args.rounds}: insert only, {method}, batch {batch_size} ...")
-                    run = runner.run(insert_only(database, rows, batch_size, method, spool_dir))
-                    log(f"{'':4}{run.rows_per_s:,.0f} rows/s, other CPU {100 * run.other_cpu / run.seconds:.0f} %")
-                    runs.append(run)
-        profile = None
-        if args.profile_rows:
-            log(f"  cProfile of sink._insert_rows over {min(args.profile_rows, len(rows)):,} rows ...")
-            profile = render_profile(profile_insert_path(runner, database, rows[: args.profile_rows], spool_dir))
-    if spool_dir.exists() and any(spool_dir.iterdir()):
-        log(f"warning: the spool {spool_dir} is not empty")
-    return render_a(runs, row_us, facts, args, profile)
+            for batch_size in batch_sizes:
+                log(f"  round {round_no}/{args.rounds}: batch_size {batch_size} ...")
+                run = runner.run(through_sink(database, rows, batch_size, workdir / "journal-a"))
+                log(f"{'':4}{run.rows_per_s:,.0f} rows/s, other CPU {100 * run.other_cpu / run.seconds:.0f} %")
+                runs.append(run)
+    return render_a(runs, row_us, submit_us, facts, args)
 
 
-def part_b(args: argparse.Namespace, databases: Databases, workdir: Path, pinning: bool, children: list[Child]) -> str:
-    log("part B: creating and migrating two databases, creating keys ...")
-    variants = {
-        audit: prepare_variant(workdir, databases.create("on" if audit else "off"), audit) for audit in (False, True)
-    }
+def part_b(
+    args: argparse.Namespace, databases: Databases, workdir: Path, children: list[Child], failures: list[str]
+) -> str:
+    log("part B: creating and migrating the databases, creating keys ...")
+    kinds = (True,) if args.smoke else (False, True)
+    variants = {audit: prepare_variant(workdir, databases.create("on" if audit else "off"), audit) for audit in kinds}
     runs: list[LoadRun] = []
     affinity = os.sched_getaffinity(0)
     try:
         with asyncio.Runner(loop_factory=new_loop) as runner:
-            for pair in (1, 2):
-                for audit in (False, True):
-                    runs.append(run_latency_pair(runner, workdir, variants[audit], pair, args, pinning, children))
+            for pair in (1,) if args.smoke else (1, 2):
+                for audit in kinds:
+                    runs.append(run_latency(runner, workdir, variants[audit], pair, args, children))
     finally:
         os.sched_setaffinity(0, affinity)
-    return render_b(runs, args, pinning)
+    for run in runs:
+        if run.rows is not None and (run.rows.missing or run.rows.duplicated or run.rows.unexpected):
+            failures.append(f"pair {run.pair}: {run.rows}")
+        if run.errors:
+            failures.append(f"pair {run.pair}, audit {run.variant}: {sum(run.errors.values())} requests failed")
+    return render_b(runs, args)
 
 
 if __name__ == "__main__":
