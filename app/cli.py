@@ -118,20 +118,9 @@ def _amount(text: str) -> Decimal:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
+    from app import server  # uvicorn is imported by this command only
 
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=args.host or settings.server.host,
-        port=args.port or settings.server.port,
-        workers=args.workers,
-        access_log=settings.server.access_log,
-        proxy_headers=settings.server.proxy_headers,
-        forwarded_allow_ips=settings.server.forwarded_allow_ips,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=30,
-    )
+    server.run(server.uvicorn_options(settings, host=args.host, port=args.port, workers=args.workers))
     return 0
 
 
