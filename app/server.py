@@ -1,16 +1,21 @@
-"""uvicorn as `pacemaker serve` runs it: its options, and logging that redacts credentials."""
+"""uvicorn as `pacemaker serve` runs it: its options, logging that redacts credentials, a request-head timeout."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
-from typing import Any
+import functools
+from typing import Any, cast
 
-from uvicorn.config import LOGGING_CONFIG
+from uvicorn.config import LOGGING_CONFIG, Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from app.config import Settings
 
 APP = "app.main:create_app"
 GRACEFUL_SHUTDOWN_S = 30
+_TIMEOUT_BODY = b"Request Timeout"
 
 
 def uvicorn_options(
@@ -27,6 +32,7 @@ def uvicorn_options(
         "forwarded_allow_ips": settings.server.forwarded_allow_ips,
         "log_level": settings.log_level.lower(),
         "log_config": log_config(),
+        "http": head_timeout_protocol(settings.server.header_timeout_s),
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
     }
 
@@ -52,3 +58,88 @@ def log_config() -> dict[str, Any]:
     for handler in config["handlers"].values():
         handler["filters"] = ["redact"]
     return config
+
+
+def head_timeout_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    # uvicorn calls its protocol class with keyword arguments, and pickles it to worker processes:
+    # a partial of a module-level class does both, carrying the setting with it.
+    return cast("type[asyncio.Protocol]", functools.partial(HeadTimeoutProtocol, header_timeout_s=header_timeout_s))
+
+
+class HeadTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, closing a connection whose request head does not arrive in time.
+
+    uvicorn itself waits for a head forever (slowloris). The clock starts when the connection opens
+    and, on a kept-alive connection, at the first byte of each later request: the idle time between
+    requests is left to uvicorn's keep-alive timeout. A head that arrives in one read costs no timer.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        header_timeout_s: float,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.header_timeout_s = header_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._in_head = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's
+        super().connection_made(transport)
+        # Also a connection that never sends a byte: uvicorn arms no timer for it.
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_head and self._head_timer is None and not self.transport.is_closing():
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_head_timer()  # before a WebSocket upgrade hands the transport to another protocol
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.flow.read_paused:
+            # uvicorn stopped reading (a request before this one is not done): the delay is ours.
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+            return
+        # A 408 for a head begun, so a slow client learns why; a connection that sent nothing is
+        # closed silently, as an idle one is, so that a client never reads a 408 as the answer to
+        # a request it sends just then. No 408 in the middle of an earlier response either.
+        if self._in_head and (self.cycle is None or self.cycle.response_complete):
+            self.transport.write(self._timeout_response())
+        self.logger.debug("%s - request head not complete within %ss: closed", self.client, self.header_timeout_s)
+        self.transport.close()
+
+    def _timeout_response(self) -> bytes:
+        content = [STATUS_LINE[408]]
+        for name, value in self.server_state.default_headers:
+            content += [name, b": ", value, b"\r\n"]
+        content += [
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % len(_TIMEOUT_BODY),
+            b"connection: close\r\n\r\n",
+            _TIMEOUT_BODY,
+        ]
+        return b"".join(content)

@@ -1,15 +1,19 @@
-"""The server process's own defences: keys kept out of every log line."""
+"""The server process's own defences: keys kept out of every log line, and the request-head timeout."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import secrets
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import websockets
 from uvicorn.logging import AccessFormatter
@@ -18,6 +22,9 @@ from websockets.typing import Subprotocol
 from app.config import load_settings
 from app.observability.logging import configure_logging
 from tests.support import PacemakerServer, server_config, start_pacemaker
+
+HEADER_TIMEOUT_S = 2.0
+KEEP_ALIVE_S = 5.0  # uvicorn's default timeout_keep_alive, which Pacemaker keeps
 
 
 def _config(workdir: Path, **overrides: Any) -> dict[str, Any]:
@@ -164,3 +171,162 @@ def test_the_app_handler_redacts_in_json_lines_too(monkeypatch: pytest.MonkeyPat
     assert key not in stream.getvalue()
     assert entry["message"] == "socket ?token=[redacted] failed"
     assert "api_key=[redacted]" in entry["exception"]
+
+
+# The request-head timeout ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def timed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacemakerServer]:
+    workdir = tmp_path_factory.mktemp("head-timeout")
+    server = start_pacemaker(workdir, _config(workdir, server={"header_timeout_s": HEADER_TIMEOUT_S}))
+    yield server
+    server.process.stop()
+
+
+def _port(server: PacemakerServer) -> int:
+    return int(server.base_url.rsplit(":", 1)[1])
+
+
+def _head(path: str = "/health/live", *, close: bool = False, pad: int = 0) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: pacemaker"]
+    if pad:
+        lines.append("X-Pad: " + "a" * pad)
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = next(
+        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    )
+    return status, await reader.readexactly(length)
+
+
+async def _probe(port: int) -> int:
+    """A normal request on a new connection: its status."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(_head(close=True))
+        status, _ = await asyncio.wait_for(_read_response(reader), 5)
+        return status
+    finally:
+        writer.close()
+
+
+async def _trickle(port: int, give_up_after: float) -> tuple[float, bytes]:
+    """Send a request head one byte every 0.5 s: how long the server kept the connection, and what it said."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.monotonic()
+    head = _head(pad=200)  # 240 bytes: two minutes at this pace
+    try:
+        for byte in head:
+            if time.monotonic() - started > give_up_after:
+                return float("inf"), b""
+            try:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                said = await asyncio.wait_for(reader.read(4096), 0.5)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                return time.monotonic() - started, b""
+            closed_at = time.monotonic() - started
+            while said and not said.endswith(b"Request Timeout"):
+                more = await reader.read(4096)
+                if not more:
+                    break
+                said += more
+            return closed_at, said
+        raise AssertionError("the whole head was sent and answered: the test's head is too short")
+    finally:
+        writer.close()
+
+
+async def test_connections_trickling_their_head_are_closed_while_others_are_served(timed: PacemakerServer) -> None:
+    port = _port(timed)
+    margin = 3.0  # a busy shared machine
+    stop = asyncio.Event()
+    statuses: list[int] = []
+
+    async def keep_probing() -> None:
+        while not stop.is_set():
+            statuses.append(await _probe(port))
+            await asyncio.sleep(0.2)
+
+    prober = asyncio.create_task(keep_probing())
+    try:
+        results = await asyncio.gather(*(_trickle(port, HEADER_TIMEOUT_S + margin) for _ in range(50)))
+    finally:
+        stop.set()
+        await prober
+    held = sorted(seconds for seconds, _ in results)
+    assert held[-1] <= HEADER_TIMEOUT_S + margin, f"still open after {HEADER_TIMEOUT_S + margin}s: {held}"
+    assert held[0] >= HEADER_TIMEOUT_S - 0.6, f"closed before the timeout: {held}"
+    answers = [said for _, said in results if said]
+    assert answers, "no connection got an answer before the close"
+    assert all(said.startswith(b"HTTP/1.1 408 Request Timeout\r\n") for said in answers), answers[:3]
+    assert all(b"connection: close\r\n" in said for said in answers)
+    assert len(statuses) >= 5 and set(statuses) == {200}, statuses
+
+
+async def test_a_slow_but_complete_head_within_the_timeout_is_answered(timed: PacemakerServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", _port(timed))
+    head = _head()
+    try:
+        for part in (head[:10], head[10:25], head[25:40], head[40:]):
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(HEADER_TIMEOUT_S / 5)  # four pauses: 80% of the timeout in all
+        status, body = await asyncio.wait_for(_read_response(reader), 5)
+    finally:
+        writer.close()
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_timeout(timed: PacemakerServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", _port(timed))
+    started = time.monotonic()
+    try:
+        said = await asyncio.wait_for(reader.read(4096), HEADER_TIMEOUT_S + 3)
+    finally:
+        writer.close()
+    # Closed without a 408, which a client could take for the answer to a request it is about to send.
+    assert said == b""
+    assert HEADER_TIMEOUT_S - 0.6 <= time.monotonic() - started <= HEADER_TIMEOUT_S + 3
+
+
+async def test_an_idle_keep_alive_connection_still_follows_the_keep_alive_timeout(timed: PacemakerServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", _port(timed))
+    try:
+        writer.write(_head())
+        assert (await asyncio.wait_for(_read_response(reader), 5))[0] == 200
+        # Idle for longer than the head timeout: the next request on the connection is still served.
+        await asyncio.sleep(HEADER_TIMEOUT_S + 1)
+        writer.write(_head())
+        assert (await asyncio.wait_for(_read_response(reader), 5))[0] == 200
+        idle_from = time.monotonic()
+        said = await asyncio.wait_for(reader.read(4096), KEEP_ALIVE_S + 5)
+        idle = time.monotonic() - idle_from
+    finally:
+        writer.close()
+    assert said == b""  # closed by uvicorn's keep-alive timer, with no 408
+    assert KEEP_ALIVE_S - 0.6 <= idle <= KEEP_ALIVE_S + 3
+
+
+async def test_a_websocket_outlives_the_head_timeout(timed: PacemakerServer) -> None:
+    url = timed.base_url.replace("http://", "ws://") + "/v1/ws"
+    async with await websockets.connect(url, additional_headers={"Authorization": f"Bearer {timed.key}"}) as socket:
+        await asyncio.sleep(HEADER_TIMEOUT_S + 1)
+        await asyncio.wait_for(await socket.ping(), 5)
+        await socket.send(json.dumps({"type": "task.create", "query": "still here?"}))
+        assert json.loads(await socket.recv())["type"] == "task.started"
+
+
+async def test_requests_on_a_kept_alive_connection_are_served_in_turn(timed: PacemakerServer) -> None:
+    async with httpx.AsyncClient(base_url=timed.base_url) as http:
+        for _ in range(20):
+            assert (await http.get("/health/live")).status_code == 200
