@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", help="default: server.host")
     serve.add_argument("--port", type=int, help="default: server.port")
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--workers", type=_positive, default=1, help="needs limits.redis_url when more than 1")
     serve.set_defaults(handler=_serve)
 
     commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(handler=_migrate)
@@ -120,7 +120,12 @@ def _amount(text: str) -> Decimal:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from app import server  # uvicorn is imported by this command only
 
-    server.run(server.uvicorn_options(settings, host=args.host, port=args.port, workers=args.workers))
+    try:
+        options = server.uvicorn_options(settings, host=args.host, port=args.port, workers=args.workers)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    server.run(options)
     return 0
 
 

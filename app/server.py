@@ -11,7 +11,7 @@ from uvicorn.config import LOGGING_CONFIG, Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from app.config import Settings
+from app.config import ConfigError, Settings
 
 APP = "app.main:create_app"
 GRACEFUL_SHUTDOWN_S = 30
@@ -21,7 +21,14 @@ _TIMEOUT_BODY = b"Request Timeout"
 def uvicorn_options(
     settings: Settings, *, host: str | None = None, port: int | None = None, workers: int = 1
 ) -> dict[str, Any]:
-    """Keyword arguments for uvicorn.run."""
+    """Keyword arguments for uvicorn.run; a ConfigError for a combination that cannot be served."""
+    if workers > 1 and settings.limits.redis_url is None:
+        raise ConfigError(
+            "invalid configuration:\n"
+            f"  --workers: {workers} workers with in-process limits would each keep their own copy of every"
+            " rate limit and budget (a key could spend its budget once per worker); set limits.redis_url to"
+            " share them, or run one worker per container"
+        )
     return {
         "factory": True,
         "host": host or settings.server.host,

@@ -6,7 +6,10 @@ import asyncio
 import io
 import json
 import logging
+import os
 import secrets
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -21,7 +24,7 @@ from websockets.typing import Subprotocol
 
 from app.config import load_settings
 from app.observability.logging import configure_logging
-from tests.support import PacemakerServer, server_config, start_pacemaker
+from tests.support import ROOT, PacemakerServer, free_port, server_config, start_pacemaker
 
 HEADER_TIMEOUT_S = 2.0
 KEEP_ALIVE_S = 5.0  # uvicorn's default timeout_keep_alive, which Pacemaker keeps
@@ -330,3 +333,38 @@ async def test_requests_on_a_kept_alive_connection_are_served_in_turn(timed: Pac
     async with httpx.AsyncClient(base_url=timed.base_url) as http:
         for _ in range(20):
             assert (await http.get("/health/live")).status_code == 200
+
+
+# Several workers ------------------------------------------------------------------------------------
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PACEMAKER_")}
+
+
+def test_several_workers_with_in_process_limits_are_refused() -> None:
+    command = [sys.executable, "-m", "app.cli", "serve", "--workers", "2", "--port", str(free_port())]
+    # Its own session, so that workers a server without the check would start are stopped with it.
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=_clean_env(), stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise AssertionError("serve --workers 2 started without limits.redis_url") from None
+    assert process.returncode == 2, stderr
+    assert "limits.redis_url" in stderr and "one worker per container" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_several_workers_are_allowed_with_shared_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("PACEMAKER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("PACEMAKER_LIMITS__REDIS_URL", "redis://127.0.0.1:6379/0")
+    from app.server import uvicorn_options
+
+    options = uvicorn_options(load_settings(), workers=2)
+    assert options["workers"] == 2
