@@ -201,6 +201,97 @@ class AuditSettings(_Section):
     content_max_chars: int = Field(2000, ge=1)
 
 
+def _check_tool_url(url: str) -> None:
+    """Refuse (ValueError) a tool URL that cannot work, or that HTTP clients and resolvers read differently.
+
+    The host is a DNS name or a canonical IP literal: `127.1`, `2130706433` or `0x7f.1` mean
+    127.0.0.1 to some parsers and a name to others. Checked at start, since at call time a
+    failure would open the tool's circuit breaker.
+    """
+    import ipaddress
+    import re
+    from urllib.parse import urlsplit
+
+    import yarl
+
+    if re.search(r"[\x00-\x20\x7f\\]", url):
+        raise ValueError("must not contain spaces, control characters or backslashes")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        client = yarl.URL(url)  # how aiohttp will read it
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL: {exc}") from None
+    if "@" in parts.netloc:
+        raise ValueError("must not hold credentials (user:password@host); send them with headers_from_env")
+    if "#" in url:
+        raise ValueError("must not have a fragment (#...)")
+    if port == 0 or parts.netloc.endswith(":"):
+        raise ValueError("must have a port from 1 to 65535 after ':', or none")
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError("must name a host")
+    if parts.netloc.startswith("["):
+        if "%" in host:
+            raise ValueError(f"[{host}]: IPv6 zone ids (%...) are not supported")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"[{host}] is not an IPv6 address") from None
+        return
+    if re.fullmatch(r"[0-9]+(\.[0-9]+){3}", host):
+        if any(part != str(int(part)) or int(part) > 255 for part in host.split(".")):
+            raise ValueError(f"{host} is not a canonical IPv4 address (four numbers 0-255, no leading zeros)")
+    else:
+        _check_host_name(host)
+    if (client.raw_host, client.explicit_port) != (host, port):
+        raise ValueError(f"the HTTP client reads it as {client.raw_host}:{client.explicit_port}, not {host}:{port}")
+
+
+def _check_host_name(host: str) -> None:
+    import re
+
+    if not host.isascii():
+        raise ValueError(f"{host!r}: write an international host name in its ASCII form (xn--...)")
+    labels = host.split(".")
+    for label in labels:
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", label):
+            raise ValueError(
+                f"{host!r} is not a host name: each dot-separated label is 1-63 letters, digits or hyphens"
+                " (not at either end), with no empty label or trailing dot"
+            )
+        if re.fullmatch(r"0x[0-9a-f]*|0[0-9]+", label):
+            raise ValueError(f"{host!r}: {label!r} looks like a hex or octal number, which resolvers may read as one")
+    if labels[-1].isdigit():
+        raise ValueError(f"{host!r} is neither a host name (it ends in a number) nor a canonical IPv4 address")
+    if len(host) > 253:
+        raise ValueError(f"{host!r} is longer than 253 characters")
+
+
+def _private_literal(url: str) -> str | None:
+    """The host of a URL whose host is a private, loopback, link-local or reserved IP address, else None."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a name: every address it resolves to is checked at call time
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    # As the tool's own check at call time (app/tools/http.py), which would refuse every call.
+    unreachable = (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_reserved
+        or address.is_multicast
+        or address.is_unspecified
+    )
+    return host if unreachable else None
+
+
 class HttpToolSettings(_Section):
     """A tool that calls one HTTP endpoint, declared without code."""
 
@@ -215,6 +306,12 @@ class HttpToolSettings(_Section):
     max_response_bytes: int = Field(1_048_576, ge=1)
     allow_private: bool = Field(False, description="Allow private, loopback and link-local addresses.")
 
+    @field_validator("url")
+    @classmethod
+    def _callable_url(cls, url: str) -> str:
+        _check_tool_url(url)
+        return url
+
     @model_validator(mode="after")
     def _usable(self) -> HttpToolSettings:
         from jsonschema import Draft202012Validator
@@ -227,6 +324,12 @@ class HttpToolSettings(_Section):
         missing = [variable for variable in self.headers_from_env.values() if variable not in os.environ]
         if missing:
             raise ValueError(f"headers_from_env: environment variable not set: {', '.join(missing)}")
+        private = None if self.allow_private else _private_literal(self.url)
+        if private is not None:
+            raise ValueError(
+                f"url: {private} is a private, loopback, link-local or reserved address, which a tool may"
+                " call only with allow_private: true"
+            )
         return self
 
 
