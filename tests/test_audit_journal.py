@@ -103,11 +103,12 @@ def test_a_living_process_keeps_its_segments_and_a_dead_ones_are_claimed(tmp_pat
     try:
         journal = Journal(tmp_path)
         journal.append(b'{"request_id": "mine"}\n')
-        [leftover] = journal.leftovers()
-        segment = journal.claim(leftover)
-        assert segment is not None and [line.raw for line in journal.read(segment, 10)] == [b'{"request_id": "dead"}\n']
-        assert f"-{dead.pid}-" in leftover.name
-        assert journal.claim(leftover) is None  # now ours: nobody else replays it meanwhile
+        [leftover] = journal.leftovers()  # the dead one's, renamed as ours
+        assert f"-{journal.owner}-" in leftover.name
+        segment = journal.open_claimed(leftover)
+        assert [line.raw for line in journal.read(segment, 10)] == [b'{"request_id": "dead"}\n']
+        assert Journal(tmp_path).leftovers() == []  # another process finds every owner alive, us included
+        assert len(list(tmp_path.glob("owner-*.lock"))) == 2  # the dead one's lock is gone with its segments
     finally:
         live.kill()
         live.wait()
@@ -116,8 +117,7 @@ def test_a_living_process_keeps_its_segments_and_a_dead_ones_are_claimed(tmp_pat
 def test_a_torn_last_line_of_a_crashed_process_is_skipped(tmp_path: Path) -> None:
     (tmp_path / f"segment-{1:020d}-1-000001.jsonl").write_bytes(encode(row("whole")) + b'{"request_id": "to')
     journal = Journal(tmp_path)
-    segment = journal.claim(journal.leftovers()[0])
-    assert segment is not None
+    segment = journal.open_claimed(journal.leftovers()[0])
     [whole] = journal.read(segment, 10)
     assert whole.row is not None and whole.row["request_id"] == "whole"
     segment.committed = whole.end

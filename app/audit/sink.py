@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -88,7 +87,6 @@ class AuditSink:
         self._writer: asyncio.Task[None] | None = None
         self._stopping = False
         self._closed = False
-        self._sync: asyncio.Future[None] | None = None
         self._next_flush = 0.0
         self._next_sync = 0.0
         self._next_scan = 0.0
@@ -212,14 +210,15 @@ class AuditSink:
                 self._journal(row)
         self._queue.clear()
         self._in_hand = []
+        left = len(self._leftovers)
         if self._claimed is not None:
-            os.close(self._claimed.fd)  # unlocked: the next start takes it up where it is
+            self.journal.release(self._claimed)  # the next start takes it up again
             self._claimed = None
+            left += 1
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FINAL_SYNC_TIMEOUT_S):
-                await self._sync_in_thread()
-        self.journal.close()
-        left = len(self.journal.leftovers())
+                await self.journal.synced(self._synced)
+        left += self.journal.close()
         if left:
             log.warning(
                 "audit: %d journal segments at %s hold rows the database has not taken; the next start replays them",
@@ -266,9 +265,9 @@ class AuditSink:
             self._report_unjournaled()
         self.journal.maintain(seal_by_age=self.database_ok)
         self._metrics.audit_queue_depth.set(self._unwritten)
-        if self._sync is None and now >= self._next_sync:
+        if now >= self._next_sync:
             self._next_sync = now + self._settings.flush_interval_s
-            self._start_sync()
+            self.journal.sync_soon(self._synced)
         if now >= self._next_scan and not self._stopping:
             self._next_scan = now + LEFTOVER_SCAN_S
             try:
@@ -328,9 +327,10 @@ class AuditSink:
         segment = self._claimed
         if segment is None:
             path = self._leftovers.pop(0)
-            segment = self.journal.claim(path)
-            if segment is None:
-                return True  # taken by another process, or replayed and removed meanwhile
+            try:
+                segment = self.journal.open_claimed(path)
+            except FileNotFoundError:
+                return True  # removed by hand meanwhile: nothing to replay
             self._claimed = segment
             log.info("audit: replaying %s (%d bytes) left by an earlier process", path.name, segment.written)
         lines = self.journal.read(segment, self._settings.batch_size)
@@ -458,40 +458,14 @@ class AuditSink:
                 ids,
             )
 
-    # --- fsync, in a thread -------------------------------------------------------------------
-
-    def _start_sync(self) -> None:
-        job = self.journal.sync_job()
-        if job is None:
-            return
-        work, done = job
-        future = asyncio.get_running_loop().run_in_executor(None, work)
-        self._sync = future
-
-        def finished(outcome: asyncio.Future[None]) -> None:
-            self._sync = None
-            if outcome.cancelled():
-                return
-            if (exc := outcome.exception()) is not None:
-                if self._sync_error is None:
-                    log.error("audit: cannot fsync the journal at %s (%s)", self.journal.directory, exc)
-                self._sync_error = f"fsync: {type(exc).__name__}: {exc}"
-                self._metrics.audit_spool_errors.inc()
-                return
-            done()
+    def _synced(self, failure: BaseException | None) -> None:
+        if failure is None:
             self._sync_error = None
-
-        future.add_done_callback(finished)
-
-    async def _sync_in_thread(self) -> None:
-        """Wait for the fsync in flight, then fsync whatever was appended after it began."""
-        if self._sync is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._sync)
-        self._start_sync()
-        if self._sync is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._sync)
+            return
+        if self._sync_error is None:
+            log.error("audit: cannot fsync the journal at %s (%s)", self.journal.directory, failure)
+        self._sync_error = f"fsync: {type(failure).__name__}: {failure}"
+        self._metrics.audit_spool_errors.inc()
 
 
 def _insert_statement(engine: AsyncEngine) -> Any:
