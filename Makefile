@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint format openapi migrate bench clean
+.PHONY: install run test fuzz lint format openapi migrate bench clean
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required") if sys.version_info < (3, 11) else None'
@@ -24,6 +24,10 @@ run: install
 ## test: install and run the whole suite (needs PostgreSQL and Redis on 127.0.0.1)
 test: install
 	$(BIN)/python -m pytest
+
+## fuzz: schemathesis against a live server, longer than the suite's run (PACEMAKER_FUZZ_EXAMPLES per operation)
+fuzz: install
+	PACEMAKER_FUZZ_EXAMPLES=$${PACEMAKER_FUZZ_EXAMPLES:-1000} $(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider -o addopts="" --timeout 3600
 
 lint: install
 	$(BIN)/ruff check app tests benchmarks load migrations

@@ -126,7 +126,7 @@ async def test_upstream_failure_in_a_stream_is_an_in_band_task_failed(client: ht
 
 
 async def test_task_timeout_fails_with_request_timeout(client: httpx.AsyncClient) -> None:
-    body = {"query": "slow #latency=3", "model": "fake-model", "timeout_s": 0.5}
+    body = {"query": "slow #latency=3", "model": "fake-model", "timeout_s": 1}
     response = await client.post("/v1/tasks", json=body)
     assert response.status_code == 504
     assert response.json()["code"] == "request_timeout"

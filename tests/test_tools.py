@@ -40,7 +40,13 @@ def tooled(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iter
                 http_tool("big", f"{fake_upstream}/tools/big", method="GET", max_response_bytes=1000),
                 http_tool("many", f"{fake_upstream}/tools/many", method="GET"),
                 http_tool("down", f"{fake_upstream}/tools/fail", method="GET"),
-                {**http_tool("internal", f"{fake_upstream}/tools/echo", method="GET"), "allow_private": False},
+                # A name, not a literal: a private literal without allow_private is refused at start.
+                {
+                    **http_tool(
+                        "internal", f"{fake_upstream.replace('127.0.0.1', 'localhost')}/tools/echo", method="GET"
+                    ),
+                    "allow_private": False,
+                },
             ]
         },
     )
@@ -90,7 +96,7 @@ async def test_private_addresses_size_caps_and_backend_failures(tooled: Pacemake
         internal = (await http.post("/v1/tools/internal/invoke", json={"arguments": {}})).json()
         big = (await http.post("/v1/tools/big/invoke", json={"arguments": {}})).json()
         down = (await http.post("/v1/tools/down/invoke", json={"arguments": {}})).json()
-    assert "private or loopback" in internal["error"]
+    assert "resolves to the private address" in internal["error"]
     assert "response larger than 1000 bytes" in big["error"]
     assert "HTTP 503" in down["error"]
 

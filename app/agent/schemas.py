@@ -27,7 +27,7 @@ class TaskCreate(BaseModel):
     )
     max_tokens: int | None = Field(None, ge=1, description="Completion tokens per model call.")
     temperature: float | None = Field(None, ge=0, le=2)
-    timeout_s: float | None = Field(None, gt=0, le=3600, description="Wall-clock limit for the whole task.")
+    timeout_s: float | None = Field(None, ge=1, le=3600, description="Wall-clock limit for the whole task, in seconds.")
     stream: bool = Field(False, description="Stream events as SSE (also chosen by Accept: text/event-stream).")
 
     @field_validator("query")
