@@ -44,6 +44,9 @@ class ServerSettings(_Section):
     max_json_depth: int = Field(64, ge=2, le=200)
     # A connection that has not sent its whole request head within this is closed (slowloris).
     header_timeout_s: float = Field(10.0, gt=0)
+    # A request line and headers larger than this get 431 (uvicorn's httptools protocol has no cap:
+    # one connection once sent 200 MB of headers in 0.8 s and grew the server by 300 MB).
+    max_header_bytes: int = Field(65_536, ge=4096)
 
 
 class DatabaseSettings(_Section):

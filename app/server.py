@@ -16,6 +16,7 @@ from app.config import ConfigError, Settings
 APP = "app.main:create_app"
 GRACEFUL_SHUTDOWN_S = 30
 _TIMEOUT_BODY = b"Request Timeout"
+_LINGER_S = 2.0
 
 
 def uvicorn_options(
@@ -39,7 +40,7 @@ def uvicorn_options(
         "forwarded_allow_ips": settings.server.forwarded_allow_ips,
         "log_level": settings.log_level.lower(),
         "log_config": log_config(),
-        "http": head_timeout_protocol(settings.server.header_timeout_s),
+        "http": head_timeout_protocol(settings.server.header_timeout_s, settings.server.max_header_bytes),
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
     }
 
@@ -67,18 +68,27 @@ def log_config() -> dict[str, Any]:
     return config
 
 
-def head_timeout_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+def head_timeout_protocol(header_timeout_s: float, max_header_bytes: int) -> type[asyncio.Protocol]:
     # uvicorn calls its protocol class with keyword arguments, and pickles it to worker processes:
-    # a partial of a module-level class does both, carrying the setting with it.
-    return cast("type[asyncio.Protocol]", functools.partial(HeadTimeoutProtocol, header_timeout_s=header_timeout_s))
+    # a partial of a module-level class does both, carrying the settings with it.
+    protocol = functools.partial(
+        HeadTimeoutProtocol, header_timeout_s=header_timeout_s, max_header_bytes=max_header_bytes
+    )
+    return cast("type[asyncio.Protocol]", protocol)
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop parsing a request head over the size limit."""
 
 
 class HeadTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, closing a connection whose request head does not arrive in time.
+    """uvicorn's httptools protocol, closing a connection whose request head does not arrive in time,
+    or is larger than `max_header_bytes` (431).
 
-    uvicorn itself waits for a head forever (slowloris). The clock starts when the connection opens
-    and, on a kept-alive connection, at the first byte of each later request: the idle time between
-    requests is left to uvicorn's keep-alive timeout. A head that arrives in one read costs no timer.
+    uvicorn itself waits for a head forever (slowloris), and takes one of any size. The clock starts
+    when the connection opens and, on a kept-alive connection, at the first byte of each later
+    request: the idle time between requests is left to uvicorn's keep-alive timeout. A head that
+    arrives in one read costs no timer.
     """
 
     def __init__(
@@ -89,11 +99,16 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
         *,
         header_timeout_s: float,
+        max_header_bytes: int = 65_536,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.header_timeout_s = header_timeout_s
+        self.max_header_bytes = max_header_bytes
         self._head_timer: asyncio.TimerHandle | None = None
         self._in_head = False
+        self._head_bytes = 0
+        self._head_too_large = False
+        self._discarding = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's
         super().connection_made(transport)
@@ -101,6 +116,8 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         super().data_received(data)
         if self._in_head and self._head_timer is None and not self.transport.is_closing():
             self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
@@ -108,6 +125,36 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
+        self._head_bytes = 0
+        self._head_too_large = False
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
+        super().on_header(name, value)
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.max_header_bytes:
+            self._head_too_large = True
+            # Stops the parser at once; uvicorn answers a parser error with send_400_response.
+            raise _HeadTooLarge
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._head_too_large:
+            super().send_400_response(msg)
+            return
+        self._cancel_head_timer()
+        self.transport.write(self._refusal(431, b"Request Header Fields Too Large"))
+        # Closing with the rest of the head unread would reset the connection before the client
+        # reads the answer: end our side, and drop what still comes for a moment.
+        self._discarding = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(_LINGER_S, self.transport.close)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -135,18 +182,18 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
         # closed silently, as an idle one is, so that a client never reads a 408 as the answer to
         # a request it sends just then. No 408 in the middle of an earlier response either.
         if self._in_head and (self.cycle is None or self.cycle.response_complete):
-            self.transport.write(self._timeout_response())
+            self.transport.write(self._refusal(408, _TIMEOUT_BODY))
         self.logger.debug("%s - request head not complete within %ss: closed", self.client, self.header_timeout_s)
         self.transport.close()
 
-    def _timeout_response(self) -> bytes:
-        content = [STATUS_LINE[408]]
+    def _refusal(self, status: int, body: bytes) -> bytes:
+        content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             content += [name, b": ", value, b"\r\n"]
         content += [
             b"content-type: text/plain; charset=utf-8\r\n",
-            b"content-length: %d\r\n" % len(_TIMEOUT_BODY),
+            b"content-length: %d\r\n" % len(body),
             b"connection: close\r\n\r\n",
-            _TIMEOUT_BODY,
+            body,
         ]
         return b"".join(content)

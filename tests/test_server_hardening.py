@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import websockets
 from uvicorn.logging import AccessFormatter
@@ -368,3 +370,32 @@ def test_several_workers_are_allowed_with_shared_limits(monkeypatch: pytest.Monk
 
     options = uvicorn_options(load_settings(), workers=2)
     assert options["workers"] == 2
+
+
+@pytest.mark.parametrize("chunks", [1, 40])
+async def test_a_request_head_over_the_size_limit_gets_431_and_the_server_does_not_grow(
+    timed: PacemakerServer, chunks: int
+) -> None:
+    """uvicorn takes a head of any size (200 MB of headers grew a server by 300 MB); past max_header_bytes: 431.
+
+    Sent in one write and in many, since a head that spans reads is parsed piece by piece.
+    """
+    process = psutil.Process(timed.process.process.pid)
+    before = process.memory_info().rss
+    head = b"GET /health/live HTTP/1.1\r\nHost: pacemaker\r\n" + b"".join(
+        b"X-Pad-%d: %s\r\n" % (n, b"a" * 4000) for n in range(50)
+    )  # 200 kB, the default limit is 64 KiB
+    reader, writer = await asyncio.open_connection("127.0.0.1", _port(timed))
+    try:
+        step = len(head) // chunks + 1
+        with contextlib.suppress(ConnectionError):
+            for start in range(0, len(head), step):
+                writer.write(head[start : start + step])
+                await writer.drain()
+        said = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert said.startswith(b"HTTP/1.1 431 "), said[:200]
+    assert b"connection: close\r\n" in said
+    assert await _probe(_port(timed)) == 200
+    assert process.memory_info().rss - before < 20 * 1024 * 1024
