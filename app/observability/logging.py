@@ -8,8 +8,7 @@ import sys
 import time
 from urllib.parse import unquote_plus
 
-import orjson
-
+from app import json_text
 from app.config import Settings
 from app.middleware import request_id_var
 
@@ -135,7 +134,7 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = record.exc_text or self.formatException(record.exc_info)
-        return orjson.dumps(entry).decode()
+        return json_text.dumps(entry).decode()
 
 
 def configure_logging(settings: Settings) -> None:
