@@ -7,8 +7,10 @@ import copy
 import functools
 from typing import Any, cast
 
+from uvicorn._types import ASGISendEvent
 from uvicorn.config import LOGGING_CONFIG, Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
 from app.config import ConfigError, Settings
@@ -41,6 +43,7 @@ def uvicorn_options(
         "log_level": settings.log_level.lower(),
         "log_config": log_config(),
         "http": head_timeout_protocol(settings.server.header_timeout_s, settings.server.max_header_bytes),
+        "ws": DenialAwareWebSocketProtocol,
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
     }
 
@@ -197,3 +200,14 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
             body,
         ]
         return b"".join(content)
+
+
+class DenialAwareWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, which logs an ERROR ("returned without completing handshake")
+    for every handshake refused with an HTTP response; a refusal (a bad key, say) is a complete
+    answer, and a flood of bad keys must not flood the error log."""
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            self.handshake_complete = True

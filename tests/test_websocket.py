@@ -262,3 +262,13 @@ async def test_open_websockets_per_key_are_capped_with_a_429_problem(tmp_path: P
             await socket.close()
     finally:
         started.process.stop()
+
+
+async def test_a_refused_handshake_is_not_logged_as_an_error(server: PacemakerServer) -> None:
+    """uvicorn logs an ERROR for every handshake refused with an HTTP answer; a flood of bad keys must not
+    flood the error log."""
+    for _ in range(3):
+        with pytest.raises(websockets.InvalidStatus):
+            await websockets.connect(ws_url(server), additional_headers={"Authorization": "Bearer pk_wrong"})
+    await asyncio.sleep(0.2)
+    assert "without completing handshake" not in server.process.output()
