@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.audit.ledger import AuditLedger
 from app.audit.sink import AuditSink
 from app.auth.authenticator import Authenticator
 from app.config import Settings
@@ -23,6 +24,7 @@ from app.enforcement.breaker import BreakerConfig, BreakerRegistry, BreakerState
 from app.enforcement.concurrency import ConcurrencyLimiter, SocketLimiter
 from app.enforcement.enforcer import Enforcer
 from app.enforcement.idempotency import IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
+from app.enforcement.ledger import SpendLedger
 from app.enforcement.limits import Limiter
 from app.enforcement.memory_limiter import MemoryLimiter
 from app.enforcement.redis_limiter import RedisLimiter, build_redis
@@ -72,7 +74,10 @@ def upstream_http_session(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
-def build_enforcer(settings: Settings, metrics: Metrics, redis: Redis | None) -> Enforcer:
+def build_enforcer(
+    settings: Settings, metrics: Metrics, redis: Redis | None, ledger: SpendLedger | None = None
+) -> Enforcer:
+    """The enforcement chain; budgets are seeded from `ledger` (None: they live in the limiter alone)."""
     limits = settings.limits
     limiter: Limiter
     if redis is None:
@@ -97,6 +102,7 @@ def build_enforcer(settings: Settings, metrics: Metrics, redis: Redis | None) ->
         BreakerRegistry(BreakerConfig(**settings.breakers.model_dump()), on_change=on_breaker_change),
         RetryPolicy(**settings.retries.model_dump()),
         metrics,
+        ledger=ledger,
     )
 
 
@@ -123,8 +129,6 @@ def build_lifespan(
             tool_http = {private: http_tool_session(allow_private=private) for private in (False, True)}
             for session in tool_http.values():
                 stack.push_async_callback(session.close)
-            enforcer = build_enforcer(settings, metrics, redis)
-            stack.push_async_callback(enforcer.limiter.aclose)
             idempotency: IdempotencyStore = (
                 RedisIdempotencyStore(redis) if redis is not None else MemoryIdempotencyStore()
             )
@@ -140,6 +144,10 @@ def build_lifespan(
             if audit is not None:
                 await audit.start()
                 stack.push_async_callback(audit.stop)
+            # After the audit sink: budgets are seeded from the audit log, its unwritten rows included.
+            ledger = AuditLedger(session_maker, pending=audit.pending_cost) if audit is not None else None
+            enforcer = build_enforcer(settings, metrics, redis, ledger)
+            stack.push_async_callback(enforcer.limiter.aclose)
             resources = Resources(
                 settings=settings,
                 metrics=metrics,
