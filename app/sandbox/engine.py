@@ -1,4 +1,4 @@
-"""The loaded runtime: one Engine, the deserialized module, a linker with WASI and the guard, and the epoch ticker."""
+"""The loaded runtime: one Engine, the deserialized module, a linker with WASI and the guards, and the epoch ticker."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 
 from wasmtime import Engine, InstancePre, Linker, Module
 
+from app.sandbox.exits import ExitGuard
 from app.sandbox.guard import SleepGuard
 from app.sandbox.module_cache import engine_config
+from app.sandbox.quota import FileQuota
 
 
 class WasmRuntime:
@@ -22,9 +24,13 @@ class WasmRuntime:
         self.tick_s = tick_ms / 1000
         self.stopping = threading.Event()  # set at shutdown: no new runs, sleepers wake
         self.guard = SleepGuard(self.stopping)
+        self.exits = ExitGuard()
+        self.quota = FileQuota(self.engine)
         linker = Linker(self.engine)
         linker.define_wasi()
         self.guard.install(linker)
+        self.exits.install(linker)
+        self.quota.install(linker)
         # Imports are resolved once; each execution only instantiates (about 0.1 ms).
         self.pre: InstancePre = linker.instantiate_pre(module)
         self._longest_deadline = 0  # in ticks, for interrupt_all; updated from worker threads

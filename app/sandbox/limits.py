@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.errors import InvalidRequest
-from app.sandbox.settings import SandboxSettings
+from app.sandbox.settings import DEFAULT_MAX_OPEN_FILES, DEFAULT_MAX_WRITE_BYTES, SandboxSettings
 
 # Below the guest's initial 10 MiB of linear memory instantiation fails; 16 leaves room to start.
 MIN_MEMORY_MB = 16
@@ -21,6 +21,9 @@ class ExecutionLimits:
     fuel: int
     memory_mb: int
     output_bytes: int
+    # Not asked for per request: the deployment's settings decide them.
+    max_open_files: int = DEFAULT_MAX_OPEN_FILES
+    max_write_bytes: int = DEFAULT_MAX_WRITE_BYTES
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -31,6 +34,8 @@ class ExecutionLimits:
             raise ValueError(f"memory_mb must be at least {MIN_MEMORY_MB}")
         if self.output_bytes < 1:
             raise ValueError("output_bytes must be at least 1")
+        if self.max_open_files < 1 or self.max_write_bytes < 1:
+            raise ValueError("max_open_files and max_write_bytes must be at least 1")
 
     @property
     def memory_bytes(self) -> int:
@@ -82,6 +87,8 @@ def resolve_limits(
             fuel=int(values["fuel"]),
             memory_mb=int(values["memory_mb"]),
             output_bytes=int(values["output_bytes"]),
+            max_open_files=settings.max_open_files,
+            max_write_bytes=settings.max_write_bytes,
         )
     except ValueError as exc:
         raise InvalidRequest(f"invalid sandbox limits: {exc}") from None

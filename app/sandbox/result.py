@@ -12,7 +12,9 @@ Status = Literal[
     "sandbox_cpu_limit",  # fuel exhausted
     "sandbox_memory_limit",  # the linear-memory cap refused an allocation and the program died of it
     "sandbox_output_limit",  # stdout or stderr reached its cap; what came before is kept
-    "sandbox_workspace_limit",  # the session workspace outgrew its cap; this run's changes were undone
+    "sandbox_file_limit",  # the program tried to hold more than max_open_files open at once
+    "sandbox_disk_limit",  # the program tried to write past max_write_bytes (scratch and workspace together)
+    "sandbox_workspace_limit",  # the session workspace would outgrow its cap; this run's changes were undone
     "code_too_large",  # refused before running
 ]
 
@@ -20,7 +22,9 @@ Status = Literal[
 @dataclass(frozen=True, slots=True)
 class ExecutionResult:
     status: Status
-    exit_code: int | None  # None when the guest did not exit by itself (trap) or never ran
+    # The status the program exited with, as a signed 32-bit value (no truncation to a byte: 256 is
+    # 256); None when the guest did not exit by itself (a trap, a limit) or never ran.
+    exit_code: int | None
     stdout: str
     stderr: str
     stdout_truncated: bool = False

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MIB = 1024 * 1024
+DEFAULT_MAX_OPEN_FILES = 256
+DEFAULT_MAX_WRITE_BYTES = 64 * MIB
 
 
 class SandboxSettings(BaseModel):
@@ -31,6 +33,13 @@ class SandboxSettings(BaseModel):
     max_output_bytes: int = Field(8 * MIB, ge=1)
     # 1.3 MB of source costs the guest about 2 s and 170 MB just to compile.
     max_code_bytes: int = Field(200_000, ge=1)
+    # Every guest descriptor is a host descriptor, and the process has a limit for all of them.
+    max_open_files: int = Field(DEFAULT_MAX_OPEN_FILES, ge=1, description="Files one execution may hold open.")
+    max_write_bytes: int = Field(
+        DEFAULT_MAX_WRITE_BYTES,
+        ge=1,
+        description="Bytes one execution may write, scratch and workspace together (4 KiB per new entry).",
+    )
     session_workspace_mb: int = Field(50, ge=1)
     sessions_dir: Path = Path("var/sandbox-sessions")
     tick_ms: int = Field(10, ge=1, le=1000, description="Epoch ticker period: the timeout resolution.")
