@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import Self
 
 from app.enforcement.breaker import CircuitBreaker, classify
@@ -46,6 +47,9 @@ class ModelCall:
         self._recorded = False
         self._response: LLMResponse | None = None
         self._text_chunks = 0
+        # Completion tokens seen so far (an estimate per chunk), against an upstream that ignores max_tokens.
+        self._completion_seen = 0
+        self.cut_off = False  # the upstream went past max_tokens and was stopped
 
     def __aiter__(self) -> Self:
         return self
@@ -54,6 +58,9 @@ class ModelCall:
         try:
             if self._chunks is None:
                 chunk = await self._open()
+            elif self.cut_off:
+                await self._stop_reading()
+                raise StopAsyncIteration
             else:
                 chunk = await anext(self._chunks)
         except StopAsyncIteration:
@@ -67,7 +74,25 @@ class ModelCall:
             self._text_chunks += 1
             if self._text_chunks == 1 and self._ticket is not None and self._ticket.audit is not None:
                 self._ticket.audit.first_token()
+        if self.request.stream and self.request.max_tokens is not None:
+            self._count_completion(chunk, self.request.max_tokens)
         return chunk
+
+    def _count_completion(self, chunk: LLMChunk, max_tokens: int) -> None:
+        """Stop after the chunk that passes max_tokens: an upstream that ignores it cannot spend past
+        what was reserved by more than that one chunk (once 5.7x a budget)."""
+        seen = max(1, count_text_tokens(chunk.text)) if chunk.text else 0
+        for delta in chunk.tool_calls or ():
+            seen += count_text_tokens(delta.arguments)
+        self._completion_seen += seen
+        if self._completion_seen > max_tokens and chunk.finish_reason is None:
+            self.cut_off = True
+
+    async def _stop_reading(self) -> None:
+        # Closing the provider's stream closes its upstream connection, so the upstream stops too.
+        if self._chunks is not None:
+            await self._chunks.aclose()
+        self._builder.finish_reason = "length"
 
     def response(self) -> LLMResponse:
         """The whole response; only once the chunks are exhausted."""
@@ -91,6 +116,10 @@ class ModelCall:
         if ticket is not None:
             self._reservation = await ticket.reserve(self.route, self._prompt_estimate, self.request.max_tokens or 0)
             self._breaker = ticket.enforcer.breaker(self.route)
+        if ticket is not None and ticket.budgeted and not self.request.stream:
+            # Under a budget the upstream is always streamed (and folded into one response, as a
+            # non-streamed call is): a stream can be stopped at max_tokens, a finished body cannot.
+            self.request = replace(self.request, stream=True)
         attempt = 0
         while True:
             if self._breaker is not None:

@@ -173,6 +173,11 @@ class Ticket:
         self._slot = slot
         self._prepaid: Reservation | None = first
 
+    @property
+    def budgeted(self) -> bool:
+        """The key has a budget: its model calls must stop at what was reserved for them."""
+        return self._spec.budget_usd is not None
+
     async def reserve(self, route: ModelRoute, prompt_tokens: int, max_tokens: int) -> Reservation:
         """The reservation for one model call: the admission's for the first, a new one after."""
         if self._prepaid is not None:

@@ -187,6 +187,8 @@ async def _stream(
             for frame in _frames(meta, chunk):
                 yield frame
             chunk = await _next_before(call, deadline)
+        if call.cut_off:  # stopped at max_tokens: the upstream never sent its own finish_reason
+            yield meta.chunk([{"index": 0, "delta": {}, "finish_reason": "length"}])
         outcome = "completed"
         if include_usage:
             yield meta.chunk([], usage=_usage(call.response()))
