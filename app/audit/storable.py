@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any
 
 from sqlalchemy import String, TypeDecorator
@@ -25,18 +26,18 @@ def _text_limits() -> tuple[tuple[str, int | None], ...]:
 
 
 TEXT_LIMITS = _text_limits()
+_LIMITS = tuple((name, sys.maxsize if limit is None else limit) for name, limit in TEXT_LIMITS)
 
 
 def storable(row: dict[str, Any]) -> dict[str, Any]:
     """The row with each text value cleaned of NUL and lone surrogates (U+FFFD instead) and cut to its column."""
-    for name, limit in TEXT_LIMITS:
+    for name, limit in _LIMITS:
         value = row.get(name)
-        if not isinstance(value, str):
+        if value is None:
             continue
         # Fast path: an ASCII string can only hold a NUL, and `in` finds one with memchr.
-        if not value.isascii() or "\x00" in value:
-            value = _UNSTORABLE.sub(REPLACEMENT, value)
-        elif limit is None or len(value) <= limit:
+        if type(value) is str and len(value) <= limit and value.isascii() and "\x00" not in value:
             continue
-        row[name] = value if limit is None else value[:limit]
+        if isinstance(value, str):
+            row[name] = _UNSTORABLE.sub(REPLACEMENT, value)[:limit]
     return row
