@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from app.audit.context import AuditContext
+from app.audit.dead_letter import row_fault
 from app.audit.journal import encode
 from app.audit.sink import AuditSink
 from app.config import AuditSettings, DatabaseSettings
@@ -147,3 +148,26 @@ async def test_rows_an_old_journal_holds_are_cleaned_or_dead_lettered_at_start(
     assert sink.dead_lettered == 1 and sink.last_dead_letter is not None
     assert sink.last_dead_letter.startswith("request left-bad: ")
     assert not list(journal.glob("segment-*.jsonl"))
+
+
+class DriverError(Exception):
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"sqlstate {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+def wrapped(cause: BaseException) -> Exception:
+    """As SQLAlchemy raises it: its own error, the driver's as the cause."""
+    error = RuntimeError("(driver error)")
+    error.__cause__ = cause
+    return error
+
+
+def test_only_what_the_rows_hold_counts_as_their_fault() -> None:
+    for state in ("22001", "22021", "22003", "23502"):  # too long, bad byte, out of range, not null
+        assert row_fault(wrapped(DriverError(state))) == f"DriverError: sqlstate {state}"
+    for state in ("08006", "57P01", "53100", "40001", "42P01", "42501"):  # connection, shutdown, disk, ..., schema
+        assert row_fault(wrapped(DriverError(state))) is None
+    assert row_fault(wrapped(OverflowError("int too large"))) == "OverflowError: int too large"
+    assert row_fault(ConnectionRefusedError(111, "refused")) is None
+    assert row_fault(TimeoutError()) is None

@@ -166,9 +166,10 @@ async def test_pending_cost_counts_rows_until_they_are_committed(tmp_path: Path,
         assert sink.pending_cost(7) == Decimal("0.250000001")
         assert sink.pending_cost(8) == Decimal(1) and sink.pending_cost(9) == 0
     finally:
-        await sink.stop()  # writes them
+        await sink.stop()  # writes them to the database, not just to disk
     assert sorted(await request_ids(engine)) == ["a", "b", "c", "d"]
     assert sink.pending_cost(7) == 0 and sink.pending_cost(8) == 0
+    assert not list((tmp_path / "journal").iterdir())  # segments and owner lock gone: nothing to replay
 
 
 async def test_rows_beyond_the_queue_are_read_back_from_the_journal_in_order(
@@ -221,7 +222,9 @@ async def test_submit_never_fsyncs_and_the_writer_does_in_a_thread(
         await sink.stop()
 
 
-async def test_rows_the_journal_cannot_take_still_reach_the_database(tmp_path: Path, engine: AsyncEngine) -> None:
+async def test_rows_the_journal_cannot_take_still_reach_the_database(
+    tmp_path: Path, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     metrics = Metrics()
@@ -239,6 +242,7 @@ async def test_rows_the_journal_cannot_take_still_reach_the_database(tmp_path: P
         await until(in_database)
     finally:
         await sink.stop()
+    assert "unjournaled-1" in caplog.text and "unjournaled-2" in caplog.text  # named while at risk
 
 
 async def test_a_row_sqlite_cannot_store_is_dead_lettered_and_the_others_are_written(
