@@ -28,7 +28,7 @@ from app.sandbox import (
     resolve_limits,
 )
 from app.sandbox.module_cache import artifact_path
-from app.sandbox.workspace import ENTRY_COST
+from app.sandbox.workspace import ENTRY_COST, remove_tree
 
 MIB = 1024 * 1024
 # Generous: this VM's second core comes and goes, and timing asserts must not flake.
@@ -509,12 +509,15 @@ def watch_disk(root: Path) -> Iterator[dict[str, int]]:
 
 
 @pytest.fixture
-def scratch_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def scratch_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Where this test's runs make their workdirs, so that a watcher sees only them."""
     root = tmp_path / "scratch"
     root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(root))
-    return root
+    yield root
+    # A workdir left behind may be too deep for pytest's own rmtree of old temporary directories.
+    for leftover in root.iterdir():
+        remove_tree(leftover)
 
 
 async def test_a_200_mb_file_stops_at_max_write_bytes_sandbox_disk_limit(sandbox: Sandbox, scratch_root: Path) -> None:
@@ -683,3 +686,39 @@ async def test_deleting_or_rewriting_in_the_workspace_gives_the_room_back_ok(san
     results = [await sandbox.execute(code, limits(), session_dir=session) for code in (churn, rewrite)]
     assert [(r.status, r.stdout) for r in results] == [("ok", "ok\n"), ("ok", "ok\n")]
     assert [p.name for p in session.iterdir()] == ["kept"] and (session / "kept").read_bytes()[:1] == b"r"
+
+
+NEST = (
+    "import os\nfd = os.open({top!r}, os.O_RDONLY)\nfor _ in range({depth}):\n    os.mkdir('d', dir_fd=fd)\n"
+    "    deeper = os.open('d', os.O_RDONLY, dir_fd=fd)\n    os.close(fd)\n    fd = deeper\n"
+    "os.close(os.open('bottom', os.O_CREAT | os.O_WRONLY, dir_fd=fd))\nprint('nested')"
+)
+
+
+async def test_directories_nested_past_the_recursion_limit_and_path_max_are_removed_ok(
+    sandbox: Sandbox, scratch_root: Path
+) -> None:
+    """3,000 levels, each made relative to the last: the workdir still goes (no recursion, no long paths)."""
+    result = await sandbox.execute(NEST.format(top="/", depth=3000), limits())
+    assert (result.status, result.stdout) == ("ok", "nested\n")
+    assert list(scratch_root.iterdir()) == []
+
+
+async def test_a_deep_workspace_is_measured_and_rolled_back_sandbox_workspace_limit(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    """1,200 levels (4.9 MB of entries) fit an 8 MiB workspace; a second tree as deep would not, and is removed."""
+    sandbox = Sandbox(settings_for(cache_dir, tmp_path, session_workspace_mb=8))
+    await sandbox.start()
+    session = sandbox.session_dir("deep")
+    try:
+        first = await sandbox.execute(NEST.format(top="/workspace", depth=1200), limits(), session_dir=session)
+        code = "import os\nos.mkdir('/workspace/e')\n" + NEST.format(top="/workspace/e", depth=1200)
+        second = await sandbox.execute(code, limits(), session_dir=session)
+        listing = await sandbox.execute("import os\nprint(os.listdir('/workspace'))", limits(), session_dir=session)
+    finally:
+        await sandbox.close()
+        remove_tree(session)  # too deep for pytest's own rmtree of old temporary directories
+    assert (first.status, first.stdout) == ("ok", "nested\n")
+    assert second.status == "sandbox_workspace_limit" and second.stdout == ""
+    assert (listing.status, listing.stdout) == ("ok", "['d']\n")

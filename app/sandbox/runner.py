@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from app.sandbox.errors import SandboxUnavailable
 from app.sandbox.limits import ExecutionLimits
 from app.sandbox.quota import FileLedger
 from app.sandbox.result import ExecutionResult, Status
-from app.sandbox.workspace import roll_back, scan
+from app.sandbox.workspace import remove_tree, roll_back, scan
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +87,7 @@ def run_execution(
         (workdir / "main.py").write_bytes(source)
         outcome = _run_guest(runtime, workdir, limits, ledger, stdout, stderr)
     finally:
-        # rmtree never follows the symlinks a guest may have left pointing outside.
-        shutil.rmtree(workdir, onerror=_log_cleanup_error)
+        _remove_workdir(workdir)
     workspace_exceeded = False
     # The quota stops a run at the cap; the scan afterwards is the backstop for anything it missed.
     if session_dir is not None and (
@@ -222,5 +220,10 @@ def _died_of_memory(outcome: _Outcome, stderr: _CappedSink) -> bool:
     return last.startswith("MemoryError") or (outcome.trap is not None and outcome.memory_at_cap)
 
 
-def _log_cleanup_error(_function: object, path: str, _excinfo: object) -> None:
-    log.warning("sandbox workdir cleanup failed for %s", path)
+def _remove_workdir(workdir: Path) -> None:
+    # remove_tree never follows the symlinks a guest may have left pointing outside, and copes with
+    # any depth of directories; a failure is logged, not raised: the run's outcome stands.
+    try:
+        remove_tree(workdir)
+    except OSError:
+        log.warning("sandbox workdir cleanup failed for %s", workdir, exc_info=True)
