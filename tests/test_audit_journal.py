@@ -272,3 +272,33 @@ async def test_a_row_sqlite_cannot_store_is_dead_lettered_and_the_others_are_wri
     [letters] = (tmp_path / "journal-dead-letter").glob("dead-letter-*.jsonl")
     assert "too-big" in letters.read_text() and "OverflowError" in letters.read_text()
     assert metrics.registry.get_sample_value("pacemaker_audit_rows_dead_lettered_total") == 1
+
+
+async def test_start_does_not_wait_long_for_a_database_that_does_not_answer(tmp_path: Path) -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # accepts, never answers: a database behind a dead network path
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    (journal_dir / f"segment-{1:020d}-1-000001.jsonl").write_bytes(encode(row("waits")))
+    engine = create_engine(DatabaseSettings(url=f"postgresql+asyncpg://postgres@127.0.0.1:{port}/none"))
+    sink = AuditSink(
+        engine, settings(tmp_path, startup_replay_timeout_s=0.5, write_timeout_s=30, shutdown_timeout_s=0.5), Metrics()
+    )
+    started = asyncio.get_running_loop().time()
+    try:
+        await sink.start()
+        assert asyncio.get_running_loop().time() - started < 3
+    finally:
+        await sink.stop()
+        await engine.dispose()
+        for writer in accepted:
+            writer.close()
+        listener.close()
+        await listener.wait_closed()
+    [left] = journal_dir.glob("segment-*.jsonl")  # still on disk, for the next start
+    assert b'"waits"' in left.read_bytes()
