@@ -390,10 +390,12 @@ class AuditSink:
 
     def _database_failed(self, exc: Exception) -> None:
         if self.database_ok:
+            # The first line only: SQLAlchemy's next ones list every parameter of the batch (prompts too).
+            first = (str(exc).strip().splitlines() or [""])[0][:500]
             log.warning(
                 "audit: database write failed (%s: %s); rows wait in the journal at %s until it answers",
                 type(exc).__name__,
-                exc,
+                first,
                 self.journal.directory,
             )
         self.database_ok = False
