@@ -10,20 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from wasmtime import (
-    Caller,
-    Engine,
-    Func,
-    FuncType,
-    Instance,
-    Limits,
-    Linker,
-    Memory,
-    MemoryType,
-    Module,
-    Store,
-    ValType,
-)
+from wasmtime import Caller, Engine, Func, FuncType, Linker, Memory, Module, Store, ValType
 
 from app.sandbox.hostcall import EndRun, RawArgs, RawFunc, RawMemory, define_raw, new_trap
 from app.sandbox.result import Status
@@ -45,8 +32,8 @@ _U64_MASK = (1 << 64) - 1
 # preopens the scratch directory first and the session workspace second.
 SCRATCH_FD, WORKSPACE_FD = 3, 4
 
-# What the shim forwards, by name: parameter kinds ("i" i32, "I" i64); each returns an errno.
-# The first group is shadowed on the guest's linker; the probes only read state for the quota.
+# Shadowed on the guest's linker, and forwarded to WASI's own through the forwarding shim, by
+# name: parameter kinds ("i" i32, "I" i64); each returns an errno.
 _SHADOWED = {
     "path_open": "iiiiiIIii",  # dirfd, lookupflags, path, path_len, oflags, rights, inheriting, fdflags, out fd
     "fd_close": "i",
@@ -63,26 +50,27 @@ _SHADOWED = {
     "path_unlink_file": "iii",
     "path_remove_directory": "iii",
 }
+# What the quota asks for itself, through the probe shim, whose results land in its own page.
 _PROBES = {"fd_filestat_get": "ii", "fd_tell": "ii", "path_filestat_get": "iiiii"}
-_SHIM_FUNCS = {**_SHADOWED, **_PROBES}
-_PROBE_PATH_AT = 64  # probe memory: results at 0, a copied path from here to the end of the page
+_PROBE_PATH_AT = 64  # in the probe page: results at 0, a copied path from here to the end
 _PROBE_PAGE = 65536
 
 
-def _shim_wat() -> str:
-    """A module that calls WASI's own functions with an imported memory it re-exports as "memory".
+def _shim_wat(functions: dict[str, str], own_memory: bool) -> str:
+    """A module whose exports call WASI's own functions, so that they find a "memory" to work on.
 
-    WASI functions reach the guest's memory through their caller's "memory" export, and a call made
-    from the host has no caller instance ("missing required memory export"). Called through this
-    shim, they see the shim's: the guest's memory for forwarded calls, a page of our own for probes.
+    WASI functions reach memory through their caller's "memory" export, and a call made from the
+    host has no caller instance ("missing required memory export"). Called through a shim, they
+    use the shim's: the guest's memory, imported and re-exported, for forwarded calls; one page of
+    its own for probes (that shim has no imports but WASI's, so it is pre-instantiated).
     """
     kinds = {"i": "i32", "I": "i64"}
-    lines = ['(module (import "env" "memory" (memory 0))']
-    for name, params in _SHIM_FUNCS.items():
+    lines = ["(module", "" if own_memory else '(import "env" "memory" (memory 0))']
+    for name, params in functions.items():
         types = " ".join(kinds[kind] for kind in params)
         lines.append(f'(import "{_MODULE}" "{name}" (func ${name} (param {types}) (result i32)))')
-    lines.append('(export "memory" (memory 0))')
-    for name, params in _SHIM_FUNCS.items():
+    lines.append('(memory (export "memory") 1 1)' if own_memory else '(export "memory" (memory 0))')
+    for name, params in functions.items():
         types = " ".join(kinds[kind] for kind in params)
         body = " ".join(f"local.get {index}" for index in range(len(params)))
         lines.append(f'(func (export "{name}") (param {types}) (result i32) {body} call ${name})')
@@ -235,10 +223,12 @@ class FileQuota:
     def __init__(self, engine: Engine) -> None:
         self._local = threading.local()  # a run executes wholly on one worker thread
         self._callbacks: list[object] = []
-        # A few hundred bytes of wasm: compiling it here costs about 5 ms and 7 MiB once.
-        self._shim = Module(engine, _shim_wat())
-        self._wasi = Linker(engine)  # WASI's own functions, for the shim's imports
-        self._wasi.define_wasi()
+        self._engine = engine
+        # A few hundred bytes of wasm each: compiling them here costs about 5 ms and 7 MiB once.
+        self._forwarding = Module(engine, _shim_wat(_SHADOWED, own_memory=False))
+        wasi = Linker(engine)
+        wasi.define_wasi()
+        self._probing = wasi.instantiate_pre(Module(engine, _shim_wat(_PROBES, own_memory=True)))
 
     def install(self, linker: Linker) -> None:
         linker.allow_shadowing = True
@@ -252,10 +242,15 @@ class FileQuota:
         ledger.handles[SCRATCH_FD] = _Handle(in_workspace=False, opened=False)
         if ledger.workspace is not None:
             ledger.handles[WORKSPACE_FD] = _Handle(in_workspace=True, opened=False)
-        imports = [self._wasi.get(store, _MODULE, name) for name in _SHIM_FUNCS]
-        probe_memory = Memory(store, MemoryType(Limits(1, 1)))
-        forwarding = Instance(store, self._shim, [memory, *imports]).exports(store)
-        probing = Instance(store, self._shim, [probe_memory, *imports]).exports(store)
+        # The guest's memory is the store's own, so this shim is linked per run: about 0.15 ms.
+        linker = Linker(self._engine)
+        linker.define_wasi()
+        linker.define(store, "env", "memory", memory)
+        forwarding = linker.instantiate(store, self._forwarding).exports(store)
+        probing = self._probing.instantiate(store).exports(store)
+        probe_memory = probing["memory"]
+        if not isinstance(probe_memory, Memory):
+            raise TypeError("the probe shim exports its memory")
         self._local.run = _Run(
             ledger,
             memory,
