@@ -31,6 +31,12 @@ class EndRun(Exception):
         self.trap = trap
 
 
+def cause(error: WasmtimeError) -> str:
+    """The line of a wasmtime error that says what went wrong (its last; a backtrace comes first)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def new_trap(message: str) -> int:
     """A fresh trap, owned by whoever receives it: returned from a host function, wasmtime takes it."""
     data = message.encode()
@@ -116,7 +122,7 @@ class RawFunc:
         trap = _TrapPointer()
         error = ffi.wasmtime_func_call_unchecked(caller._context(), self._ref, args, len(args), ctypes.byref(trap))
         if error:
-            raise EndRun(new_trap(str(WasmtimeError._from_ptr(error)).splitlines()[0]))
+            raise EndRun(new_trap(cause(WasmtimeError._from_ptr(error))))
         if trap:
             raise EndRun(ctypes.cast(trap, ctypes.c_void_p).value or 0)
         result: int = args[0].i32

@@ -12,6 +12,7 @@ from wasmtime import Func, Memory, Store, Trap, TrapCode, WasiConfig, WasmtimeEr
 
 from app.sandbox.engine import WasmRuntime
 from app.sandbox.errors import SandboxUnavailable
+from app.sandbox.hostcall import cause
 from app.sandbox.limits import ExecutionLimits
 from app.sandbox.quota import FileLedger
 from app.sandbox.result import ExecutionResult, Status
@@ -57,7 +58,7 @@ class _Outcome:
     trap: TrapCode | None
     memory_at_cap: bool
     fuel_left: int
-    runtime_error: str | None = None  # a WasmtimeError that ended the guest: its first line
+    runtime_error: str | None = None  # what a WasmtimeError that ended the guest says went wrong
 
 
 def run_execution(
@@ -150,7 +151,7 @@ def _run_guest(
                 except WasmtimeError as exc:
                     # What the runtime refuses mid-run is the program's failure, not ours. The guards'
                     # own traps (an exit, a limit) come back this way too, and say so below.
-                    runtime_error = str(exc).strip().splitlines()[-1].strip()
+                    runtime_error = cause(exc)
         if exit_record.status is not None:
             exit_code, trap, runtime_error = exit_record.status, None, None  # proc_exit's way out
         elif ledger.verdict is not None:
