@@ -24,8 +24,8 @@ class AuditLedger:
     async def spent(self, key_id: int, since: datetime | None) -> Decimal:
         async with self._session_maker() as session:
             spent = await AuditRepository(session).spent_since(key_id, since)
-        # Read after the database, in the same turn of the loop as the query's answer: a batch the
-        # writer commits at that very moment is the only one that can be missed or counted twice.
-        if self._pending is not None:
-            spent += self._pending(key_id)
+            # In the same turn of the loop as the query's answer (not after the session's close):
+            # only a batch the writer commits at that very moment can be missed or counted twice.
+            if self._pending is not None:
+                spent += self._pending(key_id)
         return spent
