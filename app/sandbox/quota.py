@@ -18,7 +18,7 @@ from app.sandbox.workspace import ENTRY_COST, scan
 
 _MODULE = "wasi_snapshot_preview1"
 # WASI preview1 values (wasi_snapshot_preview1 witx).
-_SUCCESS, _FAULT, _INVAL, _NOENT, _XDEV = 0, 21, 28, 44, 75
+_SUCCESS, _FAULT, _INVAL, _XDEV = 0, 21, 28, 75
 _OFLAGS_CREAT, _OFLAGS_TRUNC = 1, 8
 _FDFLAGS_APPEND = 1
 _FILETYPE_REGULAR = 4
