@@ -171,3 +171,22 @@ def test_only_what_the_rows_hold_counts_as_their_fault() -> None:
     assert row_fault(wrapped(OverflowError("int too large"))) == "OverflowError: int too large"
     assert row_fault(ConnectionRefusedError(111, "refused")) is None
     assert row_fault(TimeoutError()) is None
+
+
+async def test_readiness_reports_dead_lettered_rows_and_still_serves(tmp_path: Path, database_url: str) -> None:
+    """A row set aside is the operator's to look at: readiness names it, and stays 200."""
+    config = server_config(tmp_path, None, database={"url": database_url})
+    journal = Path(config["audit"]["spool_dir"])
+    journal.mkdir(parents=True)
+    left = [row("left-good"), row("left-bad", http_status=2**40)]
+    (journal / f"segment-{1:020d}-1-000001.jsonl").write_bytes(b"".join(encode(r) for r in left))
+    server = start_pacemaker(tmp_path, config)
+    try:
+        async with server.client() as http:
+            ready = await http.get("/health/ready")
+    finally:
+        server.process.stop()
+    assert ready.status_code == 200, ready.text
+    body = ready.json()
+    assert body["status"] == "ready"
+    assert body["checks"]["audit_dead_letters"].startswith("1 rows set aside; last: request left-bad: ")

@@ -69,7 +69,7 @@ async def live() -> dict[str, str]:
 async def ready(resources: ResourcesDep) -> JSONResponse:
     """200 `ready`, 200 `degraded` (serving, with a dependency down that the design absorbs), or 503.
 
-    A database outage is absorbed (audit rows spool to disk, cached keys keep working), and so is
+    A database outage is absorbed (audit rows wait on disk, cached keys keep working), and so is
     Redis under fail_open; if readiness failed on them, every replica would leave the load balancer
     at once and a short outage would become a full one. 503 means this instance itself cannot
     serve: rate limits fail closed with Redis down, or audit rows cannot be kept on disk.
@@ -78,25 +78,27 @@ async def ready(resources: ResourcesDep) -> JSONResponse:
     fatal: list[str] = []
     degraded: list[str] = []
 
-    def report(name: str, outcome: str, *, down: str | None = None) -> None:
+    def report(name: str, outcome: str, when_down: list[str]) -> None:
         checks[name] = outcome
-        if outcome != "ok" and down is not None:
-            (fatal if down == "fatal" else degraded).append(name)
+        if outcome != "ok":
+            when_down.append(name)
 
-    report("database", await _check_database(resources), down="degraded")
+    report("database", await _check_database(resources), degraded)
     if resources.redis is not None:
         fail_closed = resources.settings.limits.redis_failure_policy == "fail_closed"
-        report("redis", await _check_redis(resources), down="fatal" if fail_closed else "degraded")
+        report("redis", await _check_redis(resources), fatal if fail_closed else degraded)
     if resources.audit is not None:
         audit = resources.audit
         if audit.spool_error is not None:
-            report("audit", f"error: rows cannot be kept on disk ({audit.spool_error})", down="fatal")
+            report("audit", f"error: rows cannot be kept on disk ({audit.spool_error})", fatal)
         else:
-            report("audit", "ok" if audit.database_ok else "spooling", down="degraded")
-    open_breakers = [
-        name for name, state in resources.enforcer.breakers.states().items() if state != BreakerState.CLOSED
-    ]
-    report("breakers", "ok" if not open_breakers else "open: " + ", ".join(sorted(open_breakers)), down="degraded")
+            report("audit", "ok" if audit.database_ok else "spooling", degraded)
+        if audit.dead_lettered:
+            # Rows the database can never take were set aside: serving goes on, the operator should look.
+            checks["audit_dead_letters"] = f"{audit.dead_lettered} rows set aside; last: {audit.last_dead_letter}"
+    breakers = resources.enforcer.breakers.states()
+    tripped = sorted(name for name, state in breakers.items() if state is not BreakerState.CLOSED)
+    report("breakers", "open: " + ", ".join(tripped) if tripped else "ok", degraded)
     status = "unavailable" if fatal else "degraded" if degraded else "ready"
     return JSONResponse({"status": status, "checks": checks}, status_code=503 if fatal else 200)
 
