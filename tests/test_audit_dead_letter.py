@@ -18,11 +18,11 @@ import httpx
 import pytest
 
 from app.audit.context import AuditContext
-from app.audit.dead_letter import row_fault
 from app.audit.journal import encode
 from app.audit.sink import AuditSink
 from app.config import AuditSettings, DatabaseSettings
 from app.db import create_engine, migrate
+from app.durable.dead_letter import row_fault
 from app.observability.metrics import Metrics
 from tests.support import fresh_postgres_database, server_config, start_pacemaker
 

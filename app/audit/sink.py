@@ -1,55 +1,42 @@
-"""The audit sink: journals each row on submit and writes the rows to the database in batches, in the background."""
+"""The audit sink: a durable writer (app/durable/) of audit_record rows, keeping the cost of those not yet written."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql import Executable
 
-from app.audit.dead_letter import DeadLetters, row_fault
-from app.audit.journal import Journal, Line, Segment, encode
 from app.audit.models import AuditRecord
-from app.audit.storable import storable
 from app.config import AuditSettings
+from app.durable.kind import RowKind
+from app.durable.metrics import WriterMetrics
+from app.durable.writer import DurableWriter
 from app.observability.metrics import Metrics
-
-log = logging.getLogger(__name__)
 
 _TABLE = AuditRecord.__table__  # type: ignore[attr-defined]
 _ZERO = Decimal(0)
-# How often the writer looks for segments of processes that died while this one runs.
-LEFTOVER_SCAN_S = 10.0
-# The final fsync at shutdown is not waited for longer than this (a disk that hangs).
-FINAL_SYNC_TIMEOUT_S = 5.0
-
-# A row, its journal segment (None: the journal could not take it) and the offset just after it there.
-Entry = tuple[dict[str, Any], Segment | None, int]
 
 
-def default_dead_letter_dir(spool_dir: Path) -> Path:
-    return spool_dir.with_name(spool_dir.name + "-dead-letter")
+def _insert(dialect: str) -> Executable:
+    # Insert-or-ignore on the server-made record_uid: a batch written twice never duplicates.
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(_TABLE).on_conflict_do_nothing(index_elements=["record_uid"])
 
 
-class AuditSink:
+AUDIT_ROWS = RowKind(name="audit", table=_TABLE, insert=_insert, noun="request", id_field="request_id")
+
+
+class AuditSink(DurableWriter):
     """Takes a row per request without waiting; a background writer gets every one into the database.
 
-    submit() makes the row storable, appends it to the journal (one write(2): a process crash keeps
-    it) and queues it. The writer inserts batches (by size or interval) with insert-or-ignore on each
-    row's record_uid, fsyncs the journal in a thread once per interval, and removes segments once
-    their rows are in. A batch the database refuses for a row's content is split until the bad rows
-    are found; they go to the dead-letter directory and the others are written. When the database
-    is down the writer keeps the rows and retries; when memory is full it stops queueing and reads
-    rows back from the journal in order, so nothing overtakes. Rows left on disk by processes that are
-    gone are replayed by start() before it returns (bounded), and by the writer after.
+    Everything but the cost is DurableWriter's (journal on submit, batches, dead letters, replay at
+    start). pending_cost() is what budget seeds add to the log's sums: the rows of this process
+    that are not in the database yet.
     """
 
     def __init__(
@@ -60,416 +47,32 @@ class AuditSink:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._engine = engine
-        self._settings = settings
-        self._metrics = metrics
-        self._clock = clock
-        self.journal = Journal(settings.spool_dir, clock=clock)
-        self.dead_letters = DeadLetters(settings.dead_letter_dir or default_dead_letter_dir(settings.spool_dir))
-        # For readiness: is the database taking writes; rows dead-lettered by this process, and the last one's story.
-        self.database_ok = True
-        self.dead_lettered = 0
-        self.last_dead_letter: str | None = None
-        self._append_error: str | None = None
-        self._append_failure = ""  # the last one, for the log line that names the rows it hit
-        self._sync_error: str | None = None
-        self._queue: deque[Entry] = deque()
-        self._behind = False  # memory let go of journaled rows: the writer reads them back from disk
-        self._purge = False  # ... and the queue still holds some of those it must drop
-        self._in_hand: list[Entry] = []  # the batch being written
-        self._unwritten = 0  # rows submitted here and not yet in the database (or dead-lettered)
-        self._pending: dict[int, Decimal] = {}  # their cost, per key
-        self._unjournaled: list[str] = []  # request ids the journal refused, for the next log line
-        self._leftovers: list[Path] = []  # segments of earlier processes, to replay oldest first
-        self._claimed: Segment | None = None  # the one being replayed
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
-        self._stopping = False
-        self._closed = False
-        self._next_flush = 0.0
-        self._next_sync = 0.0
-        self._next_scan = 0.0
-        self._insert_statement = _insert_statement(engine)
-
-    @property
-    def spool_error(self) -> str | None:
-        """Why rows cannot be kept on disk at the moment (None: they can)."""
-        return self._append_error or self._sync_error
-
-    @property
-    def queue_depth(self) -> int:
-        """Rows submitted here that are not in the database yet, in memory or only on disk."""
-        return self._unwritten
+        writer_metrics = WriterMetrics(
+            queue_depth=metrics.audit_queue_depth,
+            flush_seconds=metrics.audit_flush_seconds,
+            rows_written=metrics.audit_rows_written,
+            rows_spooled=metrics.audit_rows_spooled,
+            rows_replayed=metrics.audit_rows_replayed,
+            spool_errors=metrics.audit_spool_errors,
+            rows_dead_lettered=metrics.audit_rows_dead_lettered,
+        )
+        super().__init__(engine, settings, AUDIT_ROWS, writer_metrics, clock=clock)
+        self._pending: dict[int, Decimal] = {}  # the cost of rows submitted here and not yet committed, per key
 
     def pending_cost(self, key_id: int) -> Decimal:
         """The summed cost_usd of this key's rows submitted here and not yet committed to the database."""
         return self._pending.get(key_id, _ZERO)
 
-    # --- the request path: never waits, never fsyncs -----------------------------------------
-
-    def submit(self, row: dict[str, Any]) -> None:
-        row = storable(row)
-        segment, end = self._journal(row)
-        if self._closed:  # after shutdown no writer is left: the next start replays it
-            self._after_close(segment)
-            return
-        self._unwritten += 1
+    def _pending_add(self, row: dict[str, Any]) -> None:
         key, cost = row.get("api_key_id"), row.get("cost_usd")
         if key is not None and isinstance(cost, Decimal) and cost:
             self._pending[key] = self._pending.get(key, _ZERO) + cost
-        if segment is not None and self._behind:
-            self._metrics.audit_rows_spooled.inc()  # the writer reads it back from the journal
-            return
-        if len(self._queue) >= self._settings.queue_size:
-            if segment is None:
-                self._lose([(row, None, 0)], "the queue is full and the journal cannot be written")
-                return
-            self._behind = self._purge = True
-            self._metrics.audit_rows_spooled.inc()
-            return
-        self._queue.append((row, segment, end))
-        if len(self._queue) >= self._settings.batch_size:
-            self._wake.set()
 
-    def _journal(self, row: dict[str, Any]) -> tuple[Segment | None, int]:
-        try:
-            placed = self.journal.append(encode(row))
-        except (OSError, TypeError) as exc:  # TypeError: a value JSON cannot carry
-            self._append_error = self._append_failure = f"{type(exc).__name__}: {exc}"
-            self._metrics.audit_spool_errors.inc()
-            self._unjournaled.append(str(row.get("request_id")))
-            if self._writer is None:  # no writer to report it soon
-                self._report_unjournaled()
-            return None, 0
-        if self._append_error is not None:
-            log.info("audit: the journal at %s takes rows again", self.journal.directory)
-            self._append_error = None
-        return placed
-
-    def _after_close(self, segment: Segment | None) -> None:
-        if segment is None:
-            return  # reported by _journal as lost
-        try:
-            self.journal.sync_now()
-        except OSError as exc:
-            log.error("audit: cannot fsync the journal after shutdown (%s)", exc)
-
-    # --- start and stop -----------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Replay the rows earlier processes left in the journal (within a bound), then start the writer."""
-        try:
-            self._leftovers = self.journal.leftovers()
-        except OSError as exc:
-            log.error("audit: cannot look for rows left in the journal at %s (%s)", self.journal.directory, exc)
-        if self._leftovers:
-            count = len(self._leftovers)
-            try:
-                async with asyncio.timeout(self._settings.startup_replay_timeout_s):
-                    while self._leftovers or self._claimed:
-                        if not await self._replay_leftover():
-                            break
-            except TimeoutError:
-                pass
-            except Exception:  # the server starts anyway; the writer tries again
-                log.exception("audit: replaying the journal at start failed")
-            if self._leftovers or self._claimed:
-                log.warning(
-                    "audit: %d of %d journal segments left by earlier processes wait for the database; the writer"
-                    " replays them",
-                    len(self._leftovers) + (self._claimed is not None),
-                    count,
-                )
+    def _pending_remove(self, row: dict[str, Any]) -> None:
+        key, cost = row.get("api_key_id"), row.get("cost_usd")
+        if key is not None and isinstance(cost, Decimal) and cost:
+            left = self._pending.get(key, _ZERO) - cost
+            if left:
+                self._pending[key] = left
             else:
-                log.info("audit: replayed %d journal segments left by earlier processes", count)
-        self._writer = asyncio.create_task(self._run(), name="audit-writer")
-
-    async def stop(self) -> None:
-        """Write this process's rows to the database within the shutdown timeout; what is left stays on disk."""
-        self._stopping = True
-        self._stop.set()
-        self._wake.set()
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            try:
-                async with asyncio.timeout(self._settings.shutdown_timeout_s):
-                    await asyncio.shield(writer)
-            except TimeoutError:
-                writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await writer
-            except Exception:
-                log.exception("audit: the writer had failed")
-        self._closed = True
-        if self._unjournaled:
-            self._report_unjournaled()
-        # Rows memory holds and the journal does not: one more try, or they are lost (and named).
-        for row, segment, _ in [*self._in_hand, *self._queue]:
-            if segment is None:
-                self._journal(row)
-        self._queue.clear()
-        self._in_hand = []
-        left = len(self._leftovers)
-        if self._claimed is not None:
-            self.journal.release(self._claimed)  # the next start takes it up again
-            self._claimed = None
-            left += 1
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(FINAL_SYNC_TIMEOUT_S):
-                await self.journal.synced(self._synced)
-        left += self.journal.close()
-        if left:
-            log.warning(
-                "audit: %d journal segments at %s hold rows the database has not taken; the next start replays them",
-                left,
-                self.journal.directory,
-            )
-
-    # --- the writer ---------------------------------------------------------------------------
-
-    async def _run(self) -> None:
-        while True:
-            await self._wait()
-            try:
-                self._housekeeping()
-                progressed = await self._step()
-            except Exception:  # the writer must outlive any one failure (a journal it cannot read, say)
-                log.exception("audit: the writer failed; trying again")
-                progressed = False
-            if self._stopping and (not progressed or not (self._queue or self._behind)):
-                return  # done, or the database does not answer: the rows are on disk
-            if progressed:
-                await asyncio.sleep(0)  # whatever the step did, the loop gets a turn
-            else:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._settings.retry_interval_s):
-                        await self._stop.wait()
-
-    async def _wait(self) -> None:
-        """Until a batch is full or the flush interval ends; not at all while rows wait on disk or at shutdown."""
-        busy = self._behind or self._leftovers or self._claimed is not None
-        if not (self._stopping or busy or len(self._queue) >= self._settings.batch_size):
-            delay = self._next_flush - self._clock()
-            if delay > 0:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._wake.wait()
-        if self._clock() >= self._next_flush:
-            self._next_flush = self._clock() + self._settings.flush_interval_s
-
-    def _housekeeping(self) -> None:
-        now = self._clock()
-        if self._unjournaled:
-            self._report_unjournaled()
-        self.journal.maintain(seal_by_age=self.database_ok)
-        self._metrics.audit_queue_depth.set(self._unwritten)
-        if now >= self._next_sync:
-            self._next_sync = now + self._settings.flush_interval_s
-            self.journal.sync_soon(self._synced)
-        if now >= self._next_scan and not self._stopping:
-            self._next_scan = now + LEFTOVER_SCAN_S
-            try:
-                found = self.journal.leftovers()  # a process sharing the directory died meanwhile
-            except OSError as exc:
-                log.warning("audit: cannot look for rows left in the journal (%s)", exc)
-                found = []
-            self._leftovers += [path for path in found if path not in self._leftovers]
-
-    async def _step(self) -> bool:
-        """One batch towards the database; False when the database does not take it."""
-        if (self._leftovers or self._claimed is not None) and not self._stopping:
-            return await self._replay_leftover()
-        if self._behind:
-            return await self._catch_up()
-        return await self._write_queue()
-
-    async def _write_queue(self) -> bool:
-        queue = self._queue
-        if not queue:
-            return True
-        batch = [queue.popleft() for _ in range(min(self._settings.batch_size, len(queue)))]
-        self._in_hand = batch  # if shutdown cuts the write off, stop() still sees these
-        done = await self._write(batch, own=True, replayed=False)
-        self._in_hand = []
-        if done == len(batch):
-            return True
-        rest = batch[done:]
-        if self._behind:  # those on disk are read back from there, in order
-            rest = [entry for entry in rest if entry[1] is None]
-        queue.extendleft(reversed(rest))
-        return False
-
-    async def _catch_up(self) -> bool:
-        """One batch of this process's rows that only the journal holds now, oldest first."""
-        if self._purge:
-            self._purge = False
-            kept = deque(entry for entry in self._queue if entry[1] is None)
-            self._metrics.audit_rows_spooled.inc(len(self._queue) - len(kept))
-            self._queue = kept
-        segment = self.journal.own_unwritten()
-        if segment is None:
-            self._behind = False  # memory holds every row from here on
-            log.info("audit: the writer caught up with the journal")
-            return await self._write_queue()
-        lines = self.journal.read(segment, self._settings.batch_size)
-        if not lines:  # cut short under us (by hand?): what it held is gone
-            lost = segment.rows - segment.rows_done
-            log.error("audit: journal segment %s ends early: %d rows lost", segment.path, lost)
-            self._unwritten -= lost
-            segment.committed = segment.written
-            return True
-        return await self._write_lines(segment, lines, own=True)
-
-    async def _replay_leftover(self) -> bool:
-        """One batch of the oldest segment an earlier process left; False when the database does not take it."""
-        segment = self._claimed
-        if segment is None:
-            path = self._leftovers.pop(0)
-            try:
-                segment = self.journal.open_claimed(path)
-            except FileNotFoundError:
-                return True  # removed by hand meanwhile: nothing to replay
-            self._claimed = segment
-            log.info("audit: replaying %s (%d bytes) left by an earlier process", path.name, segment.written)
-        lines = self.journal.read(segment, self._settings.batch_size)
-        if not lines:
-            self.journal.remove(segment)
-            self._claimed = None
-            return True
-        return await self._write_lines(segment, lines, own=False)
-
-    async def _write_lines(self, segment: Segment, lines: list[Line], *, own: bool) -> bool:
-        batch: list[Entry] = []
-        for line in lines:
-            if line.row is not None:
-                batch.append((storable(line.row), segment, line.end))  # rows of older versions too
-                continue
-            if batch and await self._write(batch, own=own, replayed=True) < len(batch):
-                return False
-            batch = []
-            if line.raw:
-                await self._dead_letter((line.raw, segment, line.end), "unreadable journal line", own=own)
-            else:
-                segment.committed = line.end  # a torn last line: the crash came before its row was whole
-        return not batch or await self._write(batch, own=own, replayed=True) == len(batch)
-
-    async def _write(self, batch: list[Entry], *, own: bool, replayed: bool) -> int:
-        """Insert the rows in order; how many of them (a prefix) are done: in the database, or dead-lettered."""
-        try:
-            await self._insert([entry[0] for entry in batch])
-        except Exception as exc:
-            reason = row_fault(exc)
-            if reason is None:
-                self._database_failed(exc)
-                return 0
-            if len(batch) == 1:
-                await self._dead_letter(batch[0], reason, own=own)
-                return 1
-            # Halves, in order: the rows that are fine are written, and the bad ones found.
-            middle = len(batch) // 2
-            done = await self._write(batch[:middle], own=own, replayed=replayed)
-            if done < middle:
-                return done
-            return middle + await self._write(batch[middle:], own=own, replayed=replayed)
-        if not self.database_ok:
-            log.info("audit: the database takes writes again")
-            self.database_ok = True
-        self._metrics.audit_rows_written.inc(len(batch))
-        if replayed:
-            self._metrics.audit_rows_replayed.inc(len(batch))
-        self._settle(batch, own=own)
-        return len(batch)
-
-    async def _insert(self, rows: list[dict[str, Any]]) -> None:
-        started = time.perf_counter()
-        async with asyncio.timeout(self._settings.write_timeout_s), self._engine.begin() as connection:
-            await connection.execute(self._insert_statement, rows)
-        self._metrics.audit_flush_seconds.observe(time.perf_counter() - started)
-
-    def _database_failed(self, exc: Exception) -> None:
-        if self.database_ok:
-            # The first line only: SQLAlchemy's next ones list every parameter of the batch (prompts too).
-            first = (str(exc).strip().splitlines() or [""])[0][:500]
-            log.warning(
-                "audit: database write failed (%s: %s); rows wait in the journal at %s until it answers",
-                type(exc).__name__,
-                first,
-                self.journal.directory,
-            )
-        self.database_ok = False
-
-    async def _dead_letter(
-        self, entry: tuple[dict[str, Any] | bytes, Segment | None, int], reason: str, *, own: bool
-    ) -> None:
-        content, segment, end = entry
-        request_id = content.get("request_id") if isinstance(content, dict) else None
-        try:
-            where = str(await asyncio.to_thread(self.dead_letters.write, [(content, reason)]))
-        except Exception as exc:  # the log is the only place left for it: all of it
-            where = f"nowhere ({type(exc).__name__}: {exc}); the row is {content!r}"
-            self._metrics.audit_spool_errors.inc()
-        log.error(
-            "audit: the database refuses the row of request %s (%s); dead-lettered to %s", request_id, reason, where
-        )
-        self.dead_lettered += 1
-        self.last_dead_letter = f"request {request_id}: {reason}"
-        self._metrics.audit_rows_dead_lettered.inc()
-        if isinstance(content, dict):
-            self._settle([(content, segment, end)], own=own)
-        elif segment is not None:
-            segment.committed = end
-            segment.rows_done += 1
-            if own:
-                self._unwritten -= 1
-
-    def _settle(self, entries: list[Entry], *, own: bool) -> None:
-        """These rows are done with: their journal offsets move past them, and (ours) they are no longer pending."""
-        for row, segment, end in entries:
-            if segment is not None:
-                segment.committed = end
-                segment.rows_done += 1
-            if own:
-                key, cost = row.get("api_key_id"), row.get("cost_usd")
-                if key is not None and isinstance(cost, Decimal) and cost:
-                    left = self._pending.get(key, _ZERO) - cost
-                    if left:
-                        self._pending[key] = left
-                    else:
-                        self._pending.pop(key, None)
-        if own:
-            self._unwritten -= len(entries)
-
-    def _lose(self, entries: list[Entry], why: str) -> None:
-        # Never silent: the rows are named in the log, the only place left to keep them.
-        log.error("audit: %d rows lost (%s): %s", len(entries), why, [entry[0].get("request_id") for entry in entries])
-        self._settle(entries, own=True)
-
-    def _report_unjournaled(self) -> None:
-        ids, self._unjournaled = self._unjournaled, []
-        if self._closed:
-            log.error("audit: cannot write the journal after shutdown (%s); rows lost: %s", self._append_failure, ids)
-        else:
-            log.error(
-                "audit: cannot write the journal at %s (%s); %d rows are kept in memory only until the database"
-                " takes them: %s",
-                self.journal.directory,
-                self._append_failure,
-                len(ids),
-                ids,
-            )
-
-    def _synced(self, failure: BaseException | None) -> None:
-        if failure is None:
-            self._sync_error = None
-            return
-        if self._sync_error is None:
-            log.error("audit: cannot fsync the journal at %s (%s)", self.journal.directory, failure)
-        self._sync_error = f"fsync: {type(failure).__name__}: {failure}"
-        self._metrics.audit_spool_errors.inc()
-
-
-def _insert_statement(engine: AsyncEngine) -> Any:
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    return dialect.insert(_TABLE).on_conflict_do_nothing(index_elements=["record_uid"])
+                self._pending.pop(key, None)

@@ -1,4 +1,4 @@
-"""Dead letters: audit rows the database refuses for what they hold, kept as JSON lines, and the rule that tells."""
+"""Dead letters: rows the database refuses for what they hold, kept as JSON lines, and the rule that tells."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from app.audit.journal import encode, fsync_directory
+from app.durable.journal import encode, fsync_directory
 
 
 class DeadLetters:
