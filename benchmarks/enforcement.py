@@ -1,6 +1,6 @@
 """Benchmark the latency the enforcement chain adds to a request: in-process limits, Redis, and off.
 
-    .venv/bin/python -m benchmarks.enforcement [--requests 20000] [--seconds 5] [--rounds 3] [--profile]
+    .venv/bin/python -m benchmarks.enforcement [--requests 20000] [--seconds 5] [--rounds 3] [--profile] [--smoke]
 
 Part A (in process, the precise figure). Real Enforcer objects, built by app.lifespan.build_enforcer
 from a Settings of app.config.load_settings, run the chain one request goes through on the
@@ -34,7 +34,10 @@ Both parts check that the Redis variant really ran on Redis (its key's budget is
 backend error, the ResilientLimiter not degraded) and delete their Redis keys. Child processes are
 stopped on every exit, also on an error, Ctrl-C, SIGTERM or SIGHUP.
 
-Everything printed on stdout is markdown, ready for the README; progress goes to stderr.
+--smoke runs both parts and the profile with the smallest counts and durations, unpinned (seconds;
+figures mean nothing). Either way the exit status is 1 if a request failed, a row is missing or a
+figure could not be computed. Everything printed on stdout is markdown, ready for the README;
+progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import asyncio
 import contextlib
 import cProfile
 import gc
+import itertools
 import json
 import math
 import os
@@ -55,7 +59,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -65,8 +68,6 @@ from typing import Any
 import aiohttp
 import orjson
 import psutil
-import uvloop
-import yaml
 from redis.asyncio import Redis
 
 from app.auth.principal import KeyLimits, Principal
@@ -82,14 +83,23 @@ from benchmarks.harness import (
     HOST,
     ROOT,
     Child,
-    child_env,
+    can_pin,
     clean_up,
-    free_port,
+    exit_status,
+    fmt,
     log,
+    new_loop,
+    not_finite,
     pacemaker_cli,
-    pin,
+    percentile,
+    pin_under_test,
+    serve_pacemaker,
+    start_fake_upstream,
     terminate_on_sigterm,
+    verdict,
+    write_config,
 )
+from benchmarks.loadgen import Window, closed_loop, first_request
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 MODEL = "fake-model"
@@ -112,10 +122,6 @@ MAX_CONCURRENCY = 1000
 TARGET_ADDED_P50_MS = {"memory": 0.5, "redis": 1.0}
 
 E2E_CONCURRENCY = (1, 32)
-E2E_WARMUP_S = 1.0
-REQUEST_TIMEOUT_S = 30.0
-SERVER_CPU = 0
-LOAD_CPU = 1
 E2E_BODY = orjson.dumps(
     {
         "model": MODEL,
@@ -129,19 +135,8 @@ E2E_BODY = orjson.dumps(
 )
 
 
-def fmt(value: float, digits: int = 1) -> str:
-    return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
-
-
 def signed(value: float, digits: int = 1) -> str:
     return "n/a" if math.isnan(value) else f"{value:+,.{digits}f}"
-
-
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """Nearest rank, of an already sorted sequence."""
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 @dataclass
@@ -289,7 +284,7 @@ class InProcess:
     profiles: dict[str, str]
 
 
-async def part_a(requests: int, rounds: int, profile: bool) -> InProcess:
+async def part_a(requests: int, rounds: int, profile_requests: int) -> InProcess:
     for name in [v for v in os.environ if v.startswith("PACEMAKER_")]:
         del os.environ[name]  # this process only: a developer's config must not change the figures
     key_id = 2**40 + secrets.randbelow(2**40)  # fresh Redis keys, shared with no other run or test
@@ -353,11 +348,9 @@ async def part_a(requests: int, rounds: int, profile: bool) -> InProcess:
                 raise RuntimeError(f"{name}: requests were refused")
 
         profiles: dict[str, str] = {}
-        if profile:
-            for name in ("memory", "redis"):
-                n = max(2000, requests // 4)
-                log(f"part A: cProfile of {name}, {n} sequential requests")
-                profiles[name] = await profile_chain(chains[name], n)
+        for name in ("memory", "redis") if profile_requests else ():
+            log(f"part A: cProfile of {name}, {profile_requests} sequential requests")
+            profiles[name] = await profile_chain(chains[name], profile_requests)
         await memory.limiter.aclose()
         await shared.limiter.aclose()
         return InProcess(chains, labels, sequential, concurrent, checks, profiles)
@@ -432,9 +425,9 @@ def render_part_a(result: InProcess, requests: int, rounds: int) -> str:
     ]
     for name, sample in seq.items():
         lines.append(
-            f"| {labels[name]} | {fmt(sample.us(50))} | {fmt(sample.us(99))} | {fmt(sample.mean_us)}"
+            f"| {labels[name]} | {fmt(sample.us(50), 1)} | {fmt(sample.us(99), 1)} | {fmt(sample.mean_us, 1)}"
             f" | {signed(sample.us(50) - off_seq.us(50))} | {signed(sample.us(99) - off_seq.us(99))}"
-            f" | {signed(sample.mean_us - off_seq.mean_us)} | {' / '.join(fmt(x) for x in sample.round_p50_us)} |"
+            f" | {signed(sample.mean_us - off_seq.mean_us)} | {' / '.join(fmt(x, 1) for x in sample.round_p50_us)} |"
         )
     lines += [
         "",
@@ -447,8 +440,8 @@ def render_part_a(result: InProcess, requests: int, rounds: int) -> str:
     for name, sample in conc.items():
         per_request = 1e6 / sample.rps
         lines.append(
-            f"| {labels[name]} | {fmt(sample.rps, 0)} | {fmt(per_request)} | {fmt(sample.us(50))}"
-            f" | {fmt(sample.us(99))} | {signed(per_request - 1e6 / off_conc.rps)}"
+            f"| {labels[name]} | {fmt(sample.rps, 0)} | {fmt(per_request, 1)} | {fmt(sample.us(50), 1)}"
+            f" | {fmt(sample.us(99), 1)} | {signed(per_request - 1e6 / off_conc.rps)}"
             f" | {signed(sample.us(50) - off_conc.us(50))} | {signed(sample.us(99) - off_conc.us(99))} |"
         )
     lines += ["", *(f"Check: {check}." for check in result.checks), ""]
@@ -493,14 +486,6 @@ class Server:
     key_id: int
 
 
-def start_fake_upstream(workdir: Path, children: list[Child]) -> Child:
-    port = free_port()
-    args = [sys.executable, "-m", "tests.fakes.upstream", "--port", str(port)]
-    children.append(child := Child("fake upstream", args, child_env(), workdir / "fake-upstream.log", port))
-    child.wait_for_port()
-    return child
-
-
 def start_server(spec: ServerSpec, workdir: Path, upstream_port: int, children: list[Child]) -> Server:
     """`pacemaker serve` configured like tests/support.py's server_config, with a key that is never refused."""
     workdir.mkdir(parents=True)
@@ -529,47 +514,22 @@ def start_server(spec: ServerSpec, workdir: Path, upstream_port: int, children: 
         },
         "limits": spec.limits,
     }
-    config_path = workdir / "pacemaker.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    env = child_env(PACEMAKER_CONFIG=str(config_path))
-
-    def cli(*args: str) -> str:
-        return pacemaker_cli(env, *args)
-
-    cli("migrate")
-    created = json.loads(cli("keys", "create", "--name", f"bench-{spec.key}", "--json", *spec.key_args))
+    env = write_config(workdir / "pacemaker.yaml", config)
+    pacemaker_cli(env, "migrate")
+    created = json.loads(pacemaker_cli(env, "keys", "create", "--name", f"bench-{spec.key}", "--json", *spec.key_args))
     # A fresh random key id: the Redis limiter keys by id, and this run must share no Redis key with
     # another run or a test server (whose databases also start at id 1). The database is ours alone.
     key_id = 2**40 + secrets.randbelow(2**40)
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("UPDATE api_key SET id = ? WHERE id = ?", (key_id, created["id"]))
-    port = free_port()
-    args = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
-    children.append(child := Child(f"pacemaker ({spec.key})", args, env, workdir / "pacemaker.log", port))
-    child.wait_for_port()
+    child = serve_pacemaker(f"pacemaker ({spec.key})", env, workdir / "pacemaker.log", children)
     return Server(spec, child, created["key"], key_id)
 
 
-@dataclass
-class Run:
+@dataclass(kw_only=True)
+class Run(Window):
     server: str
     concurrency: int
-    latencies_ms: list[float] = field(default_factory=list)
-    window_s: float = 0.0
-    server_cpu_s: float = 0.0
-    other_cpu_s: float = 0.0
-    errors: Counter[str] = field(default_factory=Counter)
-
-    def ms(self, q: float) -> float:
-        return percentile(sorted(self.latencies_ms), q)
-
-    @property
-    def rps(self) -> float:
-        return len(self.latencies_ms) / self.window_s if self.window_s else float("nan")
-
-    @property
-    def cpu_ms_per_request(self) -> float:
-        return self.server_cpu_s * 1000 / len(self.latencies_ms) if self.latencies_ms else float("nan")
 
     @property
     def other_cpu_percent(self) -> float:
@@ -591,11 +551,11 @@ class Row:
 
     @property
     def p50(self) -> float:
-        return self.median(lambda run: run.ms(50))
+        return self.median(lambda run: run.percentile(50))
 
     @property
     def p99(self) -> float:
-        return self.median(lambda run: run.ms(99))
+        return self.median(lambda run: run.percentile(99))
 
     @property
     def rps(self) -> float:
@@ -603,75 +563,27 @@ class Row:
 
     @property
     def cpu(self) -> float:
-        return self.median(lambda run: run.cpu_ms_per_request)
+        return self.median(lambda run: run.server_cpu_ms_per_request)
 
 
-def _machine_busy() -> float:
-    cpu = psutil.cpu_times()
-    busy = cpu.user + cpu.nice + cpu.system
-    return busy + getattr(cpu, "irq", 0) + getattr(cpu, "softirq", 0) + getattr(cpu, "steal", 0)
+def e2e_valid(status: int, body: bytes) -> bool:
+    return status == 200 and b'"choices"' in body
 
 
-async def drive(server: Server, concurrency: int, seconds: float, children: Sequence[Child]) -> Run:
+async def drive(server: Server, concurrency: int, warmup_s: float, seconds: float, children: Sequence[Child]) -> Run:
     """Closed loop: `concurrency` workers back to back; requests completed inside the window count."""
     url = f"http://{HOST}:{server.child.port}{PATH}"
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {server.api_key}"}
-    run = Run(server.spec.key, concurrency)
-    begin = time.perf_counter()
-    window_start, window_end = begin + E2E_WARMUP_S, begin + E2E_WARMUP_S + seconds
-    finished: list[tuple[float, float]] = []
-    marks: list[tuple[float, float, float, float]] = []  # (at, server CPU, all our CPU, machine busy)
-
-    def mark() -> None:
-        me = psutil.Process().cpu_times()
-        ours = me.user + me.system + sum(c.cpu_seconds() for c in children if c.popen.poll() is None)
-        marks.append((time.perf_counter(), server.child.cpu_seconds(), ours, _machine_busy()))
-
-    async def sampler() -> None:
-        await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
-        mark()
-        await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
-        mark()
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, skip_auto_headers=["User-Agent"]) as http:
-
-        async def worker() -> None:
-            while (started := time.perf_counter()) < window_end:
-                ok = False
-                try:
-                    async with http.post(url, data=E2E_BODY, headers=headers) as response:
-                        body = await response.read()
-                        ok = response.status == 200 and b'"choices"' in body
-                        if not ok:
-                            run.errors[f"HTTP {response.status}: {body[:160]!r}"] += 1
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    run.errors[f"{type(exc).__name__}: {exc}"[:200]] += 1
-                    await asyncio.sleep(0.01)  # a refused connection must not spin
-                if ok:
-                    done = time.perf_counter()
-                    finished.append((done, (done - started) * 1000))
-
-        await asyncio.gather(sampler(), *(worker() for _ in range(concurrency)))
-
-    (t0, server0, ours0, busy0), (t1, server1, ours1, busy1) = marks
-    run.window_s = t1 - t0
-    run.latencies_ms = [ms for done, ms in finished if t0 <= done <= t1]
-    run.server_cpu_s = server1 - server0
-    run.other_cpu_s = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-    return run
+    run = Run(server=server.spec.key, concurrency=concurrency)
+    return await closed_loop(
+        run, url, E2E_BODY, headers, e2e_valid, concurrency, warmup_s, seconds, server.child, children
+    )
 
 
-async def smoke(server: Server) -> None:
+async def probe(server: Server) -> None:
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {server.api_key}"}
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as http,
-        http.post(f"http://{HOST}:{server.child.port}{PATH}", data=E2E_BODY, headers=headers) as response,
-    ):
-        body = await response.read()
-        if response.status != 200:
-            raise RuntimeError(f"{server.child.name}: HTTP {response.status} {body[:300]!r}\n{server.child.output()}")
+    url = f"http://{HOST}:{server.child.port}{PATH}"
+    await first_request(server.child.name, url, E2E_BODY, headers, e2e_valid, server.child)
 
 
 async def redis_spent(key_id: int) -> float | None:
@@ -687,8 +599,9 @@ async def redis_spent(key_id: int) -> float | None:
 
 
 def part_b(
-    runner: asyncio.Runner, seconds: float, rounds: int, pinning: bool, children: list[Child], workdir: Path
+    runner: asyncio.Runner, args: argparse.Namespace, pinning: bool, children: list[Child], workdir: Path
 ) -> tuple[dict[tuple[str, int], Row], list[str]]:
+    rounds = args.rounds
     fake = start_fake_upstream(workdir, children)
     servers: list[Server] = []
     try:
@@ -696,20 +609,18 @@ def part_b(
             log(f"part B: starting pacemaker ({spec.key})")
             servers.append(start_server(spec, workdir / spec.key, fake.port, children))
         for server in servers:
-            runner.run(smoke(server))
+            runner.run(probe(server))
         rows: dict[tuple[str, int], Row] = {}
         for round_no in range(1, rounds + 1):
             for concurrency in E2E_CONCURRENCY:
                 for server in servers:
                     if pinning:
-                        for child in children:
-                            pin(child.popen.pid, {SERVER_CPU} if child is server.child else {LOAD_CPU})
-                        pin(os.getpid(), {LOAD_CPU})
-                    run = runner.run(drive(server, concurrency, seconds, children))
+                        pin_under_test(server.child, children)
+                    run = runner.run(drive(server, concurrency, args.warmup, args.seconds, children))
                     rows.setdefault((server.spec.key, concurrency), Row()).rounds.append(run)
                     log(
                         f"part B round {round_no}/{rounds} c={concurrency:<3} {server.spec.key:7}"
-                        f" {run.rps:,.0f} req/s, p50 {run.ms(50):.2f} ms, p99 {run.ms(99):.2f} ms,"
+                        f" {run.rps:,.0f} req/s, p50 {run.percentile(50):.2f} ms, p99 {run.percentile(99):.2f} ms,"
                         f" {sum(run.errors.values())} errors"
                     )
         checks = []
@@ -732,9 +643,7 @@ def part_b(
                     runner.run(redis_spent(server.key_id))
 
 
-def render_part_b(
-    rows: dict[tuple[str, int], Row], checks: list[str], seconds: float, rounds: int, pinning: bool
-) -> str:
+def render_part_b(rows: dict[tuple[str, int], Row], checks: list[str], args: argparse.Namespace, pinning: bool) -> str:
     cpus = psutil.cpu_count()
     placement = (
         "server under test pinned to CPU 0; load generator, fake upstream and idle servers to CPU 1"
@@ -746,7 +655,7 @@ def render_part_b(
         "### B. End to end: non-stream POST /v1/chat/completions through the fake upstream",
         "",
         f"Three `pacemaker serve` (one worker, SQLite) started together and driven one at a time, in turns;"
-        f" {rounds} round(s) of {E2E_WARMUP_S:g} s warm-up + {seconds:g} s measured per row; every figure is"
+        f" {args.rounds} round(s) of {args.warmup:g} s warm-up + {args.seconds:g} s measured per row; every figure is"
         f" the median of the rounds' figures; {cpus} CPUs, {placement}; closed-loop aiohttp client on uvloop;"
         f" max_tokens {MAX_TOKENS}; 12-token answers. Δ = server - off.",
         "",
@@ -763,7 +672,7 @@ def render_part_b(
                 f"| {concurrency} | {labels[spec.key]} | {fmt(row.rps, 0)} | {fmt(row.p50, 2)} | {fmt(row.p99, 2)}"
                 f" | {fmt(row.cpu, 3)} | {signed(100 * (row.rps / off.rps - 1))} | {signed(row.p50 - off.p50, 2)}"
                 f" | {signed(row.p99 - off.p99, 2)} | {signed(row.cpu - off.cpu, 3)}"
-                f" | {row.all(lambda run: run.ms(50), 2)} | {row.all(lambda run: run.other_cpu_percent, 0)}"
+                f" | {row.all(lambda run: run.percentile(50), 2)} | {row.all(lambda run: run.other_cpu_percent, 0)}"
                 f" | {errors} |"
             )
     lines += [
@@ -797,43 +706,68 @@ def render_targets(part: InProcess | None, rows: dict[tuple[str, int], Row] | No
             added = (part.sequential[name].us(50) - part.sequential["off"].us(50)) / 1000
             lines.append(
                 f"| added p50, {what}, in process, sequential | {added:.3f} ms | <= {limit} ms"
-                f" | {'met' if added <= limit else '**missed**'} |"
+                f" | {verdict(added <= limit)} |"
             )
         if rows is not None:
             added = rows[(name, 1)].p50 - rows[("off", 1)].p50
             lines.append(
                 f"| added p50, {what}, end to end, c=1 (noisier) | {added:.3f} ms | <= {limit} ms"
-                f" | {'met' if added <= limit else '**missed**'} |"
+                f" | {verdict(added <= limit)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def problems(part: InProcess | None, rows: dict[tuple[str, int], Row] | None, rounds: int) -> list[str]:
+    """What makes the figures meaningless: a request failed, a row is missing, a figure could not be computed."""
+    found = []
+    if part is not None:
+        for mode, samples in (("sequential", part.sequential), ("concurrent", part.concurrent)):
+            for name, sample in samples.items():
+                figures = {"p50": sample.us(50), "p99": sample.us(99), "mean": sample.mean_us, "req/s": sample.rps}
+                found += [f"part A, {name}, {mode}: {figure} could not be computed" for figure in not_finite(figures)]
+    for spec, concurrency in itertools.product(SERVERS, E2E_CONCURRENCY) if rows is not None else ():
+        runs = rows[(spec.key, concurrency)].rounds if (spec.key, concurrency) in rows else []
+        label = f"part B, {spec.key}, c={concurrency}"
+        if len(runs) != rounds:
+            found.append(f"{label}: {len(runs)} of {rounds} rounds measured")
+        found += [problem for i, run in enumerate(runs, 1) for problem in run.problems(f"{label}, round {i}")]
+    return found
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000, help="part A: requests per variant and mode")
     parser.add_argument("--seconds", type=float, default=5.0, help="part B: measured seconds per row (default 5)")
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="part B: unmeasured seconds before each row (default 1)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="variants take turns this many times (default 3)")
     parser.add_argument("--parts", default="ab", choices=["a", "b", "ab"], help="which parts to run (default ab)")
     parser.add_argument("--profile", action="store_true", help="part A: add a cProfile of the memory and redis chains")
     parser.add_argument("--no-pin", action="store_true", help="part B: do not pin processes to CPUs")
     parser.add_argument("--keep", action="store_true", help="part B: keep the temporary directory (logs, databases)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: every part and the profile, briefly, unpinned")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.requests, args.rounds, args.seconds, args.warmup, args.no_pin, args.profile = 1000, 1, 0.5, 0.2, True, True
     if not (1_000 <= args.requests <= 2_000_000 and 0.5 <= args.seconds <= 120 and 1 <= args.rounds <= 10):
         parser.error("--requests must be in [1000, 2000000], --seconds in [0.5, 120], --rounds in [1, 10]")
+    if not 0 <= args.warmup <= 60:
+        parser.error("--warmup must be in [0, 60]")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     command = " ".join([".venv/bin/python -m benchmarks.enforcement", *(sys.argv[1:] if argv is None else argv)])
-    cpus = os.sched_getaffinity(0)
-    pinning = not args.no_pin and {SERVER_CPU, LOAD_CPU} <= cpus
+    pinning = can_pin(args.no_pin)
     workdir = Path(tempfile.mkdtemp(prefix="pacemaker-enforcement-bench-"))
     children: list[Child] = []
     part: InProcess | None = None
     rows: dict[tuple[str, int], Row] | None = None
+    failures: list[str] = []
     try:
-        with terminate_on_sigterm(), asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        with terminate_on_sigterm(), asyncio.Runner(loop_factory=new_loop) as runner:
             load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
             print(f"## Enforcement overhead\n\n`{command}`\n")
             print(
@@ -841,11 +775,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f" Redis at {REDIS_URL}; load average before the run {load}.\n"
             )
             if "a" in args.parts:
-                part = runner.run(part_a(args.requests, args.rounds, args.profile))
+                profile_requests = (200 if args.smoke else max(2000, args.requests // 4)) if args.profile else 0
+                part = runner.run(part_a(args.requests, args.rounds, profile_requests))
                 print(render_part_a(part, args.requests, args.rounds))
             if "b" in args.parts:
-                rows, checks = part_b(runner, args.seconds, args.rounds, pinning, children, workdir)
-                print(render_part_b(rows, checks, args.seconds, args.rounds, pinning))
+                rows, checks = part_b(runner, args, pinning, children, workdir)
+                print(render_part_b(rows, checks, args, pinning))
+            failures += problems(part, rows, args.rounds)
             print(render_targets(part, rows))
             if part is not None and part.profiles:
                 for name, table in part.profiles.items():
@@ -855,7 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         clean_up(children, workdir, keep=args.keep)
-    return 0
+    return exit_status(failures)
 
 
 if __name__ == "__main__":
