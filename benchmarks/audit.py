@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import math
 import os
 import platform
@@ -49,8 +48,6 @@ import asyncpg
 import orjson
 import psutil
 import sqlalchemy
-import uvloop
-import yaml
 from sqlalchemy import text
 
 from app.audit.context import AuditContext
@@ -61,13 +58,22 @@ from app.observability.metrics import Metrics
 from benchmarks.harness import (
     HOST,
     Child,
-    child_env,
+    can_pin,
     clean_up,
-    free_port,
+    exit_status,
+    fmt,
     log,
+    machine_busy,
+    new_loop,
+    own_cpu,
     pacemaker_cli,
-    pin,
+    percentile,
+    pin_under_test,
+    serve_pacemaker,
     terminate_on_sigterm,
+    verdict,
+    wait_for_quiet_machine,
+    write_config,
 )
 
 PG_HOSTPORT = "127.0.0.1:5432"
@@ -79,12 +85,8 @@ INTERVAL_S = 1 / RATE
 QUERY = "Summarise the main risks of moving a billing service from MySQL to PostgreSQL, in a few sentences."
 REQUEST_TIMEOUT_S = 10.0  # no request may hold a run longer than this
 STOP_TIMEOUT_S = 45.0  # uvicorn's graceful shutdown (30 s) plus the audit flush
-SERVER_CPU = 0  # when pinning: the server under test
-LOAD_CPU = 1  # when pinning: this process (the load generator)
 TARGET_ROWS_PER_S = 20_000
 TARGET_ADDED_P50_MS = 0.5
-WAIT_POLL_S = 20.0
-WAIT_MAX_S = 600.0
 SUBMIT_SAMPLE = 20_000  # rows timed through submit() alone
 
 
@@ -142,35 +144,6 @@ async def server_facts() -> dict[str, str]:
         await connection.close()
 
 
-def other_benchmarks() -> list[str]:
-    """Command lines of `python -m benchmarks.*` processes other than this one (and its parents, children)."""
-    me = psutil.Process()
-    ours = {me.pid} | {p.pid for p in me.parents()} | {p.pid for p in me.children(recursive=True)}
-    found = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if process.info["pid"] in ours or not cmdline or not Path(cmdline[0]).name.startswith("python"):
-            continue
-        if any(a == "-m" and b.startswith("benchmarks.") for a, b in itertools.pairwise(cmdline)):
-            found.append(f"{process.info['pid']}: {' '.join(cmdline)[:160]}")
-    return found
-
-
-def wait_for_quiet_machine() -> None:
-    deadline = time.monotonic() + WAIT_MAX_S
-    while busy := other_benchmarks():
-        if time.monotonic() >= deadline:
-            log(f"another benchmark still runs after {WAIT_MAX_S:.0f} s; measuring anyway (figures may suffer)")
-            return
-        log(f"waiting for another benchmark to finish (every {WAIT_POLL_S:.0f} s): {'; '.join(busy)}")
-        time.sleep(WAIT_POLL_S)
-
-
-def _busy(times: Any) -> float:
-    total = times.user + times.nice + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
-    return float(total + getattr(times, "steal", 0.0))
-
-
 def postgres_cpu() -> dict[int, float]:
     """CPU seconds so far of every PostgreSQL process on this machine, by pid."""
     seconds = {}
@@ -193,30 +166,25 @@ class CpuWindow:
     _start: tuple[float, dict[int, float], float, float] | None = None
 
     def start(self) -> None:
-        mine = psutil.Process().cpu_times()
-        self._start = (mine.user + mine.system, postgres_cpu(), _busy(psutil.cpu_times()), time.perf_counter())
+        self._start = (own_cpu(), postgres_cpu(), machine_busy(), time.perf_counter())
 
     def stop(self, our_pids: Sequence[int] = ()) -> None:
         assert self._start is not None
         me0, pg0, machine0, wall0 = self._start
-        mine = psutil.Process().cpu_times()
+        me1 = own_cpu()
         pg1 = postgres_cpu()
         self.wall = time.perf_counter() - wall0
-        self.me = mine.user + mine.system - me0
+        self.me = me1 - me0
         self.pg_all = sum(now - pg0.get(pid, 0.0) for pid, now in pg1.items())
         if our_pids:
             self.pg_ours = sum(pg1[pid] - pg0.get(pid, 0.0) for pid in our_pids if pid in pg1)
-        self.machine = _busy(psutil.cpu_times()) - machine0
+        self.machine = machine_busy() - machine0
 
 
 async def backend_pids(pg: asyncpg.Connection, database: str) -> list[int]:
     """The server processes working for one database (its client backends, autovacuum workers)."""
     rows = await pg.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", database)
     return [int(row["pid"]) for row in rows]
-
-
-def new_loop() -> asyncio.AbstractEventLoop:
-    return uvloop.new_event_loop()  # as under `pacemaker serve`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,24 +398,12 @@ def prepare_variant(workdir: Path, database: str, audit: bool) -> Variant:
         "providers": {"simulated": {"kind": "simulated", "tokens_per_second": 0}},
         "models": {name: {"provider": "simulated"} for name in ("sim-small", "sim-medium", "sim-large")},
     }
-    config_path = workdir / f"pacemaker-{label}.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    variant = Variant(audit, database, child_env(PACEMAKER_CONFIG=str(config_path)))
+    variant = Variant(audit, database, write_config(workdir / f"pacemaker-{label}.yaml", config))
     # tpm 2*10^9, not the 10^12 one might pick: api_key.tpm is an INTEGER column, and PostgreSQL refuses more.
     limits = ["--rpm", "100000000", "--tpm", "2000000000", "--max-concurrency", "10000"]
     created = pacemaker_cli(variant.env, "keys", "create", "--name", f"bench-{label}", "--json", *limits)
     variant.key = orjson.loads(created)["key"]
     return variant
-
-
-def start_server(workdir: Path, variant: Variant, children: list[Child]) -> Child:
-    port = free_port()
-    args = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
-    log_path = workdir / f"server-{variant.label}.log"
-    child = Child(f"pacemaker (audit {variant.label})", args, variant.env, log_path, port)
-    children.append(child)
-    child.wait_for_port()
-    return child
 
 
 @dataclass
@@ -480,10 +436,7 @@ class LoadRun:
         return self.scheduled / self.window_s if self.window_s else float("nan")
 
     def percentile(self, q: float, values: Sequence[float] | None = None) -> float:
-        ordered = sorted(self.latencies_ms if values is None else values)
-        if not ordered:
-            return float("nan")
-        return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]  # nearest rank
+        return percentile(sorted(self.latencies_ms if values is None else values), q)
 
 
 @dataclass
@@ -617,11 +570,11 @@ async def check_rows(database: str, run: LoadRun) -> RowsCheck:
 def run_latency(
     runner: asyncio.Runner, workdir: Path, variant: Variant, pair: int, args: argparse.Namespace, children: list[Child]
 ) -> LoadRun:
-    server = start_server(workdir, variant, children)
+    name, log_path = f"pacemaker (audit {variant.label})", workdir / f"server-{variant.label}.log"
+    server = serve_pacemaker(name, variant.env, log_path, children)
     try:
         if args.pinning:
-            pin(server.popen.pid, {SERVER_CPU})
-            pin(os.getpid(), {LOAD_CPU})
+            pin_under_test(server, [server])
         base_url = f"http://{HOST}:{server.port}"
         runner.run(first_request(f"{base_url}/v1/tasks", variant.key))
         run = LoadRun(variant.label, pair, f"audit-bench-p{pair}-{variant.label}")
@@ -651,14 +604,6 @@ def run_latency(
 
 # ---------------------------------------------------------------------------------------------
 # Report
-
-
-def fmt(value: float, digits: int = 2) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "**missed**"
 
 
 def render_a(
@@ -796,8 +741,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--rows must be in [1000, 5000000], --seconds in [1, 300], --warmup in [0, 60]")
     if not 1 <= args.rounds <= 20:
         parser.error("--rounds must be in [1, 20]")
-    affinity = os.sched_getaffinity(0)
-    args.pinning = not args.no_pin and len(affinity) >= 2 and {SERVER_CPU, LOAD_CPU} <= affinity
+    args.pinning = can_pin(args.no_pin)
     return args
 
 
@@ -827,9 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             child.stop()
         databases.drop_all()
         clean_up([], workdir, keep=args.keep)
-    for failure in failures:
-        log(f"FAILED: {failure}")
-    return 1 if failures else 0
+    return exit_status(failures)
 
 
 def part_a(args: argparse.Namespace, databases: Databases, workdir: Path, facts: dict[str, str]) -> str:
