@@ -1,6 +1,6 @@
 """Benchmark the code sandbox: cold start with and without the module cache, warm latency, throughput.
 
-    .venv/bin/python -m benchmarks.sandbox [--warm-runs 50] [--throughput-runs 40] [--rounds 3]
+    .venv/bin/python -m benchmarks.sandbox [--warm-runs 50] [--throughput-runs 40] [--rounds 3] [--smoke]
 
 Cold start is measured in fresh child processes (`--child <cache_dir>`), so it includes importing
 wasmtime and the app, hashing the runtime, `Sandbox.start()` and one first `print(1+1)`:
@@ -12,6 +12,8 @@ deadline, 20e9 fuel, 256 MiB memory, 1 MiB per output stream, the sleep guard). 
 --throughput-runs `print(1+1)` submitted at once to a Sandbox with 1 and then 2 workers, in
 --rounds alternating rounds (this VM's second core comes and goes; medians within one run).
 
+--smoke runs every part with the fewest runs (seconds, most of them the compile; figures mean
+nothing). Either way the exit status is 1 if an execution failed or a figure could not be computed.
 Everything printed on stdout is markdown; progress goes to stderr.
 """
 
@@ -26,16 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from app.sandbox import ExecutionLimits, Sandbox, SandboxSettings
+from benchmarks.harness import exit_status, log, not_finite
 
 LIMITS = ExecutionLimits(timeout_s=10, fuel=20_000_000_000, memory_mb=256, output_bytes=1024 * 1024)
-
-
-def progress(message: str) -> None:
-    sys.stderr.write(message + "\n")
-    sys.stderr.flush()
 
 
 def rss_mib() -> float:
@@ -56,7 +55,8 @@ async def child(cache_dir: Path) -> None:
     first = time.perf_counter()
     rss = rss_mib()
     await sandbox.close()
-    assert result.status == "ok", result
+    if result.status != "ok":
+        raise RuntimeError(f"the first execution failed: {result}")
     print(
         json.dumps(
             {
@@ -72,11 +72,10 @@ async def child(cache_dir: Path) -> None:
 def cold_start(cache_dir: Path) -> dict[str, float]:
     began = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.sandbox", "--child", str(cache_dir)],
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, "-m", "benchmarks.sandbox", "--child", str(cache_dir)], capture_output=True, text=True
     )
+    if done.returncode != 0:
+        raise RuntimeError(f"the cold-start process exited with {done.returncode}:\n{done.stderr[-3000:]}")
     figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
     figures["process_s"] = time.perf_counter() - began
     return figures
@@ -98,7 +97,8 @@ async def warm_latency(cache_dir: Path, runs: int) -> list[float]:
             began = time.perf_counter()
             result = await sandbox.execute("print(1+1)", LIMITS)
             timings.append((time.perf_counter() - began) * 1000)
-            assert result.status == "ok" and result.stdout == "2\n", result
+            if result.status != "ok" or result.stdout != "2\n":
+                raise RuntimeError(f"a warm execution failed: {result}")
         return timings
     finally:
         await sandbox.close()
@@ -112,24 +112,28 @@ async def throughput(cache_dir: Path, workers: int, runs: int) -> float:
         began = time.perf_counter()
         results = await asyncio.gather(*(sandbox.execute("print(1+1)", LIMITS) for _ in range(runs)))
         elapsed = time.perf_counter() - began
-        assert all(r.status == "ok" for r in results)
+        if failed := [r for r in results if r.status != "ok"]:
+            raise RuntimeError(f"{len(failed)} of {runs} executions failed ({workers} workers), e.g. {failed[0]}")
         return runs / elapsed
     finally:
         await sandbox.close()
 
 
-async def main(args: argparse.Namespace) -> None:
+async def run(args: argparse.Namespace) -> list[str]:
+    """Measure and print the tables; what made a figure meaningless, if anything."""
     with tempfile.TemporaryDirectory(prefix="sandbox-bench-") as scratch:
         cache_dir = Path(scratch) / "cache"
-        progress("cold start without the cache (compiles in a subprocess)...")
+        log("cold start without the cache (compiles in a subprocess)...")
         cold = cold_start(cache_dir)
-        assert cold["compiled"], "a fresh cache dir must compile"
-        progress("cold starts with the cache...")
-        cached = [cold_start(cache_dir) for _ in range(5)]
-        assert not any(c["compiled"] for c in cached)
-        progress(f"warm latency over {args.warm_runs} runs...")
+        if not cold["compiled"]:
+            raise RuntimeError("a fresh cache dir did not compile")
+        log("cold starts with the cache...")
+        cached = [cold_start(cache_dir) for _ in range(args.cold_runs)]
+        if any(c["compiled"] for c in cached):
+            raise RuntimeError("a start with the cache compiled again")
+        log(f"warm latency over {args.warm_runs} runs...")
         warm = await warm_latency(cache_dir, args.warm_runs)
-        progress("throughput...")
+        log("throughput...")
         rates: dict[int, list[float]] = {1: [], 2: []}
         for _ in range(args.rounds):
             for workers in (1, 2):
@@ -152,7 +156,7 @@ async def main(args: argparse.Namespace) -> None:
     median_cached = {
         key: statistics.median(c[key] for c in cached) for key in ("start_s", "first_ms", "process_s", "rss_mib")
     }
-    row("with cache (median of 5)", median_cached)
+    row(f"with cache (median of {args.cold_runs})", median_cached)
     print(f"\n### Warm `print(1+1)`, all limits on ({args.warm_runs} sequential runs)\n")
     print("| p50 | p90 | p99 | min | max |")
     print("|---|---|---|---|---|")
@@ -167,20 +171,34 @@ async def main(args: argparse.Namespace) -> None:
         print(f"| {workers} | {statistics.median(values):.1f} | {', '.join(f'{v:.1f}' for v in values)} |")
     speedup = statistics.median(rates[2]) / statistics.median(rates[1])
     print(f"\nSpeed-up with 2 workers: {speedup:.2f}×.")
+    figures = {"cold start": cold["start_s"], "cached start": median_cached["start_s"], "speed-up": speedup}
+    figures |= {"warm p50": percentile(warm, 0.5), "warm p99": percentile(warm, 0.99)}
+    return [f"{name} could not be computed" for name in not_finite(figures)]
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--warm-runs", type=int, default=50)
     parser.add_argument("--throughput-runs", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cold-runs", type=int, default=5, help="cold starts with the cache (default 5)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: every part with the fewest runs")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.warm_runs, args.throughput_runs, args.rounds, args.cold_runs = 5, 4, 1, 1
+    if min(args.warm_runs, args.throughput_runs, args.rounds, args.cold_runs) < 1:
+        parser.error("--warm-runs, --throughput-runs, --rounds and --cold-runs must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child is not None:
+        asyncio.run(child(args.child))
+        return 0
+    return exit_status(asyncio.run(run(args)))
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    if arguments.child is not None:
-        asyncio.run(child(arguments.child))
-    else:
-        asyncio.run(main(arguments))
+    sys.exit(main())
