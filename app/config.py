@@ -356,6 +356,8 @@ class AgentSettings(_Section):
     default_max_tokens: int = Field(1024, ge=1)
     max_tokens_ceiling: int = Field(32_768, ge=1)
     default_timeout_s: float = Field(300.0, gt=0)
+    # Tool calls of one model turn that run at once (the rest wait for a slot).
+    max_parallel_tools: int = Field(4, ge=1, le=64)
     system_prompt: str = "You are Pacemaker, a helpful agent. Use the tools offered when they help."
 
 

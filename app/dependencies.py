@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
-from app.audit.context import audit_var
+from app.audit.context import AuditContext
 from app.auth.authenticator import key_from_headers
 from app.auth.principal import Principal
 from app.lifespan import Resources
@@ -35,7 +35,7 @@ async def authenticate(connection: HTTPConnection, resources: Resources) -> Prin
     presented = key_from_headers(headers.get("authorization"), headers.get("x-api-key"))
     principal = await resources.authenticator.authenticate(presented)
     connection.state.principal = principal
-    audit = audit_var.get()
+    audit: AuditContext | None = getattr(connection.state, "audit", None)  # HTTP requests have one
     if audit is not None:
         audit.api_key_id = principal.key_id
     return principal

@@ -34,7 +34,9 @@ from app.middleware import TrafficCounters
 from app.observability.metrics import Metrics
 from app.providers.registry import ProviderRegistry
 from app.sandbox.sandbox import Sandbox
+from app.tasks.service import TaskService
 from app.tools.http import HttpTool, http_tool_session
+from app.tools.invoke import ToolInvoker
 from app.tools.python import PythonTool
 from app.tools.registry import ToolRegistry, builtin_tools
 
@@ -59,6 +61,8 @@ class Resources:
     audit: AuditSink | None  # None when audit.enabled is false
     sandbox: Sandbox | None  # None when tools.python is false
     websockets: SocketLimiter
+    tool_invoker: ToolInvoker  # every tool call, from the agent loop or a client
+    tasks: TaskService
 
 
 def upstream_http_session(settings: Settings) -> aiohttp.ClientSession:
@@ -148,6 +152,17 @@ def build_lifespan(
             ledger = AuditLedger(session_maker, pending=audit.pending_cost) if audit is not None else None
             enforcer = build_enforcer(settings, metrics, redis, ledger)
             stack.push_async_callback(enforcer.limiter.aclose)
+            tool_registry = ToolRegistry(tools)
+            tool_invoker = ToolInvoker(enforcer.breakers, metrics)
+            task_service = TaskService(
+                settings=settings,
+                providers=providers,
+                tools=tool_registry,
+                invoker=tool_invoker,
+                enforcer=enforcer,
+                metrics=metrics,
+                audit=audit,
+            )
             resources = Resources(
                 settings=settings,
                 metrics=metrics,
@@ -156,7 +171,7 @@ def build_lifespan(
                 session_maker=session_maker,
                 http=http,
                 providers=providers,
-                tools=ToolRegistry(tools),
+                tools=tool_registry,
                 authenticator=Authenticator(
                     session_maker,
                     cache_seconds=settings.auth.key_cache_seconds,
@@ -169,6 +184,8 @@ def build_lifespan(
                 audit=audit,
                 sandbox=sandbox,
                 websockets=SocketLimiter(),
+                tool_invoker=tool_invoker,
+                tasks=task_service,
             )
             log.info(
                 "pacemaker started: %d models, database %s", len(providers.routes()), engine.url.get_backend_name()

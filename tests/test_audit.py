@@ -119,7 +119,9 @@ class Load:
 
     async def cancelled_stream(self, deltas: int) -> int:
         """A stream the client leaves after `deltas` tokens; returns how many it really received."""
-        body = {"query": "a slow story #delay=0.2 #tokens=60", "model": "fake-model", "stream": True}
+        # The pause between tokens must outlast the server noticing the client gone (slower under this
+        # load): a token already on its way when the upstream is closed was served but never received.
+        body = {"query": "a slow story #delay=0.8 #tokens=60", "model": "fake-model", "stream": True}
         received = 0
         async with self._gate, self.server.client() as http:  # its own connection, which it drops
             headers = {"X-Request-ID": self.new_id("cancelled")}

@@ -20,6 +20,7 @@ from app.observability.metrics import Metrics
 from app.providers.base import LLMChunk, LLMRequest, ToolCallDelta, Usage
 from app.providers.registry import ModelRoute
 from app.tools.calculator import CalculatorTool
+from app.tools.invoke import ToolInvoker
 
 
 class ScriptedModel:
@@ -63,7 +64,9 @@ def spec(model: ScriptedModel, **changes: Any) -> TaskSpec:
 
 
 async def run(task: TaskSpec) -> list[Any]:
-    return [event async for event in run_agent(task, Metrics())]
+    metrics = Metrics()
+    breakers = task.ticket.enforcer.breakers if task.ticket is not None else BreakerRegistry(BreakerConfig())
+    return [event async for event in run_agent(task, metrics, ToolInvoker(breakers, metrics))]
 
 
 async def test_unknown_tools_and_bad_arguments_go_back_to_the_model_as_errors() -> None:

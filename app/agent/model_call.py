@@ -2,16 +2,18 @@
 
 It passes the provider's chunks through, folds them into a response, and records the outcome
 (tokens, latency, errors) once, whichever transport consumes it. With a Ticket (an admitted
-request) it also enforces: a reservation for this call, the upstream's circuit breaker, retries
-until the first chunk (never after: the client may already have it), and settlement to the
-usage actually spent, also when the call fails or the client leaves.
+request) it also enforces: a reservation for this call, the upstream's circuit breaker (and the
+model's fallback while it is open), retries until the first chunk (never after: the client may
+already have it), and settlement to the usage actually spent, also when the call fails or the
+client leaves.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import Self
 
 from app.enforcement.breaker import CircuitBreaker, classify
@@ -21,6 +23,13 @@ from app.observability.metrics import Metrics
 from app.providers.base import LLMChunk, LLMRequest, LLMResponse, ResponseBuilder, Usage
 from app.providers.registry import ModelRoute
 from app.providers.tokens import count_message_tokens, count_text_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    model: str
+    fallback: str
+    reason: str  # the refusal's code (circuit_open)
 
 
 class ModelCall:
@@ -50,6 +59,7 @@ class ModelCall:
         # Completion tokens seen so far (an estimate per chunk), against an upstream that ignores max_tokens.
         self._completion_seen = 0
         self.cut_off = False  # the upstream went past max_tokens and was stopped
+        self.fallbacks: list[Fallback] = []  # models whose open breaker handed the call on, in order
 
     def __aiter__(self) -> Self:
         return self
@@ -111,15 +121,31 @@ class ModelCall:
             await self._settle(self._usage_so_far())
 
     async def _open(self) -> LLMChunk:
-        """Start the call: reserve, pass the breaker, and retry until the first chunk arrives."""
+        """Start the call: reserve, pass the breaker, and retry until the first chunk arrives; while a
+        model's breaker is open, its fallback (if it has one) takes the call, for good."""
         ticket = self._ticket
-        if ticket is not None:
-            self._reservation = await ticket.reserve(self.route, self._prompt_estimate, self.request.max_tokens or 0)
-            self._breaker = ticket.enforcer.breaker(self.route)
         if ticket is not None and ticket.budgeted and not self.request.stream:
             # Under a budget the upstream is always streamed (and folded into one response, as a
             # non-streamed call is): a stream can be stopped at max_tokens, a finished body cannot.
             self.request = replace(self.request, stream=True)
+        while True:
+            try:
+                return await self._open_route()
+            except CircuitOpen as exc:
+                fallback = self.route.fallback
+                if fallback is None:
+                    raise
+                # The breaker refused before anything was sent: nothing of this route was spent.
+                self.fallbacks.append(Fallback(self.route.name, fallback.name, exc.code))
+                await self._release_reservation()
+                self.route = fallback
+                self.request = replace(self.request, model=fallback.upstream_model)
+
+    async def _open_route(self) -> LLMChunk:
+        ticket = self._ticket
+        if ticket is not None:
+            self._reservation = await ticket.reserve(self.route, self._prompt_estimate, self.request.max_tokens or 0)
+            self._breaker = ticket.enforcer.breaker(self.route)
         attempt = 0
         while True:
             if self._breaker is not None:
@@ -143,6 +169,11 @@ class ModelCall:
                 raise
             self._chunks = chunks
             return first
+
+    async def _release_reservation(self) -> None:
+        if self._ticket is not None and self._reservation is not None:
+            reservation, self._reservation = self._reservation, None
+            await self._ticket.settle(reservation, Usage(), Decimal(0))
 
     async def _finish(self) -> None:
         if self._response is not None:

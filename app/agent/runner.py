@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from app.agent.control import RunControl
 from app.agent.events import (
     ModelFallback,
     TaskCompleted,
@@ -30,14 +31,13 @@ from app.agent.events import (
     UsageOut,
 )
 from app.agent.model_call import ModelCall
-from app.audit.context import AuditContext
-from app.enforcement.breaker import BreakerRegistry, classify
 from app.enforcement.enforcer import Ticket
 from app.errors import AppError, CircuitOpen, MaxIterationsExceeded, RequestTimeout
 from app.observability.metrics import Metrics
 from app.providers.base import LLMRequest, Message, ToolCall, Usage
 from app.providers.registry import ModelRoute
 from app.tools.base import Tool, ToolContext, ToolError
+from app.tools.invoke import ToolInvoker
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,15 @@ class TaskSpec:
     tool_context: ToolContext = field(default_factory=ToolContext)
     # The estimated tokens of the initial conversation: counted once, for admission and the first call.
     prompt_tokens: int | None = None
-    audit: AuditContext | None = None
+    max_parallel_tools: int = 4  # tool calls of one model turn that run at once
+    control: RunControl = field(init=False)  # its deadline, and cancel()
+
+    def __post_init__(self) -> None:
+        self.control = RunControl(self.timeout_s)
+
+    @property
+    def tools_by_name(self) -> dict[str, Tool]:
+        return {tool.name: tool for tool in self.tools}
 
 
 @dataclass(slots=True)
@@ -79,10 +87,10 @@ class _Progress:
         return self.seq
 
 
-async def run_agent(spec: TaskSpec, metrics: Metrics) -> AsyncGenerator[Event, None]:
+async def run_agent(spec: TaskSpec, metrics: Metrics, tools: ToolInvoker) -> AsyncGenerator[Event, None]:
     progress = _Progress()
     started = time.perf_counter()
-    deadline = asyncio.get_running_loop().time() + spec.timeout_s
+    spec.control.start()
     yield TaskStarted(
         task_id=spec.id,
         seq=progress.next_seq(),
@@ -92,7 +100,7 @@ async def run_agent(spec: TaskSpec, metrics: Metrics) -> AsyncGenerator[Event, N
     )
     try:
         # aclosing: if our consumer goes away, the inner loop (and its upstream call) closes now.
-        async with aclosing(_loop(spec, progress, metrics, deadline, started)) as events:
+        async with aclosing(_loop(spec, progress, metrics, tools, started)) as events:
             async for event in events:
                 yield event
     except TimeoutError:
@@ -105,10 +113,9 @@ async def run_agent(spec: TaskSpec, metrics: Metrics) -> AsyncGenerator[Event, N
 
 
 async def _loop(
-    spec: TaskSpec, progress: _Progress, metrics: Metrics, deadline: float, started: float
+    spec: TaskSpec, progress: _Progress, metrics: Metrics, tools: ToolInvoker, started: float
 ) -> AsyncGenerator[Event, None]:
     messages = initial_messages(spec)
-    tools_by_name = {tool.name: tool for tool in spec.tools}
     definitions = [tool.openai_definition() for tool in spec.tools] or None
     route = spec.route
     for iteration in range(spec.max_iterations):
@@ -123,32 +130,25 @@ async def _loop(
         # The first call's messages are the initial ones, whose tokens the spec already counted.
         prompt_tokens = spec.prompt_tokens if iteration == 0 else None
         call = ModelCall(route, request, metrics, spec.ticket, prompt_tokens=prompt_tokens)
+        told = 0  # fallbacks already reported as events
         try:
             while True:
                 try:
-                    chunk = await _before(deadline, anext(call))
+                    chunk = await spec.control.within(anext(call))
                 except StopAsyncIteration:
                     break
-                except CircuitOpen as exc:
-                    if route.fallback is None:
-                        raise
-                    # The breaker refused before anything was sent: switch to the fallback for good.
-                    yield ModelFallback(
-                        task_id=spec.id,
-                        seq=progress.next_seq(),
-                        model=route.name,
-                        fallback=route.fallback.name,
-                        reason=exc.code,
-                    )
-                    await call.aclose()
-                    route = route.fallback
-                    request.model = route.upstream_model
-                    call = ModelCall(route, request, metrics, spec.ticket, prompt_tokens=prompt_tokens)
-                    continue
+                except AppError:
+                    for fallback in _fallback_events(spec, progress, call, told):
+                        yield fallback  # the failure that follows is the fallback's: say so first
+                    raise
+                for fallback in _fallback_events(spec, progress, call, told):
+                    yield fallback
+                told = len(call.fallbacks)
                 if chunk.text:
                     yield TokenDelta(task_id=spec.id, seq=progress.next_seq(), delta=chunk.text)
         finally:
             await call.aclose()
+        route = call.route  # a fallback that took over keeps the task for its later calls
         response = call.response()
         progress.usage.add(response.usage)
         progress.usage_estimated |= response.usage_estimated
@@ -173,94 +173,104 @@ async def _loop(
             return
 
         messages.append(_assistant_message(response.text, response.tool_calls))
-        for tool_call in response.tool_calls:
-            arguments = _arguments_for_display(tool_call.arguments)
-            yield ToolCallStarted(
-                task_id=spec.id,
-                seq=progress.next_seq(),
-                call_id=tool_call.id,
-                tool=tool_call.name,
-                arguments=arguments,
-            )
-            breakers = spec.ticket.enforcer.breakers if spec.ticket is not None else None
-            if spec.audit is not None:
-                spec.audit.tool_names.append(tool_call.name)
-            record = await _run_tool(
-                tools_by_name, tool_call, arguments, deadline, metrics, breakers, spec.tool_context
-            )
-            progress.tool_calls.append(record)
-            yield ToolCallFinished(
-                task_id=spec.id,
-                seq=progress.next_seq(),
-                call_id=record.call_id,
-                tool=record.tool,
-                result=record.result,
-                error=record.error,
-                duration_ms=record.duration_ms,
-            )
+        records: list[ToolCallRecord] = []
+        async for tool_event in _tool_turn(spec, progress, tools, response.tool_calls, records):
+            yield tool_event
+        progress.tool_calls.extend(records)
+        for record in records:  # in call order, whatever order they finished in
             content = {"error": record.error} if record.error is not None else record.result
-            messages.append({"role": "tool", "tool_call_id": tool_call.id, "content": _json(content)})
+            messages.append({"role": "tool", "tool_call_id": record.call_id, "content": _json(content)})
     raise MaxIterationsExceeded(f"The model was still calling tools after {spec.max_iterations} iterations.")
 
 
+def _fallback_events(spec: TaskSpec, progress: _Progress, call: ModelCall, told: int) -> list[ModelFallback]:
+    return [
+        ModelFallback(
+            task_id=spec.id, seq=progress.next_seq(), model=note.model, fallback=note.fallback, reason=note.reason
+        )
+        for note in call.fallbacks[told:]
+    ]
+
+
+async def _tool_turn(
+    spec: TaskSpec,
+    progress: _Progress,
+    tools: ToolInvoker,
+    calls: list[ToolCall],
+    records: list[ToolCallRecord],
+) -> AsyncGenerator[Event, None]:
+    """The tool calls of one model turn, run concurrently (at most spec.max_parallel_tools at once).
+
+    Every tool.call event comes first, in call order; each tool.result as its call finishes;
+    `records` is filled in call order for the messages back to the model.
+    """
+    arguments = [_arguments_for_display(call.arguments) for call in calls]
+    for call, shown in zip(calls, arguments, strict=True):
+        yield ToolCallStarted(
+            task_id=spec.id, seq=progress.next_seq(), call_id=call.id, tool=call.name, arguments=shown
+        )
+    slots = asyncio.Semaphore(spec.max_parallel_tools)
+    by_call: dict[int, ToolCallRecord] = {}
+    running = {
+        asyncio.create_task(_run_tool(spec, tools, slots, call, shown)): index
+        for index, (call, shown) in enumerate(zip(calls, arguments, strict=True))
+    }
+    try:
+        while running:
+            done, _ = await spec.control.within(asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED))
+            for finished in sorted(done, key=running.__getitem__):
+                index = running.pop(finished)
+                record = by_call[index] = finished.result()  # the task's deadline passing ends the task
+                yield ToolCallFinished(
+                    task_id=spec.id,
+                    seq=progress.next_seq(),
+                    call_id=record.call_id,
+                    tool=record.tool,
+                    result=record.result,
+                    error=record.error,
+                    duration_ms=record.duration_ms,
+                )
+    finally:
+        for task in running:  # the consumer left, the deadline passed, or a cancel: stop what still runs
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+    records.extend(by_call[index] for index in range(len(calls)))
+
+
 async def _run_tool(
-    tools: dict[str, Tool],
-    call: ToolCall,
-    arguments: Any,
-    deadline: float,
-    metrics: Metrics,
-    breakers: BreakerRegistry | None,
-    context: ToolContext,
+    spec: TaskSpec, tools: ToolInvoker, slots: asyncio.Semaphore, call: ToolCall, shown: Any
 ) -> ToolCallRecord:
-    """Run one tool call; every failure becomes an error the model gets to read, never a crash."""
-    started = time.perf_counter()
-    result: Any = None
-    error: str | None = None
-    tool = tools.get(call.name)
-    breaker = breakers.get(f"tool:{call.name}") if breakers is not None and tool is not None else None
+    """One tool call of the loop; every failure becomes an error the model gets to read, never a crash."""
+    audit = spec.ticket.audit if spec.ticket is not None else None
+    tool = spec.tools_by_name.get(call.name)
     if tool is None:
-        error = f"unknown tool {call.name!r}; available: {', '.join(sorted(tools)) or 'none'}"
+        available = ", ".join(sorted(spec.tools_by_name)) or "none"
+        outcome = tools.not_called(
+            call.name, f"unknown tool {call.name!r}; available: {available}", known=False, audit=audit
+        )
     else:
         try:
-            if breaker is not None:
-                breaker.before_call()
-            try:
-                result = await _before(deadline, tool.run(tool.parse_arguments(call.arguments), context))
-            except BaseException as exc:
-                # The task's own deadline (a TimeoutError from _before) is the caller's budget running
-                # out, not the tool failing: counting it would let one caller pause a tool for all.
-                if breaker is not None and classify(exc) == "failure" and not isinstance(exc, TimeoutError):
-                    breaker.record_failure()
-                elif breaker is not None:
-                    breaker.record_ignored()
-                raise
-            if breaker is not None:
-                breaker.record_success()
-        except CircuitOpen as exc:
-            error = f"{call.name} is failing and paused for {exc.retry_after or 1:.0f} s; do without it for now"
+            arguments = tool.parse_arguments(call.arguments)
         except ToolError as exc:
-            error, result = str(exc), exc.result
-        except AppError as exc:  # a refusal of the tool's own (the sandbox is busy, say)
-            error = f"{exc.code}: {exc.detail}"
-        except TimeoutError:
-            raise
-        except Exception as exc:
-            log.exception("tool %s raised", call.name)
-            error = f"{call.name} failed: {type(exc).__name__}"
-    metrics.tool_calls.labels(call.name if tool else "unknown", "ok" if error is None else "error").inc()
+            outcome = tools.not_called(call.name, str(exc), known=True, audit=audit)
+        else:
+            async with slots:
+                outcome = await tools.call(
+                    tool, arguments, spec.tool_context, deadline=spec.control.deadline, audit=audit
+                )
+    error = outcome.error
+    if isinstance(outcome.refusal, CircuitOpen):
+        error = f"{call.name} is failing and paused for {outcome.refusal.retry_after or 1:.0f} s; do without it for now"
+    elif outcome.refusal is not None:  # a refusal of the tool's own (the sandbox is busy, say)
+        error = f"{outcome.refusal.code}: {outcome.refusal.detail}"
     return ToolCallRecord(
         call_id=call.id,
         tool=call.name,
-        arguments=arguments,
-        result=result,
+        arguments=shown,
+        result=outcome.result,
         error=error,
-        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        duration_ms=outcome.duration_ms,
     )
-
-
-async def _before(deadline: float, awaitable: Awaitable[T]) -> T:
-    async with asyncio.timeout_at(deadline):
-        return await awaitable
 
 
 def initial_messages(spec: TaskSpec) -> list[Message]:

@@ -43,6 +43,8 @@ class AuditContext:
     retries: int = 0
     prompt: str | None = None
     output: str | None = None
+    # The task service writes this row when the task ends (app/tasks/service.py); the middleware does not.
+    owned_by_task: bool = False
 
     def add_call(self, usage: Usage, cost: Decimal, *, estimated: bool, retries: int) -> None:
         """One model call's spend (also a failed or cancelled one: what it used so far)."""

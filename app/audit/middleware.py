@@ -45,7 +45,7 @@ class AuditMiddleware:
             template = getattr(scope.get("route"), "path", None)
             if template:
                 context.route = template  # the template, e.g. /v1/tools/{name}/invoke
-            if sink is not None:
+            if sink is not None and not context.owned_by_task:
                 sink.submit(context.row())
 
         async def send_and_note(message: Message) -> None:

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.agent.model_call import ModelCall
-from app.audit.context import AuditContext, audit_var, outcome_status
+from app.audit.context import AuditContext, outcome_status
 from app.dependencies import PrincipalDep, ResourcesDep, authenticate
 from app.enforcement.enforcer import Ticket
 from app.enforcement.idempotent import run_once
@@ -84,11 +84,10 @@ async def chat_completions(request: Request) -> Response:
     meta = _Meta(id="chatcmpl-" + secrets.token_hex(16), created=int(time.time()), model=route.name)
     timeout_s = resources.settings.agent.default_timeout_s
     prompt_tokens = count_message_tokens(llm_request.messages)
-    audit = audit_var.get()
-    if audit is not None:
-        audit.model, audit.provider = route.name, route.provider.name
-        if resources.settings.audit.store_content:
-            audit.prompt = orjson.dumps(llm_request.messages).decode()[: resources.settings.audit.content_max_chars]
+    audit: AuditContext = request.state.audit
+    audit.model, audit.provider = route.name, route.provider.name
+    if resources.settings.audit.store_content:
+        audit.prompt = orjson.dumps(llm_request.messages).decode()[: resources.settings.audit.content_max_chars]
 
     async def admit() -> Ticket:
         return await resources.enforcer.admit(
@@ -99,6 +98,11 @@ async def chat_completions(request: Request) -> Response:
             scope=request.scope,
             audit=audit,
         )
+
+    def answered(call: ModelCall) -> None:
+        # A fallback may have taken the call while the requested model's breaker is open.
+        meta.model = call.route.name
+        audit.model, audit.provider = call.route.name, call.route.provider.name
 
     if not body.stream:
 
@@ -115,7 +119,8 @@ async def chat_completions(request: Request) -> Response:
                 await call.aclose()
                 await ticket.close()
             response = call.response()
-            cost = f"{route.cost(response.usage):.9f}"
+            answered(call)
+            cost = f"{call.route.cost(response.usage):.9f}"
             return Response(
                 orjson.dumps(_completion(meta, response)), media_type="application/json", headers={COST_HEADER: cost}
             )
@@ -138,6 +143,7 @@ async def chat_completions(request: Request) -> Response:
         await call.aclose()
         await ticket.close()
         raise
+    answered(call)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
     async def close() -> None:
@@ -177,7 +183,7 @@ async def _stream(
     meta: _Meta,
     include_usage: bool,
     deadline: float,
-    audit: AuditContext | None,
+    audit: AuditContext,
 ) -> AsyncGenerator[bytes, None]:
     outcome = "cancelled"  # unless the stream gets to its end or to an error
     try:
@@ -201,8 +207,7 @@ async def _stream(
     finally:
         await call.aclose()
         await ticket.close()
-        if audit is not None:
-            audit.status, audit.error_code = outcome_status(outcome)
+        audit.status, audit.error_code = outcome_status(outcome)
 
 
 async def _next_before(call: ModelCall, deadline: float) -> LLMChunk | None:

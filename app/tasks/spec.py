@@ -60,6 +60,7 @@ def build_task_spec(
         temperature=body.temperature,
         context=body.context,
         tool_context=ToolContext(principal.key_id, body.session_id, principal.sandbox_max),
+        max_parallel_tools=agent.max_parallel_tools,
     )
     spec.prompt_tokens = count_message_tokens(initial_messages(spec))
     return spec

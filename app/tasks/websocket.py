@@ -14,23 +14,20 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, WebSocket
-from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
-from app.agent.events import TaskFailed, outcome_of
-from app.agent.runner import Event, TaskSpec, run_agent
+from app.agent.runner import Event
 from app.agent.schemas import TaskCreate
 from app.audit.context import AuditContext
 from app.auth.authenticator import key_from_headers
 from app.auth.principal import Principal
 from app.dependencies import ResourcesDep
-from app.errors import AppError, Cancelled, MalformedJSON, TooManyTasks, Unauthenticated
+from app.errors import AppError, MalformedJSON, TooManyTasks, Unauthenticated
 from app.lifespan import Resources
 from app.middleware import request_id_var
 from app.problems import problem_response
-from app.request_body import parse_json
-from app.tasks.router import describe_task, record_task_end
-from app.tasks.spec import build_task_spec
+from app.request_body import parse_json, validate
+from app.tasks.service import AdmittedTask
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["tasks"])
@@ -83,8 +80,8 @@ def presented_key(websocket: WebSocket) -> tuple[str | None, str | None]:
 async def _refuse(websocket: WebSocket, resources: Resources, error: AppError, key_id: int | None) -> None:
     """Refuse the handshake with a problem+json answer, and audit the refusal."""
     refused = _audit_context(websocket, request_id_var.get() or "")
-    refused.http_status, refused.error_code, refused.api_key_id = error.status, error.code, key_id
-    _submit(resources, refused)
+    refused.api_key_id = key_id
+    resources.tasks.refused(refused, error)
     await websocket.send_denial_response(problem_response(error))
 
 
@@ -99,11 +96,6 @@ def _audit_context(websocket: WebSocket, request_id: str) -> AuditContext:
     )
 
 
-def _submit(resources: Resources, audit: AuditContext) -> None:
-    if resources.audit is not None:
-        resources.audit.submit(audit.row())
-
-
 class TaskSocket:
     def __init__(self, websocket: WebSocket, resources: Resources, principal: Principal, presented: str | None) -> None:
         self.websocket = websocket
@@ -112,8 +104,8 @@ class TaskSocket:
         self._presented = presented  # checked again on every task.create and every key_cache_seconds
         self._revoked = False
         self.outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_OUTBOX_SIZE)
-        self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.cancel_requested: set[str] = set()
+        self.tasks: dict[str, AdmittedTask] = {}  # running on this socket, by id
+        self._running: set[asyncio.Task[None]] = set()  # what renders them
         # Each task.create is a request of its own in the audit log: <socket's request id>:<n>.
         self._socket_request_id = request_id_var.get() or ""
         self._creates = 0
@@ -127,7 +119,7 @@ class TaskSocket:
             # (writer, which also closes it once its key is revoked).
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            running = list(self.tasks.values())
+            running = list(self._running)
             for task in (*running, reader, writer, watcher):
                 task.cancel()
             await asyncio.gather(*running, reader, writer, watcher, return_exceptions=True)
@@ -206,92 +198,45 @@ class TaskSocket:
         self._creates += 1
         audit = _audit_context(self.websocket, f"{self._socket_request_id}:{self._creates}")
         audit.api_key_id = self.principal.key_id
-        settings = self.resources.settings
-        content_chars = settings.audit.content_max_chars if settings.audit.store_content else 0
+        service = self.resources.tasks
         try:
-            body = TaskCreate.model_validate(fields)
+            body = validate(TaskCreate, fields)
             if len(self.tasks) >= self.resources.settings.server.ws_max_tasks_per_socket:
                 raise TooManyTasks(f"At most {len(self.tasks)} tasks may run at once on one socket.")
-            spec = build_task_spec(
-                body,
-                settings=self.resources.settings,
-                providers=self.resources.providers,
-                tools=self.resources.tools,
-                stream=True,
-                principal=self.principal,
-            )
-            describe_task(audit, spec, body.mode, "ws", content_chars)
-            spec.audit = audit
-            spec.ticket = await self.resources.enforcer.admit(
-                self.principal,
-                route=spec.route,
-                prompt_tokens=spec.prompt_tokens or 0,
-                max_tokens=spec.max_tokens,
-                audit=audit,
-            )
-        except ValidationError as exc:
-            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-            audit.status, audit.error_code = "rejected", "invalid_request"
-            _submit(self.resources, audit)
-            await self._error("invalid_request", detail, ref)
-            return
+            task = await service.admit(self.principal, body, transport="ws", audit=audit, stream=True)
         except AppError as exc:
-            audit.status, audit.error_code, audit.http_status = "rejected", exc.code, exc.status
-            _submit(self.resources, audit)
+            service.refused(audit, exc)
             await self._error(exc.code, exc.detail, ref, retry_after=exc.retry_after)
             return
         except Exception:
             # A bug of ours must not end the socket (and its running tasks) without a word.
             log.exception("task.create failed unexpectedly")
-            audit.status, audit.error_code, audit.http_status = "failed", "internal_error", 500
-            _submit(self.resources, audit)
+            service.refused(audit, AppError("The task could not be created."))
             await self._error("internal_error", "The task could not be created; the request id is in the logs.", ref)
             return
-        self.tasks[spec.id] = asyncio.create_task(self._run(spec, ref, content_chars))
+        self.tasks[task.id] = task
+        renderer = asyncio.create_task(self._run(task, ref))
+        self._running.add(renderer)
+        renderer.add_done_callback(self._running.discard)
 
-    async def _run(self, spec: TaskSpec, ref: Any, content_chars: int) -> None:
-        task_id = spec.id
-        events = run_agent(spec, self.resources.metrics)
+    async def _run(self, task: AdmittedTask, ref: Any) -> None:
         gauge = self.resources.metrics.active_streams.labels("ws")
         gauge.inc()
-        last: Event | None = None
-        seq = 0
         try:
-            async with aclosing(events):
+            async with aclosing(self.resources.tasks.run(task)) as events:
                 async for event in events:
-                    last, seq = event, event.seq
                     await self._send_event(event, ref)
-        except asyncio.CancelledError:
-            if task_id not in self.cancel_requested:
-                raise  # the socket is closing: nobody to tell
-            cancelled = Cancelled("The task was cancelled by the client.")
-            last = TaskFailed(
-                task_id=task_id,
-                seq=seq + 1,
-                code=cancelled.code,
-                detail=cancelled.detail,
-                retryable=False,
-                status=cancelled.status,
-            )
-            await self._send_event(last, ref)
         finally:
             gauge.dec()
-            if spec.ticket is not None:
-                await spec.ticket.close()
-            if spec.audit is not None:
-                record_task_end(spec.audit, last, content_chars)
-                _submit(self.resources, spec.audit)
-            self.tasks.pop(task_id, None)
-            self.cancel_requested.discard(task_id)
-            self.resources.metrics.tasks.labels("ws", outcome_of(last)).inc()
+            self.tasks.pop(task.id, None)
+            await self.resources.tasks.close(task)  # if the socket closed before the run began
 
     async def _cancel(self, task_id: Any, ref: Any) -> None:
         task = self.tasks.get(task_id) if isinstance(task_id, str) else None
         if task is None:
             await self._error("not_found", f"No running task {task_id!r} on this socket.", ref)
             return
-        self.cancel_requested.add(task_id)
-        task.cancel()
+        task.spec.control.cancel()  # its last event, task.failed (cancelled), still comes on this socket
 
     async def _send_event(self, event: Event, ref: Any) -> None:
         payload = event.model_dump(mode="json")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
 from typing import Annotated, Any
 
 import orjson
@@ -13,15 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from app.agent.schemas import SessionId
-from app.audit.context import audit_var
+from app.audit.context import AuditContext
 from app.dependencies import PrincipalDep, ResourcesDep
-from app.enforcement.breaker import classify
-from app.errors import AppError, InvalidRequest, NotFound, ToolNotAllowed
+from app.errors import InvalidRequest, NotFound, ToolNotAllowed
 from app.problems import problem_responses
 from app.request_body import documented_body, read_body
 from app.tools.base import ToolContext, ToolError
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/tools", tags=["tools"])
 
 
@@ -78,50 +73,20 @@ async def invoke_tool(
         arguments = tool.parse_arguments(body.arguments)
     except ToolError as exc:
         raise InvalidRequest(str(exc)) from None
-    audit = audit_var.get()
-    if audit is not None:
-        audit.tool_names.append(name)
+    audit: AuditContext = request.state.audit
     ticket = await resources.enforcer.admit(
         principal, route=None, prompt_tokens=0, max_tokens=0, scope=request.scope, audit=audit
     )
-    breaker = resources.enforcer.breakers.get(f"tool:{name}")
-    started = time.perf_counter()
-    result: Any = None
-    error: str | None = None
+    context = ToolContext(principal.key_id, body.session_id, principal.sandbox_max)
     try:
-        breaker.before_call()
-        try:
-            async with asyncio.timeout(tool.timeout_s):
-                context = ToolContext(principal.key_id, body.session_id, principal.sandbox_max)
-                result = await tool.run(arguments, context)
-        except BaseException as exc:
-            if classify(exc) == "failure":
-                breaker.record_failure()
-            else:
-                breaker.record_ignored()
-            if not isinstance(exc, Exception) or isinstance(exc, AppError):
-                raise  # cancelled (the client left), or a refusal with its own status (sandbox busy)
-            error = _describe(name, exc, tool.timeout_s)
-            if isinstance(exc, ToolError):
-                result = exc.result
-        else:
-            breaker.record_success()
+        outcome = await resources.tool_invoker.call(tool, arguments, context, audit=audit)
     finally:
         await ticket.close()
-    resources.metrics.tool_calls.labels(name, "ok" if error is None else "error").inc()
-    if audit is not None and error is not None:
+    if outcome.refusal is not None:
+        raise outcome.refusal  # the breaker is open, or the tool has no room now: 503 with Retry-After
+    if outcome.error is not None:
         audit.status, audit.error_code = "failed", "tool_error"
-    outcome = ToolInvocationResult(
-        tool=name, result=result, error=error, duration_ms=round((time.perf_counter() - started) * 1000, 3)
+    result = ToolInvocationResult(
+        tool=name, result=outcome.result, error=outcome.error, duration_ms=outcome.duration_ms
     )
-    return Response(orjson.dumps(outcome.model_dump(mode="json")), media_type="application/json")
-
-
-def _describe(name: str, exc: Exception, timeout_s: float) -> str:
-    """The error a caller reads: the tool's own words, or a timeout, or just the kind of crash."""
-    if isinstance(exc, ToolError):
-        return str(exc)
-    if isinstance(exc, TimeoutError):
-        return f"{name} timed out after {timeout_s:g} s"
-    log.error("tool %s raised", name, exc_info=exc)
-    return f"{name} failed: {type(exc).__name__}"
+    return Response(orjson.dumps(result.model_dump(mode="json")), media_type="application/json")

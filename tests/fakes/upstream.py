@@ -15,6 +15,7 @@ travel through Pacemaker untouched:
     #drop=N            drop the connection after N chunks (stream)
     #nousage           report no usage
     #tag=abc           name the request in /_control/stats
+    #tool=NAME         call that tool (when offered), #calls=N times in one turn, arguments {"call": i}
 
 A message containing an arithmetic expression, with a `calculator` tool offered, gets a tool call;
 a message list ending in a tool result gets an answer quoting it. Its own bookkeeping (requests,
@@ -80,9 +81,9 @@ class FakeUpstream:
         # Counted the way Pacemaker estimates, so that the tokens of a call cut short (which
         # Pacemaker can only estimate) still add up exactly against what this upstream served.
         prompt_tokens = count_message_tokens(messages)
-        tool_call = _tool_call(messages, body.get("tools") or [])
-        pieces = [] if tool_call else _answer(messages, int(directives.get("tokens", 12)))
-        completion_tokens = len(pieces) if not tool_call else 10
+        tool_calls = _tool_calls(messages, body.get("tools") or [], directives)
+        pieces = [] if tool_calls else _answer(messages, int(directives.get("tokens", 12)))
+        completion_tokens = len(pieces) if not tool_calls else 10 * len(tool_calls)
         report_usage = "nousage" not in directives
         self.prompt_tokens += prompt_tokens
         usage = {
@@ -90,12 +91,12 @@ class FakeUpstream:
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
-        finish = "tool_calls" if tool_call else "stop"
+        finish = "tool_calls" if tool_calls else "stop"
 
         if not body.get("stream"):
             message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces) or None}
-            if tool_call:
-                message["tool_calls"] = [tool_call]
+            if tool_calls:
+                message["tool_calls"] = tool_calls
             payload: dict[str, Any] = {
                 "id": "chatcmpl-fake",
                 "object": "chat.completion",
@@ -116,8 +117,7 @@ class FakeUpstream:
             await response.prepare(request)
             await response.write(b": stream open\n\n")  # headers go out now, as a real upstream's do
             deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
-            if tool_call:
-                deltas.append({"tool_calls": [{**tool_call, "index": 0}]})
+            deltas += [{"tool_calls": [{**call, "index": index}]} for index, call in enumerate(tool_calls)]
             deltas += [{"content": piece} for piece in pieces]
             for delta in deltas:
                 if delay:
@@ -170,10 +170,28 @@ def _failure_status(directives: dict[str, str], attempt: int) -> int | None:
     return None
 
 
-def _tool_call(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _tool_calls(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]], directives: dict[str, str]
+) -> list[dict[str, Any]]:
     offered = {t.get("function", {}).get("name") for t in tools}
     if not messages or messages[-1].get("role") != "user":
-        return None
+        return []
+    named = directives.get("tool")
+    if named is not None and named in offered:
+        # #tool=NAME #calls=N: N calls of that tool in one turn, with arguments {"call": i}.
+        return [
+            {
+                "id": f"call_fake_{n}",
+                "type": "function",
+                "function": {"name": named, "arguments": json.dumps({"call": n})},
+            }
+            for n in range(int(directives.get("calls", 1)))
+        ]
+    call = _tool_call(messages, offered)
+    return [call] if call is not None else []
+
+
+def _tool_call(messages: list[dict[str, Any]], offered: set[Any]) -> dict[str, Any] | None:
     code = re.search(r"```python\n(.*?)```", _text(messages[-1]), re.DOTALL)
     if code is not None and "python" in offered:
         return {
@@ -240,6 +258,12 @@ async def tool_echo(request: web.Request) -> web.Response:
     )
 
 
+async def tool_slow(request: web.Request) -> web.Response:
+    """An HTTP tool that takes its time: `seconds` (default 1) before it answers."""
+    await asyncio.sleep(float(request.query.get("seconds", "1")))
+    return web.json_response({"slept": float(request.query.get("seconds", "1")), "query": dict(request.query)})
+
+
 async def tool_redirect(request: web.Request) -> web.Response:
     """Redirects to the `to` query parameter (another origin, or a path of this one)."""
     raise web.HTTPFound(request.query["to"])
@@ -264,6 +288,7 @@ def build_app() -> web.Application:
     app.router.add_post("/v1/chat/completions", fake.chat)
     app.router.add_route("*", "/tools/echo", tool_echo)
     app.router.add_get("/tools/redirect", tool_redirect)
+    app.router.add_get("/tools/slow", tool_slow)
     app.router.add_get("/tools/big", tool_big)
     app.router.add_get("/tools/many", tool_many)
     app.router.add_get("/tools/fail", tool_fail)
