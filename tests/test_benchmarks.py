@@ -1,0 +1,48 @@
+"""Every benchmark runs at HEAD: each one's --smoke mode, as its own process, must exit 0."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT, require_service
+
+# The slowest smoke takes about 20 s on a quiet 2-core machine; CI shares the machine.
+SMOKE_TIMEOUT_S = 240
+POSTGRES, REDIS = ("PostgreSQL", 5432), ("Redis", 6379)
+BENCHMARKS = {
+    "chat_proxy": (),
+    "enforcement": (REDIS,),
+    "audit": (POSTGRES,),
+    "sandbox": (),
+}
+
+
+@pytest.mark.timeout(SMOKE_TIMEOUT_S + 90)
+@pytest.mark.parametrize(("name", "services"), BENCHMARKS.items(), ids=list(BENCHMARKS))
+def test_smoke(name: str, services: tuple[tuple[str, int], ...]) -> None:
+    for service, port in services:
+        require_service(service, "127.0.0.1", port)
+    benchmark = subprocess.Popen(
+        [sys.executable, "-m", f"benchmarks.{name}", "--smoke"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = benchmark.communicate(timeout=SMOKE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: the benchmark then stops its own servers (they run in sessions of their own).
+        benchmark.send_signal(signal.SIGTERM)
+        try:
+            output, _ = benchmark.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            benchmark.kill()
+            output, _ = benchmark.communicate()
+        pytest.fail(f"benchmarks.{name} --smoke took over {SMOKE_TIMEOUT_S} s:\n{output[-6000:]}")
+    assert benchmark.returncode == 0, f"benchmarks.{name} --smoke exited {benchmark.returncode}:\n{output[-6000:]}"
+    assert "|---" in output, f"benchmarks.{name} --smoke printed no table:\n{output[-6000:]}"
