@@ -725,12 +725,13 @@ def problems(part: InProcess | None, rows: dict[tuple[str, int], Row] | None, ro
             for name, sample in samples.items():
                 figures = {"p50": sample.us(50), "p99": sample.us(99), "mean": sample.mean_us, "req/s": sample.rps}
                 found += [f"part A, {name}, {mode}: {figure} could not be computed" for figure in not_finite(figures)]
-    for spec, concurrency in itertools.product(SERVERS, E2E_CONCURRENCY) if rows is not None else ():
-        runs = rows[(spec.key, concurrency)].rounds if (spec.key, concurrency) in rows else []
-        label = f"part B, {spec.key}, c={concurrency}"
-        if len(runs) != rounds:
-            found.append(f"{label}: {len(runs)} of {rounds} rounds measured")
-        found += [problem for i, run in enumerate(runs, 1) for problem in run.problems(f"{label}, round {i}")]
+    if rows is not None:
+        for spec, concurrency in itertools.product(SERVERS, E2E_CONCURRENCY):
+            runs = rows.get((spec.key, concurrency), Row()).rounds
+            label = f"part B, {spec.key}, c={concurrency}"
+            if len(runs) != rounds:
+                found.append(f"{label}: {len(runs)} of {rounds} rounds measured")
+            found += [problem for i, run in enumerate(runs, 1) for problem in run.problems(f"{label}, round {i}")]
     return found
 
 
