@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from app.enforcement.redis_limiter import build_redis
@@ -269,6 +270,33 @@ async def test_append_final_appends_exactly_one_terminal_event_under_concurrency
     dead.add(event(task_id, 12, "task.completed"))
     await dead.close()
     assert await collect(other.read(task_id)) == [*started, final]
+
+
+async def test_append_final_builds_its_event_again_if_the_log_moved_on_meanwhile(backend: Logs) -> None:
+    log, other = backend.log, backend.other
+    task_id = new_task_id()
+    dead = log.writer(task_id)
+    for item in task_events(task_id, 4)[:-1]:
+        dead.add(item)
+    await dead.flush()
+    late = event(task_id, 4)
+    built: list[int] = []
+
+    def make_data(seq: int) -> bytes:
+        if not built:
+            # The writer taken for dead stores one more event between the check and the append.
+            if isinstance(log, RedisEventLog):
+                with SyncRedis.from_url(REDIS_URL) as sync:
+                    sync.xadd(log.key(task_id), {"t": late.type, "d": late.data}, id=f"{late.seq}-0")
+            else:
+                dead.add(late)
+        built.append(seq)
+        return event(task_id, seq, "task.failed").data
+
+    assert await other.append_final(task_id, "task.failed", make_data) == 5
+    assert built == [4, 5]
+    stored = await collect(other.read(task_id, after=3))
+    assert stored == [late, event(task_id, 5, "task.failed")]
 
 
 async def test_append_final_after_a_completed_task_is_a_no_op(backend: Logs) -> None:

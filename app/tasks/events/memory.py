@@ -115,13 +115,16 @@ class MemoryEventLog:
         if log is None:
             log = self._logs[task_id] = _TaskLog(task_id)
             self._bytes += TASK_OVERHEAD
-        elif log.ended:
-            return 0
-        # No await from the check to the append: two callers cannot both append.
-        seq = log.next_seq
-        self.append(log, LoggedEvent(seq, event_type, make_data(seq)))
-        self.finish(log)
-        return seq
+        # No await from the check to the append: two callers cannot both append. The event is built
+        # again if make_data let the dead writer add one meanwhile.
+        while not log.ended:
+            seq = log.next_seq
+            data = make_data(seq)
+            if log.next_seq == seq and not log.ended:
+                self.append(log, LoggedEvent(seq, event_type, data))
+                self.finish(log)
+                return seq
+        return 0
 
     async def aclose(self) -> None:
         if self._sweep_handle is not None:
