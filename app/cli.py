@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--max-tokens-per-request", type=_positive, help="estimated tokens ceiling per request")
     create.add_argument("--budget-usd", type=_amount, help="spending limit in USD")
     create.add_argument("--budget-period", choices=["day", "month"], help="budget resets each UTC day or month")
+    create.add_argument(
+        "--max-background-tasks",
+        type=_positive,
+        help="background tasks queued or running at once (default: limits.max_background_tasks)",
+    )
     create.set_defaults(handler=_keys_create)
     listing = keys.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--all", action="store_true", help="include revoked keys")

@@ -164,6 +164,7 @@ class LimitSettings(_Section):
     redis_url: str | None = None
     redis_failure_policy: Literal["fail_open", "fail_closed"] = "fail_open"
     expected_instances: int = Field(1, ge=1, description="fail_open: each instance allows limit / this.")
+    max_background_tasks: int = Field(10, ge=1, description="Background tasks queued or running per key.")
 
 
 class BreakerSettings(_Section):

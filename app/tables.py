@@ -4,7 +4,8 @@ from sqlmodel import SQLModel
 
 from app.audit.models import AuditRecord
 from app.auth.models import ApiKey
+from app.tasks.models import Task
 
 metadata = SQLModel.metadata
 
-__all__ = ["ApiKey", "AuditRecord", "metadata"]
+__all__ = ["ApiKey", "AuditRecord", "Task", "metadata"]

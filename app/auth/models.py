@@ -33,6 +33,7 @@ class ApiKey(SQLModel, table=True):
     max_tokens_per_request: int | None = None
     budget_usd: Decimal | None = Field(default=None, max_digits=18, decimal_places=9)
     budget_period: str | None = Field(default=None, max_length=8)
+    max_background_tasks: int | None = None
     # May read every key's audit rows (GET /v1/audit).
     is_admin: bool = False
     # The tools this key may use (None: all); its ceilings on sandbox limits ({timeout_s, memory_mb, fuel}).

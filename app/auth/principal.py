@@ -17,6 +17,7 @@ class KeyLimits:
     max_tokens_per_request: int | None = None
     budget_usd: Decimal | None = None
     budget_period: str | None = None
+    max_background_tasks: int | None = None  # queued or running at once
 
     @classmethod
     def of(cls, source: object) -> KeyLimits:
