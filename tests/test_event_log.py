@@ -500,6 +500,28 @@ async def test_redis_sends_one_script_call_per_batch(redis_pair: tuple[Redis, Re
         await client.aclose()
 
 
+async def test_redis_splits_a_batch_of_large_events_so_that_no_call_holds_redis_long(
+    redis_pair: tuple[Redis, Redis, str],
+) -> None:
+    _, _, prefix = redis_pair
+    client = CountingRedis.from_pool(BlockingConnectionPool.from_url(REDIS_URL, max_connections=8, timeout=30))
+    client.commands = []
+    try:
+        log = RedisEventLog(client, prefix=prefix)
+        task_id = new_task_id()
+        writer = log.writer(task_id)
+        await writer.flush()
+        client.commands.clear()
+        big = [LoggedEvent(seq, "tool.result", b'{"result": "%s"}' % (b"x" * 400_000)) for seq in range(1, 9)]
+        for item in [*big, event(task_id, 9, "task.completed")]:
+            writer.add(item)
+        await writer.close()
+        assert len(client.commands) == 4  # 1 MiB a call: two 400 kB events each
+        assert [entry for entry, _ in await client.xrange(log.key(task_id))][-1] == b"9-0"
+    finally:
+        await client.aclose()
+
+
 async def test_redis_live_readers_on_another_client_get_events_within_the_batch_interval(
     redis_pair: tuple[Redis, Redis, str],
 ) -> None:

@@ -27,13 +27,13 @@ class UnknownTask(AppError):
 
 
 class EventsGone(AppError):
-    """Events the reader asked for were dropped by a bound; `oldest` is the first seq still stored."""
+    """Events the reader asked for were dropped by a bound; `oldest` is the next seq stored after them."""
 
     status, code, title = 410, "events_gone", "Events no longer stored"
 
     def __init__(self, task_id: str, after: int, oldest: int) -> None:
         super().__init__(
-            f"Task {task_id}: events after seq {after} are no longer stored (the oldest kept is {oldest}).",
+            f"Task {task_id}: events after seq {after} are no longer stored (the next one kept is {oldest}).",
             extra={"oldest_seq": oldest},
         )
         self.oldest = oldest

@@ -26,8 +26,9 @@ OPEN_ID = "0-1"
 # A running task's stream outlives its last write by this much (or retention_s, if longer): a writer
 # that died with nobody to finalise its log leaves nothing behind for long.
 RUNNING_TTL_S = 86_400.0
-# Events in one script call: one task's batch must not hold Redis (single-threaded) for long.
+# One script call at most: a task's batch must not hold Redis (single-threaded) for long.
 MAX_BATCH = 1024
+MAX_BATCH_BYTES = 1024 * 1024
 # Entries per page read: small for the first (a resume's first event is what a client waits for).
 FIRST_PAGE = 64
 PAGE = 1024
@@ -194,7 +195,6 @@ class RedisEventLog:
         batch_events: int = 32,
         give_up_s: float = 10.0,
     ) -> None:
-        self._redis = redis
         self._readers = readers or redis
         for client in {id(redis): redis, id(self._readers): self._readers}.values():
             if client.get_encoder().decode_responses:  # type: ignore[no-untyped-call]
@@ -337,6 +337,16 @@ class RedisEventLog:
                 await asyncio.sleep(_backoff(attempt))
                 attempt += 1
                 events, more = [], True
+
+
+def _batch_length(pending: list[LoggedEvent]) -> int:
+    """How many of the pending events go in the next script call (at least one)."""
+    size = 0
+    for index, item in enumerate(pending[:MAX_BATCH]):
+        size += len(item.data)
+        if size > MAX_BATCH_BYTES:
+            return max(1, index)
+    return min(len(pending), MAX_BATCH)
 
 
 def _xread_entries(answer: Any) -> list[Any]:
@@ -496,8 +506,9 @@ class RedisEventWriter:
                 if not (done or self._urgent) and len(self._pending) < log.batch_events and waited < log.batch_s:
                     await self._wait(log.batch_events, log.batch_s - waited)
                     continue
-                batch = self._pending[:MAX_BATCH]
-                del self._pending[:MAX_BATCH]
+                count = _batch_length(self._pending)
+                batch = self._pending[:count]
+                del self._pending[:count]
                 self._in_flight_through = batch[-1].seq
                 if self._pending:
                     self._first_at = time.monotonic()
@@ -533,7 +544,7 @@ class RedisEventWriter:
         self._opened = True
         if answer[2] == 1:
             self._ended_elsewhere = self._ignore = True
-            self.dropped += len(batch) + len(self._pending)
+            self.dropped += len(batch)  # and the flusher drops what is pending
             logger.warning(
                 "task %s: its event log was ended by another instance (at seq %d); this writer's events"
                 " from seq %d are not stored",
@@ -566,7 +577,7 @@ class RedisEventWriter:
                 return None
             if self._failing_since is not None:
                 if self._losing:
-                    logger.warning("task %s: Redis takes its events again (%d dropped)", self.task_id, self.dropped)
+                    logger.info("task %s: Redis takes its events again (%d dropped)", self.task_id, self.dropped)
                 self._failing_since = None
                 self._retry_at = 0.0
                 self._losing = False
