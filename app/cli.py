@@ -1,4 +1,4 @@
-"""The `pacemaker` console command: serve, migrate, manage API keys, write the OpenAPI schema."""
+"""The `pacemaker` console command: serve, migrate, manage API keys, prune old records, write the OpenAPI schema."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from app.auth.principal import KeyLimits
 from app.auth.repository import ApiKeyRepository
 from app.config import ConfigError, Settings, load_settings
 from app.db import create_engine, create_session_maker, migrate, session_scope
+from app.tasks.store import prune_tasks
 
 T = TypeVar("T")
 
@@ -61,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--older-than-days", type=_positive, required=True)
     prune.add_argument("--batch-size", type=_positive, default=10_000, help="rows per transaction")
     prune.set_defaults(handler=_audit_prune)
+
+    tasks = commands.add_parser("tasks", help="task record upkeep").add_subparsers(required=True, metavar="ACTION")
+    prune_tasks = tasks.add_parser("prune", help="delete task records older than a number of days (retention)")
+    prune_tasks.add_argument("--older-than-days", type=_positive, required=True)
+    prune_tasks.add_argument("--batch-size", type=_positive, default=10_000, help="records per transaction")
+    prune_tasks.set_defaults(handler=_tasks_prune)
 
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(required=True, metavar="ACTION")
     create = keys.add_parser("create", help="create a key and print it (shown once)")
@@ -228,6 +235,20 @@ def _audit_prune(args: argparse.Namespace, settings: Settings) -> int:
             await engine.dispose()
 
     print(f"deleted {_run(prune)} audit rows created before {cutoff:%Y-%m-%d %H:%M} UTC")
+    return 0
+
+
+def _tasks_prune(args: argparse.Namespace, settings: Settings) -> int:
+    cutoff = datetime.now(UTC) - timedelta(days=args.older_than_days)
+
+    async def prune() -> int:
+        engine = create_engine(settings.database)
+        try:
+            return await prune_tasks(engine, cutoff, args.batch_size)
+        finally:
+            await engine.dispose()
+
+    print(f"deleted {_run(prune)} task records created before {cutoff:%Y-%m-%d %H:%M} UTC")
     return 0
 
 

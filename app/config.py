@@ -205,6 +205,35 @@ class AuditSettings(_Section):
     content_max_chars: int = Field(2000, ge=1)
 
 
+class TaskSettings(_Section):
+    """Task records (the task table): their durable writer, as the audit log's, and background tasks' leases."""
+
+    queue_size: int = Field(
+        2_000, ge=1, description="Records held in memory; beyond them the writer reads records back from the journal."
+    )
+    batch_size: int = Field(100, ge=1)
+    flush_interval_s: float = Field(0.2, gt=0, description="Longest wait of a record for its batch; the journal fsync.")
+    write_timeout_s: float = Field(5.0, gt=0)
+    retry_interval_s: float = Field(1.0, gt=0, description="How often a down database is tried again.")
+    shutdown_timeout_s: float = Field(10.0, gt=0)
+    startup_replay_timeout_s: float = Field(
+        5.0, gt=0, description="How long start waits for the records earlier processes left in the journal."
+    )
+    spool_dir: Path = Field(Path("var/task-spool"), description="The journal: every record is appended here first.")
+    dead_letter_dir: Path | None = Field(
+        None, description="Records the database refuses for their content (default: <spool_dir>-dead-letter)."
+    )
+    read_timeout_s: float = Field(2.0, gt=0, description="Reads and direct writes that take longer fail (503).")
+    lease_s: float = Field(30.0, gt=0, description="A background task's lease; a lapsed one is failed (worker_lost).")
+    lease_renew_s: float = Field(5.0, gt=0, description="How often the instance running a task renews its lease.")
+
+    @model_validator(mode="after")
+    def _renewed_in_time(self) -> TaskSettings:
+        if self.lease_renew_s >= self.lease_s:
+            raise ValueError("lease_renew_s must be shorter than lease_s")
+        return self
+
+
 def _check_tool_url(url: str) -> None:
     """Refuse (ValueError) a tool URL that cannot work, or that HTTP clients and resolvers read differently.
 
@@ -390,6 +419,7 @@ class Settings(BaseSettings):
     agent: AgentSettings = AgentSettings()
     limits: LimitSettings = LimitSettings()
     audit: AuditSettings = AuditSettings()
+    tasks: TaskSettings = TaskSettings()
     tools: ToolsSettings = ToolsSettings()
     sandbox: SandboxSettings = SandboxSettings()
     breakers: BreakerSettings = BreakerSettings()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from app.durable.metrics import WriterMetrics
+
 _LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -119,3 +121,5 @@ class Metrics:
             ["transport", "outcome"],
             registry=self.registry,
         )
+        # The task table's writer: pacemaker_task_records_{queue_depth,flush_seconds,written_total,...}.
+        self.task_records = WriterMetrics.register(self.registry, "pacemaker_task_records", "Task records")

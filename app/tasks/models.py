@@ -61,6 +61,7 @@ class Task(SQLModel, table=True):
 
 
 TASK_COLUMNS: tuple[str, ...] = tuple(Task.__table__.columns.keys())  # type: ignore[attr-defined]
+_TIMESTAMPS = ("created_at", "started_at", "finished_at", "lease_expires_at")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +126,10 @@ class TaskRecord:
         return self.status in ACTIVE_STATUSES
 
     def to_row(self) -> dict[str, Any]:
-        """The task table's row: every column, with values the journal and both databases take."""
+        """The task table's row: every column, timestamps in UTC (SQLite compares them as text, not instants)."""
         row = {name: getattr(self, name) for name in TASK_COLUMNS}
+        for name in _TIMESTAMPS:
+            row[name] = _utc_or_none(row[name])
         row["tool_calls"] = [call.to_json() for call in self.tool_calls]
         return row
 
