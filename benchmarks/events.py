@@ -39,13 +39,18 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def compact_json(value: Any) -> bytes:
+    # orjson's result keeps a 4 KiB buffer whatever its length (app/tasks/events/base.py): copied to its size.
+    return memoryview(orjson.dumps(value)).tobytes()
+
+
 def make_events(task_id: str, count: int) -> list[LoggedEvent]:
-    events = [LoggedEvent(1, "task.started", orjson.dumps({"type": "task.started", "task_id": task_id, "seq": 1}))]
+    events = [LoggedEvent(1, "task.started", compact_json({"type": "task.started", "task_id": task_id, "seq": 1}))]
     for seq in range(2, count):
         body = {"type": "token.delta", "task_id": task_id, "seq": seq, "delta": " word"}
-        events.append(LoggedEvent(seq, "token.delta", orjson.dumps(body)))
+        events.append(LoggedEvent(seq, "token.delta", compact_json(body)))
     final = {"type": "task.completed", "task_id": task_id, "seq": count, "output": "..."}
-    events.append(LoggedEvent(count, "task.completed", orjson.dumps(final)))
+    events.append(LoggedEvent(count, "task.completed", compact_json(final)))
     return events
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -10,6 +11,7 @@ import shutil
 import signal
 import statistics
 import time
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -45,7 +47,8 @@ def event(task_id: str, seq: int, kind: str = "token.delta") -> LoggedEvent:
         body["delta"] = f"token {seq} "
     elif kind == "task.failed":
         body.update(code="worker_lost", detail="The task's instance stopped.", retryable=True, status=503)
-    return LoggedEvent(seq, kind, orjson.dumps(body))
+    # As the task service makes them: exactly their length (orjson's bytes keep a 4 KiB buffer each).
+    return LoggedEvent(seq, kind, memoryview(orjson.dumps(body)).tobytes())
 
 
 def task_events(task_id: str, count: int, final: str = "task.completed") -> list[LoggedEvent]:
@@ -408,14 +411,24 @@ async def test_memory_finished_tasks_expire_after_retention_without_any_other_ac
     await log.aclose()
 
 
-async def test_memory_bytes_count_the_stored_json_and_its_overhead() -> None:
+async def test_memory_bytes_count_what_the_stored_events_really_take() -> None:
     log = MemoryEventLog()
-    task_id = new_task_id()
-    events = task_events(task_id, 50)
-    await write_all(log, events, task_id)
-    from app.tasks.events.memory import EVENT_OVERHEAD, TASK_OVERHEAD
-
-    assert log.stored_bytes == TASK_OVERHEAD + sum(len(e.data) + EVENT_OVERHEAD for e in events)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(10):
+            task_id = new_task_id()
+            writer = log.writer(task_id)
+            for seq in range(1, 3001):  # made here, as the task service makes them, and held by the log only
+                writer.add(event(task_id, seq, "task.completed" if seq == 3000 else "token.delta"))
+            await writer.close()
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # max_bytes bounds what the stored events really take, within a tenth.
+    assert 0.9 * log.stored_bytes <= held <= 1.1 * log.stored_bytes, (held, log.stored_bytes)
 
 
 # Redis: retention, MAXLEN, batching and latency.

@@ -15,6 +15,14 @@ TERMINAL_TYPES = frozenset(event.model_fields["type"].default for event in TERMI
 
 @dataclass(frozen=True, slots=True)
 class LoggedEvent:
+    """One event as logged, its JSON exactly as renderers send it.
+
+    `data` must be a bytes object of exactly its length, as `model_dump_json().encode()` makes:
+    orjson.dumps results keep a 4 KiB buffer each (measured: 4,120 bytes of RSS for a 46-byte
+    result), which no byte bound here can see; copy those first (`memoryview(data).tobytes()`).
+    Copying on every add() instead would cost more than the add itself (measured: 0.65 -> 1.65 us).
+    """
+
     seq: int  # 1..N, the event's own seq
     type: str  # the event's type (task.started, token.delta, ..., task.completed, task.failed)
     data: bytes  # the event serialised as JSON, exactly what a renderer sends (never re-encoded)
