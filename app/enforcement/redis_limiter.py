@@ -199,16 +199,16 @@ return 1
 )
 
 
-def build_redis(url: str) -> Redis:
+def build_redis(url: str, *, timeout_s: float = 0.25) -> Redis:
     """One pooled client that fails fast: a limiter must not hold requests hostage to a slow Redis."""
     pool = BlockingConnectionPool.from_url(
         url,
         # redis-py 8's default pool raises once 100 connections are busy, which would look like an
         # outage under load; a bounded blocking pool queues briefly instead (a script takes < 1 ms).
         max_connections=64,
-        timeout=0.5,
-        socket_connect_timeout=0.25,
-        socket_timeout=0.25,
+        timeout=2 * timeout_s,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
         # redis-py 8 retries 10 times by default; the ResilientLimiter decides what a failure means.
         # One immediate retry, on a reconnected socket, for a connection error only: after a Redis
         # restart every pooled connection is dead, and each would otherwise cost a cool-down of 503s.
