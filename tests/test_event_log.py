@@ -23,6 +23,7 @@ import orjson
 import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.enforcement.redis_limiter import build_redis
 from app.tasks.events import (
@@ -509,6 +510,39 @@ async def test_redis_sends_one_script_call_per_batch(redis_pair: tuple[Redis, Re
         assert set(client.commands) <= {"EVALSHA", "EVAL", "SCRIPT LOAD", "SCRIPT"}
         stored = await client.xrange(log.key(task_id))
         assert [entry for entry, _ in stored][1:] == [f"{e.seq}-0".encode() for e in events]
+    finally:
+        await client.aclose()
+
+
+class AnswerLostRedis(Redis):
+    """Runs the first batch's script call, then fails as if the connection broke before its answer."""
+
+    lost = 0
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        answer = await super().execute_command(*args, **options)
+        if str(args[0]).upper() == "EVALSHA" and args[-1] and not self.lost:
+            self.lost += 1
+            raise RedisConnectionError("connection lost after the command ran")
+        return answer
+
+
+async def test_redis_a_batch_whose_answer_was_lost_is_sent_again_and_stored_once(
+    redis_pair: tuple[Redis, Redis, str],
+) -> None:
+    _, other, prefix = redis_pair
+    client = AnswerLostRedis.from_pool(BlockingConnectionPool.from_url(REDIS_URL, max_connections=8, timeout=30))
+    try:
+        log = RedisEventLog(client, prefix=prefix)
+        task_id = new_task_id()
+        writer = log.writer(task_id)
+        await writer.flush()
+        events = task_events(task_id, 50)
+        for item in events:
+            writer.add(item)
+        await writer.close()
+        assert client.lost == 1 and writer.dropped == 0
+        assert await collect(RedisEventLog(other, prefix=prefix).read(task_id)) == events
     finally:
         await client.aclose()
 

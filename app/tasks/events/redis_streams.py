@@ -44,48 +44,54 @@ PACKED_HEADER = struct.Struct(">IHI")
 
 _TERMINAL_LUA = "{" + ", ".join(f"[{name!r}] = true" for name in sorted(TERMINAL_TYPES)) + "}"
 
-# The last entry's seq (nil when the stream does not exist) and whether it is a terminal event.
-# Entries hold the fields t (type) and d (data), in that order.
+# The last entry's seq (nil when the stream does not exist), whether it is a terminal event, and its
+# data. Entries hold the fields t (type) and d (data), in that order.
 _LAST_ENTRY_LUA = (
     "local TERMINAL = "
     + _TERMINAL_LUA
     + """
 local function last_entry(key)
   local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
-  if not last then return nil, false end
-  return tonumber(string.match(last[1], '^(%d+)')), TERMINAL[last[2][2]] == true
+  if not last then return nil, false, nil end
+  return tonumber(string.match(last[1], '^(%d+)')), TERMINAL[last[2][2]] == true, last[2][4]
 end
 """
 )
 
 # KEYS: the stream. ARGV: MAXLEN, PEXPIRE ms, '1' to write the open entry, the packed events.
-# Events at or below the stream's last seq are skipped (a retried batch that was stored before its
-# answer was lost), nothing is added after a terminal event (the log was finalised by another
-# instance). Returns {events added, the stream's last seq, 1 if it had already ended}.
+# Events at or below the stream's last seq are skipped: a retried batch that was stored before its
+# answer was lost. Nothing is added after a terminal event other than this batch's own (the log was
+# finalised by another instance, which took this writer for dead). Returns {events added, the
+# stream's last seq, the seq from which the batch was refused because the log had ended, or 0}.
 APPEND_LUA = (
     _LAST_ENTRY_LUA
     + """
-local last_seq, ended = last_entry(KEYS[1])
-if ended then return {0, last_seq, 1} end
+local last_seq, ended, last_data = last_entry(KEYS[1])
 if last_seq == nil then
   last_seq = 0
   if ARGV[3] == '1' then redis.call('XADD', KEYS[1], '0-1', 't', '', 'd', '') end
 end
-local packed, pos, added = ARGV[4], 1, 0
+local packed, pos, added, refused = ARGV[4], 1, 0, 0
 while pos <= #packed do
   local seq, type_length, data_length, at = struct.unpack('>IHI', packed, pos)
   local kind = string.sub(packed, at, at + type_length - 1)
   pos = at + type_length + data_length
   if seq > last_seq then
+    if ended then
+      refused = seq
+      break
+    end
     local data = string.sub(packed, at + type_length, pos - 1)
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], string.format('%d-0', seq), 't', kind, 'd', data)
     last_seq = seq
     added = added + 1
-    if TERMINAL[kind] then break end
+  elseif seq == last_seq and ended and string.sub(packed, at + type_length, pos - 1) ~= last_data then
+    refused = seq  -- the terminal event stored at this seq is another instance's, not this one's
+    break
   end
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {added, last_seq, 0}
+if refused == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return {added, last_seq, refused}
 """
 )
 
@@ -542,15 +548,16 @@ class RedisEventWriter:
         if answer is None:
             return
         self._opened = True
-        if answer[2] == 1:
+        refused_from = int(answer[2])
+        if refused_from:
             self._ended_elsewhere = self._ignore = True
-            self.dropped += len(batch)  # and the flusher drops what is pending
+            self.dropped += sum(1 for item in batch if item.seq >= refused_from)  # the flusher drops the rest
             logger.warning(
                 "task %s: its event log was ended by another instance (at seq %d); this writer's events"
                 " from seq %d are not stored",
                 self.task_id,
                 int(answer[1]),
-                batch[0].seq if batch else self._sent_through + 1,
+                refused_from,
             )
 
     async def _call(self, args: list[int | str | bytes], batch: list[LoggedEvent]) -> list[int] | None:
