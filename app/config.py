@@ -16,6 +16,7 @@ from pydantic_settings import (
 )
 
 from app.sandbox.settings import SandboxSettings
+from app.tasks.events.settings import EventsSettings
 
 Tier = Literal["small", "medium", "large"]
 Mode = Literal["simple", "complex", "research"]
@@ -420,6 +421,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     audit: AuditSettings = AuditSettings()
     tasks: TaskSettings = TaskSettings()
+    events: EventsSettings = EventsSettings()
     tools: ToolsSettings = ToolsSettings()
     sandbox: SandboxSettings = SandboxSettings()
     breakers: BreakerSettings = BreakerSettings()

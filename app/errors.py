@@ -100,6 +100,36 @@ class TooManySockets(AppError):
     capacity_refusal = True
 
 
+class TaskNotFound(AppError):
+    # Also another key's task: a 403 would confirm that the id exists.
+    status, code, title = 404, "task_not_found", "No such task"
+
+
+class TaskFinished(AppError):
+    status, code, title = 409, "task_finished", "The task has already finished"
+
+
+class MalformedResume(AppError):
+    status, code, title = 400, "invalid_resume_point", "Last-Event-ID or after is not a seq"
+
+
+class EventsNotKept(AppError):
+    status, code, title = 409, "events_not_kept", "Only background tasks keep their events"
+
+
+class TooManyBackgroundTasks(AppError):
+    status, code, title, retryable = 429, "too_many_background_tasks", "Too many background tasks for this key", True
+    capacity_refusal = True
+
+
+class ShuttingDown(AppError):
+    status, code, title, retryable = 503, "shutting_down", "The server is shutting down", True
+
+
+class WorkerLost(AppError):
+    status, code, title, retryable = 503, "worker_lost", "The instance running the task stopped", True
+
+
 class RequestTimeout(AppError):
     status, code, title, retryable = 504, "request_timeout", "Request timed out", True
 

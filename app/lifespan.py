@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -30,11 +33,17 @@ from app.enforcement.memory_limiter import MemoryLimiter
 from app.enforcement.redis_limiter import RedisLimiter, build_redis
 from app.enforcement.resilient_limiter import ResilientLimiter
 from app.enforcement.retry import RetryPolicy
+from app.errors import ShuttingDown
 from app.middleware import TrafficCounters
 from app.observability.metrics import Metrics
 from app.providers.registry import ProviderRegistry
 from app.sandbox.sandbox import Sandbox
+from app.tasks.background import BackgroundTasks
+from app.tasks.cancel_bus import CancelBus
+from app.tasks.events import EventLog, MemoryEventLog, RedisEventLog, build_reader_redis
+from app.tasks.leases import LeaseKeeper
 from app.tasks.service import TaskService
+from app.tasks.store import TaskStore
 from app.tools.http import HttpTool, http_tool_session
 from app.tools.invoke import ToolInvoker
 from app.tools.python import PythonTool
@@ -63,6 +72,7 @@ class Resources:
     websockets: SocketLimiter
     tool_invoker: ToolInvoker  # every tool call, from the agent loop or a client
     tasks: TaskService
+    background: BackgroundTasks
 
 
 def upstream_http_session(settings: Settings) -> aiohttp.ClientSession:
@@ -110,6 +120,86 @@ def build_enforcer(
     )
 
 
+def instance_id() -> str:
+    """This process, among every instance sharing the database: in task records and their leases."""
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def _start_tasks(
+    stack: AsyncExitStack,
+    settings: Settings,
+    metrics: Metrics,
+    engine: AsyncEngine,
+    providers: ProviderRegistry,
+    tools: ToolRegistry,
+    invoker: ToolInvoker,
+    enforcer: Enforcer,
+    audit: AuditSink | None,
+) -> tuple[TaskService, BackgroundTasks]:
+    """The task service and what background tasks need: records, the event log, cancels, leases.
+
+    Closed in reverse: background tasks end first (their final events, records and audit rows
+    written), then the cancel channel and the event log; the record writer last.
+    """
+    store = TaskStore(engine, settings.tasks, metrics)
+    await store.start()
+    stack.push_async_callback(store.stop)
+    service = TaskService(
+        settings=settings,
+        providers=providers,
+        tools=tools,
+        invoker=invoker,
+        enforcer=enforcer,
+        metrics=metrics,
+        audit=audit,
+        store=store,
+        instance_id=instance_id(),
+    )
+    events_url = settings.events.redis_url or settings.limits.redis_url
+    readers: Redis | None = None
+    events: EventLog
+    if events_url is None:
+        events = MemoryEventLog(
+            max_bytes=settings.events.max_bytes,
+            max_events_per_task=settings.events.max_events_per_task,
+            retention_s=settings.events.retention_s,
+        )
+    else:
+        writers, readers = build_redis(events_url), build_reader_redis(events_url)
+        stack.push_async_callback(writers.aclose)
+        stack.push_async_callback(readers.aclose)
+        events = RedisEventLog(
+            writers,
+            readers=readers,
+            retention_s=settings.events.retention_s,
+            max_events_per_task=settings.events.max_events_per_task,
+            max_bytes=settings.events.max_bytes,
+            batch_ms=settings.events.batch_ms,
+            batch_events=settings.events.batch_events,
+            give_up_s=settings.events.redis_give_up_s,
+        )
+    stack.push_async_callback(events.aclose)
+    background = BackgroundTasks(
+        service, events, live=events_url is not None, providers=providers, audit=audit, metrics=metrics
+    )
+    cancels = CancelBus(readers, service.cancel_here)
+    await cancels.start()
+    stack.push_async_callback(cancels.stop)
+    service.cancels = cancels
+    leases = LeaseKeeper(
+        store,
+        lease_s=settings.tasks.lease_s,
+        renew_s=settings.tasks.lease_renew_s,
+        running=lambda: list(service.running),
+        on_lost=background.lost,
+    )
+    await leases.start()
+    stack.push_async_callback(leases.stop)
+    shutting_down = ShuttingDown("The server is shutting down; start the task again.", retry_after=1.0)
+    stack.push_async_callback(background.stop, shutting_down, settings.tasks.shutdown_timeout_s)
+    return service, background
+
+
 def build_lifespan(
     settings: Settings, metrics: Metrics, counters: TrafficCounters
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[dict[str, Any]]]:
@@ -154,14 +244,8 @@ def build_lifespan(
             stack.push_async_callback(enforcer.limiter.aclose)
             tool_registry = ToolRegistry(tools)
             tool_invoker = ToolInvoker(enforcer.breakers, metrics)
-            task_service = TaskService(
-                settings=settings,
-                providers=providers,
-                tools=tool_registry,
-                invoker=tool_invoker,
-                enforcer=enforcer,
-                metrics=metrics,
-                audit=audit,
+            task_service, background = await _start_tasks(
+                stack, settings, metrics, engine, providers, tool_registry, tool_invoker, enforcer, audit
             )
             resources = Resources(
                 settings=settings,
@@ -186,6 +270,7 @@ def build_lifespan(
                 websockets=SocketLimiter(),
                 tool_invoker=tool_invoker,
                 tasks=task_service,
+                background=background,
             )
             log.info(
                 "pacemaker started: %d models, database %s", len(providers.routes()), engine.url.get_backend_name()

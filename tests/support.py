@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -117,6 +118,36 @@ class ManagedProcess:
         return self.process.returncode
 
 
+class RedisServer:
+    """A redis-server of the test's own, on a free port, which the test may kill and start again
+    (never the machine's shared one)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        if shutil.which("redis-server") is None:
+            message = "redis-server is not installed"
+            if IN_CI:
+                pytest.fail(message + " (CI=true: a missing service is a failure)")
+            pytest.skip(message)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._log_dir = log_dir
+        self._starts = 0
+        self._process: ManagedProcess | None = None
+
+    def start(self) -> None:
+        self._starts += 1
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self._process = ManagedProcess(args, os.environ, self._log_dir / f"redis-{self.port}-{self._starts}.log")
+        self._process.wait_for_port(self.port)
+
+    def kill(self) -> None:
+        if self._process is not None:
+            self._process.stop(signal.SIGKILL)
+            self._process = None
+        while port_open("127.0.0.1", self.port):
+            time.sleep(0.01)
+
+
 def start_fake_upstream(log_dir: Path) -> tuple[ManagedProcess, str]:
     port = free_port()
     process = ManagedProcess(
@@ -172,6 +203,7 @@ def server_config(workdir: Path, upstream_url: str | None, **overrides: Any) -> 
         "auth": {"dev_key_file": str(workdir / "dev-key")},
         # Each server its own spool: a shared one would replay one server's rows into another's database.
         "audit": {"spool_dir": str(workdir / "audit-spool")},
+        "tasks": {"spool_dir": str(workdir / "task-spool")},
         "providers": {"simulated": {"kind": "simulated", "tokens_per_second": 0}},
         "models": {name: {"provider": "simulated"} for name in ("sim-small", "sim-medium", "sim-large")},
     }

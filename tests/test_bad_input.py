@@ -88,7 +88,7 @@ async def test_a_chunked_body_over_the_limit_is_a_413_too(client: httpx.AsyncCli
 
 async def test_unknown_route_and_wrong_method_are_problems(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get("/v1/nothing-here"), 404, "not_found")
-    assert_problem(await client.get("/v1/tasks"), 405, "method_not_allowed")
+    assert_problem(await client.delete("/v1/tasks"), 405, "method_not_allowed")
 
 
 @pytest.mark.parametrize(

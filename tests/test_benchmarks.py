@@ -15,12 +15,12 @@ SMOKE_TIMEOUT_S = 240
 POSTGRES, REDIS = ("PostgreSQL", 5432), ("Redis", 6379)
 # Modules of benchmarks/ that are not benchmarks themselves; every other one must have a --smoke.
 HELPERS = {"__init__", "bare_proxy", "harness", "loadgen", "pyspy"}
-SERVICES = {"audit": (POSTGRES,), "enforcement": (REDIS,)}
+SERVICES = {"audit": (POSTGRES,), "enforcement": (REDIS,), "events": (REDIS,)}
 BENCHMARKS = sorted(path.stem for path in (ROOT / "benchmarks").glob("*.py") if path.stem not in HELPERS)
 
 
 def test_every_known_benchmark_is_found() -> None:
-    assert {"audit", "chat_proxy", "enforcement", "sandbox"} <= set(BENCHMARKS)
+    assert {"audit", "chat_proxy", "enforcement", "events", "sandbox"} <= set(BENCHMARKS)
 
 
 @pytest.mark.timeout(SMOKE_TIMEOUT_S + 90)

@@ -315,13 +315,15 @@ async def test_active_background_tasks_are_counted_per_key(database: str, tmp_pa
 async def test_two_sweepers_claim_each_expired_task_exactly_once(database: str, tmp_path: Path) -> None:
     expired = [
         record(background=True, status="queued" if n % 4 else "running", lease_expires_at=NOW - timedelta(seconds=60))
-        for n in range(120)
+        for n in range(118)
     ]
+    # Plain tasks hold leases too: one whose instance died is ended by the sweep as well.
+    expired += [record(background=False, lease_expires_at=NOW - timedelta(seconds=60)) for _ in range(2)]
     renewed = [record(background=True, lease_expires_at=NOW - timedelta(seconds=60)) for _ in range(5)]
     kept = [
         record(background=True, lease_expires_at=NOW + timedelta(seconds=30)),  # alive
         record(background=True, lease_expires_at=NOW - timedelta(seconds=2)),  # within the grace
-        record(background=False, lease_expires_at=NOW - timedelta(seconds=60)),  # not background
+        record(background=False, lease_expires_at=None),  # no lease at all
         final(record(background=True, lease_expires_at=NOW - timedelta(seconds=60))),  # ended
     ]
     async with opened(database, tmp_path / "a") as first, opened(database, tmp_path / "b") as second:

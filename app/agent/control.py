@@ -6,14 +6,14 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from app.errors import Cancelled
+from app.errors import AppError, Cancelled
 
 T = TypeVar("T")
 
 
 class RunControl:
     """Bounds every await of a task by its deadline; cancel() makes the one in progress (and every later
-    one) end at once with `Cancelled`, which the runner reports as its last event.
+    one) end at once with `Cancelled` (or the reason given), which the runner reports as its last event.
 
     Cancelling through the deadline, rather than cancelling the asyncio task that consumes the
     events, leaves the consumer (a response, a socket, a background runner) in charge of its own
@@ -25,16 +25,20 @@ class RunControl:
         self.timeout_s = timeout_s
         self.deadline: float | None = None  # set when the run starts
         self.cancelled = False
+        self._reason: AppError = Cancelled("The task was cancelled.")
         self._scopes: set[asyncio.Timeout] = set()
 
     def start(self) -> None:
         self.deadline = asyncio.get_running_loop().time() + self.timeout_s
 
-    def cancel(self) -> None:
-        """End the task now (safe at any time, also before it starts or after it ended)."""
+    def cancel(self, reason: AppError | None = None) -> None:
+        """End the task now (safe at any time, also before it starts or after it ended); `reason` is the
+        error its last event reports (default: cancelled)."""
         if self.cancelled:
             return
         self.cancelled = True
+        if reason is not None:
+            self._reason = reason
         now = asyncio.get_running_loop().time()
         for scope in self._scopes:
             scope.reschedule(now)
@@ -46,7 +50,7 @@ class RunControl:
         """
         if self.cancelled:
             _close(awaitable)
-            raise Cancelled("The task was cancelled.")
+            raise self._reason
         try:
             async with asyncio.timeout_at(self.deadline) as scope:
                 self._scopes.add(scope)
@@ -56,7 +60,7 @@ class RunControl:
                     self._scopes.discard(scope)
         except TimeoutError:
             if self.cancelled:
-                raise Cancelled("The task was cancelled.") from None
+                raise self._reason from None
             raise
 
 

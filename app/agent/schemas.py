@@ -29,6 +29,11 @@ class TaskCreate(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     timeout_s: float | None = Field(None, ge=1, le=3600, description="Wall-clock limit for the whole task, in seconds.")
     stream: bool = Field(False, description="Stream events as SSE (also chosen by Accept: text/event-stream).")
+    background: bool = Field(
+        False,
+        description="Run detached from the connection: 202 with the task (or its SSE stream, with `stream`); "
+        "follow it with GET /v1/tasks/{id}/events.",
+    )
 
     @field_validator("query")
     @classmethod

@@ -148,8 +148,8 @@ async def get_audit(
         api_key_id=api_key_id,
         status=status,
         model=model,
-        since=_instant("since", since),
-        until=_instant("until", until),
+        since=instant("since", since),
+        until=instant("until", until),
     )
     after = _decode_cursor(cursor) if cursor is not None else None
     async with resources.session_maker() as session:
@@ -160,7 +160,7 @@ async def get_audit(
     )
 
 
-def _instant(name: str, moment: datetime | None) -> datetime | None:
+def instant(name: str, moment: datetime | None) -> datetime | None:
     """The moment in UTC (naive means UTC), or a 422 for one that has no UTC equivalent (year 1 at +14:00)."""
     if moment is None:
         return None

@@ -1,28 +1,37 @@
-"""POST /v1/tasks: runs a task and answers with its result as JSON, or streams its events as SSE."""
+"""The /v1/tasks routes: run a task (JSON, SSE, or in the background), list, look up, cancel, follow its events."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from datetime import datetime
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Path, Query, Request
 from starlette.responses import Response
 
 from app.agent.events import TaskCompleted, TaskFailed, TaskResult
 from app.agent.runner import Event
 from app.agent.schemas import TaskCreate
 from app.audit.context import AuditContext
+from app.audit.router import instant
 from app.dependencies import PrincipalDep, ResourcesDep
 from app.enforcement.idempotent import run_once
-from app.errors import InvalidRequest
+from app.errors import Forbidden, InvalidRequest, MalformedResume
+from app.lifespan import Resources
 from app.problems import problem_response, problem_responses
 from app.request_body import documented_body, read_body
 from app.streaming import EventStreamResponse
+from app.tasks.events import LoggedEvent
+from app.tasks.models import TaskStatus
+from app.tasks.resource import TaskList, TaskResource, task_resource
 from app.tasks.service import AdmittedTask
+from app.tasks.store import TaskFilters
 
 router = APIRouter(prefix="/v1", tags=["tasks"])
+
+TaskId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="The task's id")]
 
 _RESULT_FIELDS = set(TaskResult.model_fields)
 COST_HEADER = "x-pacemaker-cost-usd"
@@ -38,6 +47,7 @@ def sse_frame(event: Event) -> bytes:
     summary="Run a task",
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "The result, or its events as SSE"},
+        202: {"model": TaskResource, "description": "A background task, accepted; Location names it"},
         **problem_responses(400, 401, 402, 403, 404, 409, 413, 422, 429, 502, 503, 504),
     },
     openapi_extra=documented_body(TaskCreate, {"query": "What is 17 * 23 + 4?"}),
@@ -47,13 +57,14 @@ async def create_task(
     principal: PrincipalDep,
     resources: ResourcesDep,
     idempotency_key: Annotated[
-        str | None, Header(description="Run at most once per key; repeats get the stored result (non-streamed).")
+        str | None,
+        Header(description="Run at most once per key; repeats get the stored answer (non-streamed, or background)."),
     ] = None,
 ) -> Response:
     # Read here, after the key was checked, by the one strict parser (app/request_body.py).
     body = await read_body(request, TaskCreate, resources.settings.server.max_json_depth)
     stream = body.stream or "text/event-stream" in request.headers.get("accept", "")
-    if stream and idempotency_key is not None:
+    if stream and idempotency_key is not None and not body.background:
         raise InvalidRequest("Idempotency-Key applies to non-streamed requests; a stream cannot be replayed.")
     service = resources.tasks
     audit: AuditContext = request.state.audit  # made by the audit middleware for every request
@@ -63,6 +74,22 @@ async def create_task(
         return await service.admit(
             principal, body, transport=transport, audit=audit, stream=stream, scope=request.scope
         )
+
+    if body.background:
+
+        async def accept() -> Response:
+            task = await admit()
+            await resources.background.start(task)  # from here it runs whatever becomes of this connection
+            if stream:
+                return _event_stream(resources, await resources.background.follow(task.id, 0))
+            resource = task_resource(task.record).model_dump(mode="json")
+            return Response(
+                orjson.dumps(resource), status_code=202, media_type="application/json", headers=_location(task.id)
+            )
+
+        if stream:
+            return await accept()
+        return await run_once(request, principal, resources.idempotency, idempotency_key, accept, problem_response)
 
     if stream:
         task = await admit()
@@ -78,6 +105,105 @@ async def create_task(
         return await _result(service.run(await admit()))
 
     return await run_once(request, principal, resources.idempotency, idempotency_key, run, problem_response)
+
+
+@router.get(
+    "/tasks",
+    response_model=TaskList,
+    summary="Your tasks, newest first",
+    responses=problem_responses(401, 403, 422, 503),
+)
+async def list_tasks(
+    principal: PrincipalDep,
+    resources: ResourcesDep,
+    status: Annotated[TaskStatus | None, Query(description="Only tasks in this state")] = None,
+    since: Annotated[datetime | None, Query(description="created_at at or after this (ISO 8601; naive is UTC)")] = None,
+    until: Annotated[datetime | None, Query(description="created_at before this (ISO 8601; naive is UTC)")] = None,
+    api_key_id: Annotated[
+        int | None, Query(ge=1, le=2**31 - 1, description="Admin keys: another key's tasks (default: all keys)")
+    ] = None,
+    cursor: Annotated[str | None, Query(max_length=200, description="The next_cursor of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=500, description="Tasks per page")] = 100,
+) -> TaskList:
+    if api_key_id is not None and not principal.is_admin:
+        raise Forbidden("Listing another key's tasks takes an admin key.")
+    owner = api_key_id if principal.is_admin else principal.key_id
+    filters = TaskFilters(api_key_id=owner, status=status, since=instant("since", since), until=instant("until", until))
+    page = await resources.tasks.store.page(filters, cursor, limit)
+    return TaskList(data=[task_resource(record) for record in page.records], next_cursor=page.next_cursor)
+
+
+@router.get(
+    "/tasks/{task_id}",
+    response_model=TaskResource,
+    summary="A task: its state, and its result once it has ended",
+    responses=problem_responses(401, 404, 422, 503),
+)
+async def get_task(task_id: TaskId, principal: PrincipalDep, resources: ResourcesDep) -> TaskResource:
+    return task_resource(await resources.tasks.lookup(principal, task_id))
+
+
+@router.post(
+    "/tasks/{task_id}/cancel",
+    response_model=TaskResource,
+    summary="Cancel a queued or running task, wherever it runs",
+    responses=problem_responses(401, 404, 409, 422, 503),
+)
+async def cancel_task(task_id: TaskId, principal: PrincipalDep, resources: ResourcesDep) -> TaskResource:
+    return task_resource(await resources.tasks.cancel(principal, task_id))
+
+
+@router.get(
+    "/tasks/{task_id}/events",
+    summary="A background task's events as SSE: those stored, then live; resume with Last-Event-ID",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The events, ending after the terminal one"},
+        **problem_responses(400, 401, 404, 409, 410, 422, 503),
+    },
+)
+async def task_events(
+    task_id: TaskId,
+    principal: PrincipalDep,
+    resources: ResourcesDep,
+    after: Annotated[str | None, Query(description="Only events with a greater seq (a non-negative integer)")] = None,
+    last_event_id: Annotated[
+        str | None, Header(description="The last seq received: resume after it (wins over `after`)")
+    ] = None,
+) -> Response:
+    start = _resume_point(last_event_id if last_event_id is not None else after)
+    events = await resources.background.follow_for(principal, task_id, start)
+    return _event_stream(resources, events)
+
+
+def _event_stream(resources: Resources, events: AsyncIterator[LoggedEvent]) -> EventStreamResponse:
+    return EventStreamResponse(
+        _logged_frames(events),
+        ping_seconds=resources.settings.server.sse_ping_seconds,
+        active=resources.metrics.active_streams.labels("sse"),
+    )
+
+
+async def _logged_frames(events: AsyncIterator[LoggedEvent]) -> AsyncGenerator[bytes, None]:
+    try:
+        async for event in events:
+            yield b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, event.type.encode(), event.data)
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def _resume_point(value: str | None) -> int:
+    if value is None or value == "":
+        return 0
+    if not (len(value) <= 18 and value.isdigit()):
+        raise MalformedResume("Last-Event-ID and after must be a non-negative integer (an event's seq).")
+    return int(value)
+
+
+def _location(task_id: str) -> dict[str, str]:
+    return {"Location": f"/v1/tasks/{task_id}"}
 
 
 async def _result(events: AsyncGenerator[Event, None]) -> Response:

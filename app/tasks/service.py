@@ -2,16 +2,22 @@
 
 Routes and sockets only render its events. For every task, and only here: the spec is built and
 refused if it cannot run, the audit row is described, the request is admitted (limits, budget,
-concurrency), the agent runs, the outcome is counted, the audit row is written, and what the task
-held is released, also when its consumer goes away or it is cancelled from elsewhere.
+concurrency, background slots), the admission record is written, the agent runs, the outcome is
+counted, the final record and the audit row are written, and what the task held is released, also
+when its consumer goes away or it is cancelled from elsewhere. Background tasks run detached from
+any connection (app/tasks/background.py); their events go to the event log.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 
 from starlette.types import Scope
 
@@ -23,16 +29,21 @@ from app.audit.sink import AuditSink
 from app.auth.principal import Principal
 from app.config import Settings
 from app.enforcement.enforcer import Enforcer
-from app.errors import AppError
+from app.errors import AppError, TaskFinished, TaskNotFound, TooManyBackgroundTasks
 from app.observability.metrics import Metrics
 from app.providers.registry import ProviderRegistry
+from app.tasks.cancel_bus import CancelBus
+from app.tasks.models import FINAL_VERSION, TaskRecord, TaskStatus, TaskToolCall
 from app.tasks.spec import build_task_spec
+from app.tasks.store import TaskStore
 from app.tools.invoke import ToolInvoker
 from app.tools.registry import ToolRegistry
 
 log = logging.getLogger(__name__)
 
 Transport = str  # json, sse, ws
+# Records of tasks that ended here lately, for lookups before the writer has them in the database.
+_RECENT = 2_000
 
 
 @dataclass(slots=True)
@@ -42,12 +53,18 @@ class AdmittedTask:
     spec: TaskSpec
     transport: Transport
     audit: AuditContext  # the one carrier of the task's audit row, also reached through its ticket
+    record: TaskRecord  # as admitted; the final record is made from it
     last: Event | None = None
     finished: bool = field(default=False)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def id(self) -> str:
         return self.spec.id
+
+    @property
+    def background(self) -> bool:
+        return self.record.background
 
 
 class TaskService:
@@ -61,6 +78,8 @@ class TaskService:
         enforcer: Enforcer,
         metrics: Metrics,
         audit: AuditSink | None,
+        store: TaskStore,
+        instance_id: str,
     ) -> None:
         self._settings = settings
         self._providers = providers
@@ -69,8 +88,14 @@ class TaskService:
         self._enforcer = enforcer
         self._metrics = metrics
         self._audit = audit
+        self.store = store
+        self.instance_id = instance_id
         self._content_chars = settings.audit.content_max_chars if settings.audit.store_content else 0
-        self._running: dict[str, AdmittedTask] = {}  # on this instance, by id
+        self.running: dict[str, AdmittedTask] = {}  # on this instance, by id
+        self._recent: OrderedDict[str, TaskRecord] = OrderedDict()
+        self.cancels: CancelBus | None = None  # set by the lifespan: it needs cancel_here
+
+    # --- admission --------------------------------------------------------------------------
 
     async def admit(
         self,
@@ -90,10 +115,12 @@ class TaskService:
                 settings=self._settings,
                 providers=self._providers,
                 tools=self._tools,
-                stream=stream,
+                stream=stream or body.background,
                 principal=principal,
             )
             self._describe(audit, spec, body, transport)
+            if body.background:
+                await self._check_background_slots(principal)
             spec.ticket = await self._enforcer.admit(
                 principal,
                 route=spec.route,
@@ -106,9 +133,58 @@ class TaskService:
             audit.status, audit.error_code, audit.http_status = "rejected", exc.code, exc.status
             raise
         audit.owned_by_task = True
-        task = AdmittedTask(spec, transport, audit)
-        self._running[spec.id] = task
+        task = AdmittedTask(spec, transport, audit, self._admission_record(principal, body, spec, audit))
+        self.running[spec.id] = task
+        if task.background:
+            # Written before the 202, so that any instance can answer for the task at once; a
+            # database that does not answer in time gets it through the journal instead.
+            await self.store.write_now(task.record)
+        else:
+            self.store.submit(task.record)
         return task
+
+    async def _check_background_slots(self, principal: Principal) -> None:
+        allowed = principal.limits.max_background_tasks or self._settings.limits.max_background_tasks
+        here = sum(
+            1 for task in self.running.values() if task.background and task.record.api_key_id == principal.key_id
+        )
+        try:
+            active = max(here, await self.store.count_active_background(principal.key_id))
+        except AppError:
+            active = here  # the database does not answer: count what this instance runs
+        if active >= allowed:
+            raise TooManyBackgroundTasks(
+                f"This key has {active} background tasks queued or running (limit {allowed}).", retry_after=5.0
+            )
+
+    def _admission_record(
+        self, principal: Principal, body: TaskCreate, spec: TaskSpec, audit: AuditContext
+    ) -> TaskRecord:
+        now = datetime.now(UTC)
+        request = body.model_dump(exclude={"query", "mode", "stream", "background", "model", "model_tier"})
+        # What a sweep needs to write the audit row of a task whose instance died.
+        request["audit"] = {"request_id": audit.request_id, "transport": audit.transport, "route": audit.route}
+        return TaskRecord(
+            id=spec.id,
+            api_key_id=principal.key_id,
+            status="running",
+            background=body.background,
+            created_at=now,
+            started_at=now,
+            query=spec.query,
+            mode=body.mode,
+            tier=spec.tier,
+            model=spec.route.name,
+            provider=spec.route.provider.name,
+            request=request,
+            prompt_tokens=spec.prompt_tokens or 0,  # the estimate, until the end says what was spent
+            usage_estimated=True,
+            instance_id=self.instance_id,
+            # Every task holds a lease while it runs: if this process dies, another one ends it.
+            lease_expires_at=now + timedelta(seconds=self._settings.tasks.lease_s),
+        )
+
+    # --- the run --------------------------------------------------------------------------------
 
     async def run(self, task: AdmittedTask) -> AsyncGenerator[Event, None]:
         """The task's events, from task.started to its final one; closing early cancels it."""
@@ -125,17 +201,18 @@ class TaskService:
         if task.finished:
             return
         task.finished = True
-        self._running.pop(task.id, None)
         last = task.last
         outcome = outcome_of(last)
-        self._metrics.tasks.labels(task.transport, outcome).inc()
+        self._metrics.tasks.labels("background" if task.background else task.transport, outcome).inc()
         audit = task.audit
         audit.status, audit.error_code = outcome_status(outcome)
         if isinstance(last, TaskCompleted):
             audit.model, audit.provider = last.model, last.provider  # the model that really answered
             if self._content_chars:
                 audit.output = last.output[: self._content_chars]
-        if task.transport == "json":
+        if task.background:
+            audit.http_status = 202
+        elif task.transport == "json":
             audit.http_status = last.status if isinstance(last, TaskFailed) else 200
         elif task.transport == "sse":
             audit.http_status = 200  # the stream had begun: failures went in-band
@@ -143,12 +220,95 @@ class TaskService:
             if task.spec.ticket is not None:
                 await task.spec.ticket.close()  # frees the concurrency slot; a stream held it until now
         finally:
+            final = self._final_record(task, outcome)
+            self._remember(final)
+            if task.background:
+                # Written before anyone is told it ended, as its admission was: another instance
+                # answers for it at once, and its background slot is free.
+                await self.store.write_now(final)
+            else:
+                self.store.submit(final)
+            self.running.pop(task.id, None)
             if self._audit is not None:
                 self._audit.submit(audit.row())
+            task.done.set()
 
-    def cancel(self, task_id: str) -> bool:
+    def _final_record(self, task: AdmittedTask, outcome: str) -> TaskRecord:
+        last, audit = task.last, task.audit
+        status: TaskStatus = (
+            "completed" if outcome == "completed" else "cancelled" if outcome == "cancelled" else "failed"
+        )
+        error_code = error_detail = output = None
+        tool_calls: tuple[TaskToolCall, ...] = ()
+        if isinstance(last, TaskCompleted):
+            output = last.output
+            tool_calls = tuple(
+                TaskToolCall(call.tool, call.arguments, call.result, call.error, call.duration_ms)
+                for call in last.tool_calls
+            )
+        elif isinstance(last, TaskFailed):
+            error_code, error_detail = last.code, last.detail
+        else:
+            error_code, error_detail = "cancelled", "The client went away before the task ended."
+        return replace(
+            task.record,
+            status=status,
+            version=FINAL_VERSION,
+            finished_at=datetime.now(UTC),
+            model=audit.model,
+            provider=audit.provider,
+            output=output,
+            tool_calls=tool_calls,
+            # What the model calls spent (also those of a failed or cancelled task), as the audit row says.
+            prompt_tokens=audit.prompt_tokens,
+            completion_tokens=audit.completion_tokens,
+            cost_usd=audit.cost_usd,
+            usage_estimated=audit.usage_estimated,
+            error_code=error_code,
+            error_detail=error_detail,
+            lease_expires_at=None,
+        )
+
+    def _remember(self, record: TaskRecord) -> None:
+        self._recent[record.id] = record
+        while len(self._recent) > _RECENT:
+            self._recent.popitem(last=False)
+
+    # --- lookups and cancel ---------------------------------------------------------------------
+
+    async def lookup(self, principal: Principal, task_id: str) -> TaskRecord:
+        """The task as its newest record says, or TaskNotFound (also for another key's task, unless admin)."""
+        running = self.running.get(task_id)
+        record = running.record if running is not None else self._recent.get(task_id)
+        if record is None:
+            record = await self.store.get(task_id)
+        if record is None or (record.api_key_id != principal.key_id and not principal.is_admin):
+            raise TaskNotFound(f"No task {task_id!r} for this key.")
+        return record
+
+    async def cancel(self, principal: Principal, task_id: str, *, wait_s: float = 5.0) -> TaskRecord:
+        """End a queued or running task, wherever it runs: its record once it has ended (or within
+        `wait_s`, as it stands then). TaskFinished for one that had already ended."""
+        record = await self.lookup(principal, task_id)
+        if not record.active:
+            raise TaskFinished(f"Task {task_id} has already ended ({record.status}).")
+        if not self.cancel_here(task_id) and self.cancels is not None:
+            await self.cancels.request(task_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while record.active and loop.time() < deadline:
+            running = self.running.get(task_id)
+            if running is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(running.done.wait(), deadline - loop.time())
+            else:
+                await asyncio.sleep(0.1)  # on another instance: its final record comes through the store
+            record = await self.lookup(principal, task_id)
+        return record
+
+    def cancel_here(self, task_id: str) -> bool:
         """Cancel a task running on this instance: its last event will be task.failed (cancelled)."""
-        task = self._running.get(task_id)
+        task = self.running.get(task_id)
         if task is None:
             return False
         task.spec.control.cancel()

@@ -134,14 +134,14 @@ class TaskRepository:
         return set((await self.connection.execute(statement)).scalars())
 
     async def claim_expired(self, cutoff: datetime, now: datetime, limit: int) -> list[TaskRecord]:
-        """Fail (worker_lost, final version) up to `limit` background tasks whose lease ended before `cutoff`.
+        """Fail (worker_lost, final version) up to `limit` queued or running tasks whose lease ended before `cutoff`.
 
         One UPDATE whose WHERE holds the whole condition, so a row another sweeper changed first is
         passed over. On PostgreSQL the candidates are locked FOR UPDATE SKIP LOCKED in a CTE (once:
         a subquery under IN may be run again for each row, and take more than `limit`), so that
         concurrent sweepers take different rows; SQLite's writers take turns.
         """
-        expired = and_(_C.status.in_(ACTIVE_STATUSES), _C.background, _C.lease_expires_at < as_utc(cutoff))
+        expired = and_(_C.status.in_(ACTIVE_STATUSES), _C.lease_expires_at < as_utc(cutoff))
         candidates = select(_C.id).where(expired).order_by(_C.lease_expires_at).limit(limit)
         statement = update(_TABLE).where(expired)
         if self.connection.dialect.name == "postgresql":
@@ -255,7 +255,7 @@ class TaskStore:
         return await self._call(lambda tasks: tasks.renew_leases(task_ids, until))
 
     async def claim_expired(self, now: datetime, grace: timedelta, *, limit: int = 500) -> list[TaskRecord]:
-        """Fail, as worker_lost, the background tasks whose lease ended before now - grace; each one claimed once."""
+        """Fail, as worker_lost, the tasks whose lease ended before now - grace; each one claimed once."""
         return await self._call(lambda tasks: tasks.claim_expired(now - grace, now, limit))
 
     async def prune(self, older_than: datetime, batch_size: int = 1_000) -> int:

@@ -1,14 +1,17 @@
 """WS /v1/ws: several tasks over one socket, their events interleaved and tagged by task id.
 
-Client messages: {"type": "task.create", "ref"?, ...task fields} and {"type": "task.cancel",
-"task_id"}. A bad message gets {"type": "error", "code", "detail"} and the socket stays open; a key
-revoked while the socket is open closes it with 4401 (after an error message).
+Client messages: {"type": "task.create", "ref"?, ...task fields}, {"type": "task.cancel", "task_id"},
+{"type": "subscribe", "task_id", "after"?} (replay and follow a background task, started anywhere)
+and {"type": "unsubscribe", "task_id"}. A bad message gets {"type": "error", "code", "detail"} and
+the socket stays open; a key revoked while the socket is open closes it with 4401 (after an error
+message). A background task created here goes on when the socket closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import aclosing
 from typing import Any
 
@@ -27,6 +30,7 @@ from app.lifespan import Resources
 from app.middleware import request_id_var
 from app.problems import problem_response
 from app.request_body import parse_json, validate
+from app.tasks.events import LoggedEvent
 from app.tasks.service import AdmittedTask
 
 log = logging.getLogger(__name__)
@@ -105,7 +109,8 @@ class TaskSocket:
         self._revoked = False
         self.outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_OUTBOX_SIZE)
         self.tasks: dict[str, AdmittedTask] = {}  # running on this socket, by id
-        self._running: set[asyncio.Task[None]] = set()  # what renders them
+        self._running: set[asyncio.Task[None]] = set()  # what renders them, and the subscriptions
+        self._subscriptions: dict[str, asyncio.Task[None]] = {}  # background tasks followed, by id
         # Each task.create is a request of its own in the audit log: <socket's request id>:<n>.
         self._socket_request_id = request_id_var.get() or ""
         self._creates = 0
@@ -190,8 +195,13 @@ class TaskSocket:
                 await self._create(message, ref)
         elif kind == "task.cancel":
             await self._cancel(message.get("task_id"), ref)
+        elif kind == "subscribe":
+            await self._subscribe(message.get("task_id"), message.get("after", 0), ref)
+        elif kind == "unsubscribe":
+            await self._unsubscribe(message.get("task_id"), ref)
         else:
-            await self._error("invalid_message", f"Unknown message type {kind!r}; use task.create or task.cancel.", ref)
+            known = "task.create, task.cancel, subscribe or unsubscribe"
+            await self._error("invalid_message", f"Unknown message type {kind!r}; use {known}.", ref)
 
     async def _create(self, fields: dict[str, Any], ref: Any) -> None:
         fields.pop("stream", None)  # every task on a socket streams
@@ -214,10 +224,63 @@ class TaskSocket:
             service.refused(audit, AppError("The task could not be created."))
             await self._error("internal_error", "The task could not be created; the request id is in the logs.", ref)
             return
+        if body.background:
+            # It runs on when this socket closes; the socket follows it like any subscriber.
+            await self.resources.background.start(task)
+            self._follow(task.id, await self.resources.background.follow(task.id, 0), ref)
+            return
         self.tasks[task.id] = task
-        renderer = asyncio.create_task(self._run(task, ref))
+        self._render(self._run(task, ref))
+
+    def _render(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        renderer = asyncio.create_task(work)
         self._running.add(renderer)
         renderer.add_done_callback(self._running.discard)
+        return renderer
+
+    def _follow(self, task_id: str, events: AsyncIterator[LoggedEvent], ref: Any) -> None:
+        self._subscriptions[task_id] = self._render(self._send_logged(task_id, events, ref))
+
+    async def _send_logged(self, task_id: str, events: AsyncIterator[LoggedEvent], ref: Any) -> None:
+        try:
+            async for event in events:
+                if ref is None:
+                    await self.outbox.put(event.data)  # sent as logged, never encoded again
+                else:
+                    await self.outbox.put(orjson.dumps({**orjson.loads(event.data), "ref": ref}))
+        except AppError as exc:  # its events were dropped meanwhile (EventsGone)
+            await self._error(exc.code, exc.detail, ref)
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
+            if self._subscriptions.get(task_id) is asyncio.current_task():
+                del self._subscriptions[task_id]
+
+    async def _subscribe(self, task_id: Any, after: Any, ref: Any) -> None:
+        """Replay and follow a background task's events on this socket (one started anywhere)."""
+        if not isinstance(task_id, str) or not task_id:
+            await self._error("invalid_request", "subscribe needs a task_id.", ref)
+            return
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            await self._error("invalid_resume_point", "after must be a non-negative integer (an event's seq).", ref)
+            return
+        if task_id in self._subscriptions:
+            await self._error("already_subscribed", f"This socket already follows {task_id}.", ref)
+            return
+        try:
+            events = await self.resources.background.follow_for(self.principal, task_id, after)
+        except AppError as exc:
+            await self._error(exc.code, exc.detail, ref)
+            return
+        self._follow(task_id, events, ref)
+
+    async def _unsubscribe(self, task_id: Any, ref: Any) -> None:
+        follower = self._subscriptions.pop(task_id, None) if isinstance(task_id, str) else None
+        if follower is None:
+            await self._error("not_found", f"This socket does not follow {task_id!r}.", ref)
+            return
+        follower.cancel()
 
     async def _run(self, task: AdmittedTask, ref: Any) -> None:
         gauge = self.resources.metrics.active_streams.labels("ws")
