@@ -218,3 +218,28 @@ async def test_a_socket_subscribes_to_a_task_started_over_http(embedded: Pacemak
     assert all(event["ref"] == "sub" for event in seen)
     assert [event["seq"] for event in seen] == list(range(3, 3 + len(seen)))
     assert seen[-1]["type"] == "task.completed"
+
+
+async def test_background_tasks_hold_their_keys_concurrency_slots_while_they_run(embedded: PacemakerServer) -> None:
+    limited = key(embedded, "slots", "--max-concurrency", "2")
+    async with embedded.client(limited) as http:
+        body = {"query": f"busy {SLOW}", "model": "fake-model", "background": True}
+        running = [(await http.post("/v1/tasks", json=body)).json()["id"] for _ in range(2)]
+        refused = await http.post("/v1/tasks", json={"query": "one more, plain"})
+        assert refused.status_code == 429 and refused.json()["code"] == "concurrency_limit_exceeded"
+        for task_id in running:
+            await wait_until_done(http, task_id)
+        assert (await http.post("/v1/tasks", json={"query": "now there is room"})).status_code == 200
+
+
+async def test_a_repeated_background_request_with_the_same_idempotency_key_gets_the_same_task(
+    embedded: PacemakerServer,
+) -> None:
+    headers = {"Idempotency-Key": f"job-{uuid.uuid4().hex}"}
+    body = {"query": "run me once", "background": True}
+    async with embedded.client() as http:
+        first = await http.post("/v1/tasks", json=body, headers=headers)
+        repeat = await http.post("/v1/tasks", json=body, headers=headers)
+    assert first.status_code == repeat.status_code == 202
+    assert repeat.headers["idempotent-replayed"] == "true"
+    assert repeat.json()["id"] == first.json()["id"]
