@@ -184,12 +184,10 @@ class RetrySettings(_Section):
     max_retry_after_s: float = Field(10.0, ge=0)
 
 
-class AuditSettings(_Section):
-    enabled: bool = True
-    queue_size: int = Field(
-        20_000, ge=1, description="Rows held in memory; beyond them the writer reads rows back from the journal."
-    )
-    batch_size: int = Field(500, ge=1)
+class _DurableWriterSection(_Section):
+    """What a durable writer (app/durable/: journal, batches, dead letters) is tuned by; each user sets
+    its own sizes and journal directory."""
+
     flush_interval_s: float = Field(0.2, gt=0, description="Longest wait of a row for its batch; the journal's fsync.")
     write_timeout_s: float = Field(5.0, gt=0)
     retry_interval_s: float = Field(1.0, gt=0, description="How often a down database is tried again.")
@@ -197,35 +195,33 @@ class AuditSettings(_Section):
     startup_replay_timeout_s: float = Field(
         5.0, gt=0, description="How long start waits for the rows earlier processes left in the journal."
     )
-    spool_dir: Path = Field(Path("var/audit-spool"), description="The journal: every row is appended here first.")
     dead_letter_dir: Path | None = Field(
         None, description="Rows the database refuses for their content (default: <spool_dir>-dead-letter)."
     )
+
+
+class AuditSettings(_DurableWriterSection):
+    enabled: bool = True
+    queue_size: int = Field(
+        20_000, ge=1, description="Rows held in memory; beyond them the writer reads rows back from the journal."
+    )
+    batch_size: int = Field(500, ge=1)
+    spool_dir: Path = Field(Path("var/audit-spool"), description="The journal: every row is appended here first.")
     # Prompts and outputs are not kept unless asked for, and then only their first characters.
     store_content: bool = False
     content_max_chars: int = Field(2000, ge=1)
 
 
-class TaskSettings(_Section):
-    """Task records (the task table): their durable writer, as the audit log's, and background tasks' leases."""
+class TaskSettings(_DurableWriterSection):
+    """Task records (the task table), written as the audit log's rows are, and running tasks' leases."""
 
     queue_size: int = Field(
         2_000, ge=1, description="Records held in memory; beyond them the writer reads records back from the journal."
     )
     batch_size: int = Field(100, ge=1)
-    flush_interval_s: float = Field(0.2, gt=0, description="Longest wait of a record for its batch; the journal fsync.")
-    write_timeout_s: float = Field(5.0, gt=0)
-    retry_interval_s: float = Field(1.0, gt=0, description="How often a down database is tried again.")
-    shutdown_timeout_s: float = Field(10.0, gt=0)
-    startup_replay_timeout_s: float = Field(
-        5.0, gt=0, description="How long start waits for the records earlier processes left in the journal."
-    )
     spool_dir: Path = Field(Path("var/task-spool"), description="The journal: every record is appended here first.")
-    dead_letter_dir: Path | None = Field(
-        None, description="Records the database refuses for their content (default: <spool_dir>-dead-letter)."
-    )
     read_timeout_s: float = Field(2.0, gt=0, description="Reads and direct writes that take longer fail (503).")
-    lease_s: float = Field(30.0, gt=0, description="A background task's lease; a lapsed one is failed (worker_lost).")
+    lease_s: float = Field(30.0, gt=0, description="A running task's lease; a lapsed one is failed (worker_lost).")
     lease_renew_s: float = Field(5.0, gt=0, description="How often the instance running a task renews its lease.")
 
     @model_validator(mode="after")

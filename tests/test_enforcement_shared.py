@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,11 +15,8 @@ import httpx
 import pytest
 
 from tests.support import (
-    IN_CI,
-    ManagedProcess,
     PacemakerServer,
-    free_port,
-    port_open,
+    RedisServer,
     require_service,
     server_config,
     start_pacemaker,
@@ -147,34 +142,6 @@ async def test_concurrent_requests_never_overshoot_the_budget(tmp_path: Path, fa
         server.process.stop()
 
 
-class RedisServer:
-    """A redis-server of the test's own, on a free port, that the test may kill and restart."""
-
-    def __init__(self, workdir: Path) -> None:
-        if shutil.which("redis-server") is None:
-            if IN_CI:
-                pytest.fail("redis-server is not installed (CI=true: a missing service is a failure)")
-            pytest.skip("redis-server is not installed")
-        self.port = free_port()
-        self.workdir = workdir
-        self.process: ManagedProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.process = ManagedProcess(args, {}, self.workdir / f"redis-{time.monotonic_ns()}.log")
-        self.process.wait_for_port(self.port)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.stop(signal.SIGKILL)
-        while port_open("127.0.0.1", self.port):
-            time.sleep(0.01)
-
-
 @pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
 async def test_redis_outage_never_hangs_and_limiting_resumes_after_it(
     tmp_path: Path, fake_upstream: str, policy: str
@@ -217,8 +184,7 @@ async def test_redis_outage_never_hangs_and_limiting_resumes_after_it(
             assert [s for s, _, _ in after] == [200] * 4 + [429] * 2, after
     finally:
         server.process.stop()
-        if redis.process is not None:
-            redis.process.stop()
+        redis.kill()
 
 
 async def test_fail_closed_serves_every_request_once_redis_is_back_despite_dead_pooled_connections(
@@ -262,5 +228,4 @@ async def test_fail_closed_serves_every_request_once_redis_is_back_despite_dead_
         assert set(after) == {200}
     finally:
         server.process.stop()
-        if redis.process is not None:
-            redis.process.stop()
+        redis.kill()

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +19,7 @@ from app.enforcement.memory_limiter import MemoryLimiter
 from app.enforcement.redis_limiter import RedisLimiter, build_redis
 from app.enforcement.resilient_limiter import ResilientLimiter
 from app.errors import LimiterUnavailable
-from tests.support import IN_CI, ManagedProcess, free_port
+from tests.support import RedisServer
 
 LOGGER = "app.enforcement.resilient_limiter"
 ZERO = Decimal(0)
@@ -31,35 +28,8 @@ LIFETIME = Period("life", None)
 COOLDOWN_S = 0.3
 
 
-class RedisServer:
-    """A redis-server of our own on a free port, which a test may kill and start again."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._log_dir = log_dir
-        self._starts = 0
-        self._process: ManagedProcess | None = None
-
-    def start(self) -> None:
-        self._starts += 1
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self._process = ManagedProcess(args, os.environ, self._log_dir / f"redis-{self._starts}.log")
-        self._process.wait_for_port(self.port)
-
-    def kill(self) -> None:
-        if self._process is not None:
-            self._process.stop(signal.SIGKILL)
-            self._process = None
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        message = "redis-server is not installed"
-        if IN_CI:
-            pytest.fail(message + " (CI=true: a missing service is a failure)")
-        pytest.skip(message)
     server = RedisServer(tmp_path)
     server.start()
     yield server
