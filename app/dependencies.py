@@ -10,7 +10,7 @@ from starlette.requests import HTTPConnection
 from app.audit.context import AuditContext
 from app.auth.authenticator import key_from_headers
 from app.auth.principal import Principal
-from app.lifespan import Resources
+from app.resources import Resources
 
 
 # Both are async on purpose: FastAPI runs a plain `def` dependency in a thread pool, a hop that

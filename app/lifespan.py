@@ -9,7 +9,6 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -22,7 +21,7 @@ from app.audit.ledger import AuditLedger
 from app.audit.sink import AuditSink
 from app.auth.authenticator import Authenticator
 from app.config import Settings
-from app.db import SessionMaker, create_engine, create_session_maker
+from app.db import create_engine, create_session_maker
 from app.enforcement.breaker import BreakerConfig, BreakerRegistry, BreakerState
 from app.enforcement.concurrency import ConcurrencyLimiter, SocketLimiter
 from app.enforcement.enforcer import Enforcer
@@ -37,6 +36,7 @@ from app.errors import ShuttingDown
 from app.middleware import TrafficCounters
 from app.observability.metrics import Metrics
 from app.providers.registry import ProviderRegistry
+from app.resources import Resources
 from app.sandbox.sandbox import Sandbox
 from app.tasks.background import BackgroundTasks
 from app.tasks.cancel_bus import CancelBus
@@ -50,29 +50,6 @@ from app.tools.python import PythonTool
 from app.tools.registry import ToolRegistry, builtin_tools
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Resources:
-    # Every field is built by the lifespan below and closed by it.
-    settings: Settings
-    metrics: Metrics
-    counters: TrafficCounters
-    engine: AsyncEngine
-    session_maker: SessionMaker
-    http: aiohttp.ClientSession
-    providers: ProviderRegistry
-    tools: ToolRegistry
-    authenticator: Authenticator
-    redis: Redis | None
-    enforcer: Enforcer
-    idempotency: IdempotencyStore
-    audit: AuditSink | None  # None when audit.enabled is false
-    sandbox: Sandbox | None  # None when tools.python is false
-    websockets: SocketLimiter
-    tool_invoker: ToolInvoker  # every tool call, from the agent loop or a client
-    tasks: TaskService
-    background: BackgroundTasks
 
 
 def upstream_http_session(settings: Settings) -> aiohttp.ClientSession:

@@ -18,13 +18,13 @@ from app.dependencies import PrincipalDep, ResourcesDep, authenticate
 from app.enforcement.enforcer import Ticket
 from app.enforcement.idempotent import run_once
 from app.errors import AppError, InvalidRequest, RequestTimeout
-from app.lifespan import Resources
 from app.middleware import request_id_var
 from app.openai_compat.errors import OpenAIErrorRoute, openai_error_response
 from app.openai_compat.schemas import ChatCompletionRequest
 from app.providers.base import LLMChunk, LLMRequest, LLMResponse
 from app.providers.tokens import count_message_tokens
 from app.request_body import documented_body, read_body
+from app.resources import Resources
 from app.streaming import EventStreamResponse
 from app.tasks.router import COST_HEADER
 

@@ -19,9 +19,9 @@ from app.audit.router import instant
 from app.dependencies import PrincipalDep, ResourcesDep
 from app.enforcement.idempotent import run_once
 from app.errors import Forbidden, InvalidRequest, MalformedResume
-from app.lifespan import Resources
 from app.problems import problem_response, problem_responses
 from app.request_body import documented_body, read_body
+from app.resources import Resources
 from app.streaming import EventStreamResponse
 from app.tasks.events import LoggedEvent
 from app.tasks.models import TaskStatus

@@ -26,10 +26,10 @@ from app.auth.authenticator import key_from_headers
 from app.auth.principal import Principal
 from app.dependencies import ResourcesDep
 from app.errors import AppError, MalformedJSON, TooManyTasks, Unauthenticated
-from app.lifespan import Resources
 from app.middleware import request_id_var
 from app.problems import problem_response
 from app.request_body import parse_json, validate
+from app.resources import Resources
 from app.tasks.events import LoggedEvent
 from app.tasks.service import AdmittedTask
 

@@ -1,0 +1,51 @@
+"""Resources: everything the lifespan builds (and closes), as routes and sockets reach it.
+
+Its own module so that routes depend on what they use, not on the code that builds it (app/lifespan.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.audit.sink import AuditSink
+from app.auth.authenticator import Authenticator
+from app.config import Settings
+from app.db import SessionMaker
+from app.enforcement.concurrency import SocketLimiter
+from app.enforcement.enforcer import Enforcer
+from app.enforcement.idempotency import IdempotencyStore
+from app.middleware import TrafficCounters
+from app.observability.metrics import Metrics
+from app.providers.registry import ProviderRegistry
+from app.sandbox.sandbox import Sandbox
+from app.tasks.background import BackgroundTasks
+from app.tasks.service import TaskService
+from app.tools.invoke import ToolInvoker
+from app.tools.registry import ToolRegistry
+
+
+@dataclass(slots=True)
+class Resources:
+    # Every field is built by app/lifespan.py and closed by it.
+    settings: Settings
+    metrics: Metrics
+    counters: TrafficCounters
+    engine: AsyncEngine
+    session_maker: SessionMaker
+    http: aiohttp.ClientSession
+    providers: ProviderRegistry
+    tools: ToolRegistry
+    authenticator: Authenticator
+    redis: Redis | None
+    enforcer: Enforcer
+    idempotency: IdempotencyStore
+    audit: AuditSink | None  # None when audit.enabled is false
+    sandbox: Sandbox | None  # None when tools.python is false
+    websockets: SocketLimiter
+    tool_invoker: ToolInvoker  # every tool call, from the agent loop or a client
+    tasks: TaskService
+    background: BackgroundTasks
