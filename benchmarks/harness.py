@@ -132,6 +132,17 @@ def start_fake_upstream(workdir: Path, children: list[Child]) -> Child:
     return child
 
 
+def start_redis(workdir: Path, children: list[Child]) -> Child:
+    """A memory-only redis-server of the benchmark's own on a free port (never the machine's shared one)."""
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("redis-server is not installed")
+    port = free_port()
+    args = ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
+    children.append(child := Child("redis", args, child_env(), workdir / "redis.log", port))
+    child.wait_for_port()
+    return child
+
+
 def new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()  # as under `pacemaker serve`
 
