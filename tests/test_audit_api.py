@@ -28,7 +28,7 @@ AUDIT_COLUMNS = {
     "id", "request_id", "created_at", "finished_at", "api_key_id", "route", "transport", "task_id", "mode",
     "tier", "model", "provider", "status", "error_code", "http_status", "prompt_tokens", "completion_tokens",
     "usage_estimated", "cost_usd", "latency_ms", "ttft_ms", "tool_call_count", "tool_names", "retries",
-    "client_ip", "user_agent", "prompt", "output",
+    "client_ip", "user_agent", "session_id", "trace_id", "prompt", "output",
 }  # fmt: skip
 # The sink writes within flush_interval_s (0.2 s); this is how long a test waits for its rows at most.
 VISIBLE_WITHIN_S = 5.0

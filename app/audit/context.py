@@ -41,6 +41,8 @@ class AuditContext:
     ttft_ms: float | None = None
     tool_names: list[str] = field(default_factory=list)
     retries: int = 0
+    session_id: str | None = None
+    trace_id: str | None = None
     prompt: str | None = None
     output: str | None = None
     # The task service writes this row when the task ends (app/tasks/service.py); the middleware does not.
@@ -87,6 +89,8 @@ class AuditContext:
             "retries": self.retries,
             "client_ip": self.client_ip,
             "user_agent": self.user_agent,
+            "session_id": self.session_id,
+            "trace_id": self.trace_id,
             "prompt": self.prompt,
             "output": self.output,
         }

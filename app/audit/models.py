@@ -51,5 +51,7 @@ class AuditRecord(SQLModel, table=True):
     retries: int = 0
     client_ip: str | None = Field(default=None, max_length=64)
     user_agent: str | None = Field(default=None, max_length=400)
+    session_id: str | None = Field(default=None, max_length=128)  # the conversation the task belonged to
+    trace_id: str | None = Field(default=None, max_length=32)  # W3C trace id, 32 hex digits
     prompt: str | None = Field(default=None, sa_type=Text)
     output: str | None = Field(default=None, sa_type=Text)

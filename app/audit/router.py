@@ -72,6 +72,8 @@ class AuditRow(BaseModel):
     retries: int
     client_ip: str | None
     user_agent: str | None
+    session_id: str | None = Field(description="The conversation (session_id) of the task, if any")
+    trace_id: str | None = Field(description="The W3C trace id of the request, when tracing is on")
     prompt: str | None = Field(description="Kept only when audit.store_content is on, and then truncated")
     output: str | None = Field(description="Kept only when audit.store_content is on, and then truncated")
 

@@ -56,7 +56,9 @@ class Task(SQLModel, table=True):
     error_code: str | None = Field(default=None, max_length=64)
     error_detail: str | None = Field(default=None, sa_type=Text)
     instance_id: str | None = Field(default=None, max_length=64)  # the process that runs it
-    lease_expires_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))  # background only
+    lease_expires_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))  # while it runs
+    session_id: str | None = Field(default=None, max_length=128)  # the conversation it belongs to
+    trace_id: str | None = Field(default=None, max_length=32)  # W3C trace id, 32 hex digits
     version: int
 
 
@@ -120,6 +122,8 @@ class TaskRecord:
     error_detail: str | None = None
     instance_id: str | None = None
     lease_expires_at: datetime | None = None
+    session_id: str | None = None
+    trace_id: str | None = None
 
     @property
     def active(self) -> bool:
@@ -168,6 +172,8 @@ class TaskRecord:
             error_detail=row.get("error_detail"),
             instance_id=row.get("instance_id"),
             lease_expires_at=_utc_or_none(row.get("lease_expires_at")),
+            session_id=row.get("session_id"),
+            trace_id=row.get("trace_id"),
         )
 
 

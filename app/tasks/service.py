@@ -180,6 +180,7 @@ class TaskService:
             prompt_tokens=spec.prompt_tokens or 0,  # the estimate, until the end says what was spent
             usage_estimated=True,
             instance_id=self.instance_id,
+            session_id=body.session_id,
             # Every task holds a lease while it runs: if this process dies, another one ends it.
             lease_expires_at=now + timedelta(seconds=self._settings.tasks.lease_s),
         )
@@ -325,6 +326,7 @@ class TaskService:
         audit.task_id = spec.id
         audit.mode = body.mode
         audit.tier = spec.tier
+        audit.session_id = body.session_id
         audit.model = spec.route.name
         audit.provider = spec.route.provider.name
         if self._content_chars:
