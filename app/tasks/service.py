@@ -135,12 +135,16 @@ class TaskService:
         audit.owned_by_task = True
         task = AdmittedTask(spec, transport, audit, self._admission_record(principal, body, spec, audit))
         self.running[spec.id] = task
-        if task.background:
+        if not task.background:
+            self.store.submit(task.record)
+            return task
+        try:
             # Written before the 202, so that any instance can answer for the task at once; a
             # database that does not answer in time gets it through the journal instead.
             await self.store.write_now(task.record)
-        else:
-            self.store.submit(task.record)
+        except BaseException:
+            await self.close(task)  # cancelled meanwhile: nobody will run it, so nothing may stay held
+            raise
         return task
 
     async def _check_background_slots(self, principal: Principal) -> None:
