@@ -15,11 +15,15 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
+# `make run` only: pages from any local port (a Vite or Next.js dev server) may call it. Production
+# sets server.cors.allow_origins itself; `make run DEV_CORS_ORIGINS='[]'` turns this off.
+DEV_CORS_ORIGINS ?= ["http://localhost:*", "http://127.0.0.1:*"]
+
 ## run: install, migrate the SQLite database, make a development key, serve on 127.0.0.1:8000
 run: install
 	$(BIN)/pacemaker migrate
 	$(BIN)/pacemaker dev-key
-	$(BIN)/pacemaker serve
+	PACEMAKER_SERVER__CORS__ALLOW_ORIGINS='$(DEV_CORS_ORIGINS)' $(BIN)/pacemaker serve
 
 ## test: install and run the whole suite (needs PostgreSQL and Redis on 127.0.0.1)
 test: install

@@ -15,6 +15,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from app.cors import CorsSettings
 from app.sandbox.settings import SandboxSettings
 from app.tasks.events.settings import EventsSettings
 
@@ -48,6 +49,8 @@ class ServerSettings(_Section):
     # A request line and headers larger than this get 431 (uvicorn's httptools protocol has no cap:
     # one connection once sent 200 MB of headers in 0.8 s and grew the server by 300 MB).
     max_header_bytes: int = Field(65_536, ge=4096)
+    # Which web pages of other origins may call the API (and open WebSockets); none by default.
+    cors: CorsSettings = CorsSettings()
 
 
 class DatabaseSettings(_Section):

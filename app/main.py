@@ -8,6 +8,7 @@ from app import __version__
 from app.audit import router as audit
 from app.audit.middleware import AuditMiddleware
 from app.config import Settings, load_settings
+from app.cors import CorsMiddleware
 from app.lifespan import build_lifespan
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, TrafficCounters
 from app.observability import health
@@ -51,5 +52,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.server.max_body_bytes)
     app.add_middleware(AuditMiddleware)  # outside the body limit, so a refused body is audited too
+    app.add_middleware(CorsMiddleware, settings=settings.server.cors)  # preflights answered, never audited
     app.add_middleware(RequestContextMiddleware, counters=counters)  # outermost: everything gets an id
     return app

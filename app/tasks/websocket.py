@@ -24,6 +24,7 @@ from app.agent.schemas import TaskCreate
 from app.audit.context import AuditContext
 from app.auth.authenticator import key_from_headers
 from app.auth.principal import Principal
+from app.cors import websocket_origin_refusal
 from app.dependencies import ResourcesDep
 from app.errors import AppError, MalformedJSON, TooManyTasks, Unauthenticated
 from app.middleware import request_id_var
@@ -45,6 +46,11 @@ _CLOSE = b""  # queued after the last message of a socket being closed (never a 
 
 @router.websocket("/v1/ws")
 async def task_socket(websocket: WebSocket, resources: ResourcesDep) -> None:
+    # Any page may open a socket anywhere: the Origin is checked before the key (CORS's check, for sockets).
+    refusal = websocket_origin_refusal(resources.settings.server.cors, websocket.headers)
+    if refusal is not None:
+        await _refuse(websocket, resources, refusal, None)
+        return
     presented, subprotocol = presented_key(websocket)
     try:
         principal = await resources.authenticator.authenticate(presented)
