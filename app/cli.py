@@ -14,15 +14,25 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar
 
+from sqlalchemy.exc import DBAPIError
+
 from app.audit.repository import AuditRepository
 from app.auth.keys import hash_key
 from app.auth.principal import KeyLimits
 from app.auth.repository import ApiKeyRepository
 from app.config import ConfigError, Settings, load_settings
-from app.db import create_engine, create_session_maker, migrate, session_scope
+from app.db import create_engine, create_session_maker, display_url, migrate, schema_status, session_scope
 from app.tasks.store import prune_tasks
 
 T = TypeVar("T")
+
+# Exit status of a command that needs the schema on a database that is not migrated (and of
+# `migrate --check`): distinct from 1 (failed) and 2 (bad settings), so that scripts can tell.
+EXIT_NOT_MIGRATED = 3
+# What a database that cannot be reached raises: OSError from the socket (refused, no such host),
+# TimeoutError, or the driver's own error wrapped by SQLAlchemy (bad password, no such database).
+DATABASE_ERRORS = (OSError, TimeoutError, DBAPIError)
+CONNECT_TIMEOUT_S = 10.0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -34,7 +44,52 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(exc, file=sys.stderr)
         sys.exit(2)
     handler: Callable[[argparse.Namespace, Settings], int] = args.handler
-    sys.exit(handler(args, settings))
+    database = getattr(args, "database", None)  # "schema": reads or writes tables; "connect": migrate
+    try:
+        if database == "schema":
+            # A fresh container or checkout: one line saying what to run, never SQLAlchemy's
+            # "no such table" traceback. Never migrates by itself: changing a shared schema is an
+            # operator's step (a migration Job), not a side effect of listing keys.
+            refusal = _schema_refusal(settings)
+            if refusal is not None:
+                code, line = refusal
+                print(f"pacemaker: {line}", file=sys.stderr)
+                sys.exit(code)
+        sys.exit(handler(args, settings))
+    except DATABASE_ERRORS as exc:
+        if database is None:
+            raise
+        print(f"pacemaker: the database {display_url(settings.database.url)} failed: {_reason(exc)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _schema_refusal(settings: Settings) -> tuple[int, str] | None:
+    """(exit status, one line) when the database cannot serve a command that needs its tables."""
+    url = settings.database.url
+
+    async def check() -> str | None:
+        engine = create_engine(settings.database)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                status = await schema_status(engine, url)
+        finally:
+            await engine.dispose()
+        return status.problem(display_url(url))
+
+    try:
+        problem = _run(check)
+    except DATABASE_ERRORS as exc:
+        return 1, f"cannot reach the database {display_url(url)}: {_reason(exc)}"
+    return None if problem is None else (EXIT_NOT_MIGRATED, problem)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of what failed: the driver's message ('database "x" does not exist'), or the
+    socket's error with its type ('ConnectionRefusedError: [Errno 111] ...')."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,11 +102,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=_positive, default=1, help="needs limits.redis_url when more than 1")
     serve.set_defaults(handler=_serve)
 
-    commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(handler=_migrate)
+    migrate_command = commands.add_parser("migrate", help="bring the database schema up to date")
+    migrate_command.add_argument(
+        "--check",
+        action="store_true",
+        help=f"change nothing; exit 0 if the schema is current, {EXIT_NOT_MIGRATED} if it needs migrating",
+    )
+    migrate_command.set_defaults(handler=_migrate, database="connect")
     commands.add_parser("check-config", help="validate the settings and exit").set_defaults(handler=_check_config)
 
     dev = commands.add_parser("dev-key", help="create the development key if there is no key yet, and print it")
-    dev.set_defaults(handler=_dev_key)
+    dev.set_defaults(handler=_dev_key, database="schema")
 
     openapi = commands.add_parser("openapi", help="write the OpenAPI schema")
     openapi.add_argument("--out", type=Path, default=Path("openapi.json"))
@@ -61,13 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     prune = audit.add_parser("prune", help="delete audit rows older than a number of days (retention)")
     prune.add_argument("--older-than-days", type=_positive, required=True)
     prune.add_argument("--batch-size", type=_positive, default=10_000, help="rows per transaction")
-    prune.set_defaults(handler=_audit_prune)
+    prune.set_defaults(handler=_audit_prune, database="schema")
 
     tasks = commands.add_parser("tasks", help="task record upkeep").add_subparsers(required=True, metavar="ACTION")
     prune_tasks = tasks.add_parser("prune", help="delete task records older than a number of days (retention)")
     prune_tasks.add_argument("--older-than-days", type=_positive, required=True)
     prune_tasks.add_argument("--batch-size", type=_positive, default=10_000, help="records per transaction")
-    prune_tasks.set_defaults(handler=_tasks_prune)
+    prune_tasks.set_defaults(handler=_tasks_prune, database="schema")
 
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(required=True, metavar="ACTION")
     create = keys.add_parser("create", help="create a key and print it (shown once)")
@@ -92,13 +153,13 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive,
         help="background tasks queued or running at once (default: limits.max_background_tasks)",
     )
-    create.set_defaults(handler=_keys_create)
+    create.set_defaults(handler=_keys_create, database="schema")
     listing = keys.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--all", action="store_true", help="include revoked keys")
-    listing.set_defaults(handler=_keys_list)
+    listing.set_defaults(handler=_keys_list, database="schema")
     revoke = keys.add_parser("revoke", help="revoke a key by id or prefix")
     revoke.add_argument("key", help="the key's id or its shown prefix (pk_...)")
-    revoke.set_defaults(handler=_keys_revoke)
+    revoke.set_defaults(handler=_keys_revoke, database="schema")
     return parser
 
 
@@ -141,7 +202,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _migrate(_args: argparse.Namespace, settings: Settings) -> int:
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    if args.check:
+        refusal = _schema_refusal(settings)
+        if refusal is not None:
+            code, line = refusal
+            print(f"pacemaker: {line}", file=sys.stderr)
+            return code
+        print(f"the database {display_url(settings.database.url)} has the schema this version needs")
+        return 0
     migrate(settings.database.url)
     return 0
 

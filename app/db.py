@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,56 @@ def migrate(database_url: str, revision: str = "head") -> None:
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     command.upgrade(alembic_config(database_url), revision)
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaStatus:
+    """Where a database's schema stands against this version's migrations."""
+
+    current: tuple[str, ...]  # the revisions the database is at; () when it has no schema at all
+    heads: tuple[str, ...]  # the revisions this version's migrations end at
+    known: frozenset[str]  # every revision this version's migrations know
+
+    @property
+    def usable(self) -> bool:
+        """At head, or ahead of it: a revision this version does not know was made by a newer one
+        (a rolling upgrade migrates before the old replicas are gone, and migrations only add)."""
+        if not self.current:
+            return False
+        return set(self.current) == set(self.heads) or not set(self.current) <= self.known
+
+    def problem(self, database: str) -> str | None:
+        """One line saying what to run, or None when the schema can be used."""
+        if self.usable:
+            return None
+        if not self.current:
+            return f"the database {database} has no schema yet: run `pacemaker migrate` first"
+        return (
+            f"the database {database} is at schema revision {', '.join(self.current)} but this version needs"
+            f" {', '.join(self.heads)}: run `pacemaker migrate` first"
+        )
+
+
+async def schema_status(engine: AsyncEngine, database_url: str) -> SchemaStatus:
+    """Read the database's Alembic revision (never touching the schema) and compare it with the scripts'."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.engine import Connection
+
+    script = ScriptDirectory.from_config(alembic_config(database_url))
+
+    def current(connection: Connection) -> tuple[str, ...]:
+        return tuple(MigrationContext.configure(connection).get_current_heads())
+
+    async with engine.connect() as connection:
+        revisions = await connection.run_sync(current)
+    return SchemaStatus(
+        current=revisions,
+        heads=tuple(script.get_heads()),
+        known=frozenset(revision.revision for revision in script.walk_revisions()),
+    )
+
+
+def display_url(database_url: str) -> str:
+    """The URL without its password, for messages."""
+    return make_url(database_url).render_as_string(hide_password=True)
