@@ -1,26 +1,8 @@
 """Benchmark background tasks: server CPU per streamed task against plain SSE, and replay and resume of their logs.
 
-    .venv/bin/python -m benchmarks.tasks [--seconds 4] [--rounds 3] [--concurrency 32] [--replays 20]
-        [--resumes 500] [--database-url URL] [--profile 10 --profile-row bg_memory] [--json out.json] [--smoke]
+Usage (--help for every option):
 
-Starts the fake upstream, a redis-server of its own (memory only) and two Pacemaker servers (one
-uvicorn worker each, one SQLite database in a temporary directory or --database-url, already
-created, which it migrates), whose model is the fake upstream's at 20 tokens per answer: one with
-the in-process event log (the embedded default), one with `events.redis_url` on that Redis.
-
-1. CPU per task: closed-loop POST /v1/tasks with `stream: true` at --concurrency, three ways: plain
-   SSE, `background: true` on the in-process log, the same on the Redis log. Every round runs the
-   rows one after another, so that each ratio (background / plain server CPU per task, target
-   <= 1.3) compares runs close in time. Every stream must be events 1..22, no gap, no duplicate.
-2. Replay: a finished background task of 10,000 events (`#tokens=9998`); GET /v1/tasks/{id}/events
-   from the request to its last event, --replays times on each log.
-3. Resume: the same task; GET /v1/tasks/{id}/events with `Last-Event-ID: N` (N at random) until the
-   first replayed event, which must be N + 1, --resumes times on each log, a new connection each.
-
-The server under test is pinned to CPU 0, everything else to CPU 1 (--no-pin turns that off).
---profile N then records the --profile-row load with py-spy (`.venv/bin/pip install py-spy` first).
---smoke runs every row once, briefly and unpinned; either way the exit status is 1 on a failed
-request, a missing event, a gap or duplicate seq, or a figure not computed. Stdout is markdown.
+    .venv/bin/python -m benchmarks.tasks [--rounds 3] [--database-url URL] [--profile 10] [--json out.json] [--smoke]
 """
 
 from __future__ import annotations
@@ -428,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runner.run(first_request(row.label, url, row.body(), servers.headers, valid_stream, server))
 
             for round_no in range(1, args.rounds + 1):
-                for row in (ROWS[k] for k in args.rows):
+                for row in (ROWS[k] for k in args.rows):  # the rows in turn: each ratio compares runs close in time
                     if pinning:
                         pin_under_test(servers.pacemaker[row.server], servers.children)
                     log(f"round {round_no}/{args.rounds}  {row.label:40} ...")
