@@ -49,6 +49,9 @@ class ServerSettings(_Section):
     # A request line and headers larger than this get 431 (uvicorn's httptools protocol has no cap:
     # one connection once sent 200 MB of headers in 0.8 s and grew the server by 300 MB).
     max_header_bytes: int = Field(65_536, ge=4096)
+    # Off: GET /metrics answers 404, and `serve --workers N` may run several workers (with metrics on
+    # it refuses: each scrape would reach one worker and get that process's figures only).
+    metrics: bool = True
     # Which web pages of other origins may call the API (and open WebSockets); none by default.
     cors: CorsSettings = CorsSettings()
 

@@ -32,8 +32,10 @@ from app.enforcement.memory_limiter import MemoryLimiter
 from app.enforcement.redis_limiter import RedisLimiter, build_redis
 from app.enforcement.resilient_limiter import ResilientLimiter
 from app.enforcement.retry import RetryPolicy
+from app.enforcement.traced_limiter import TracedLimiter
 from app.errors import ShuttingDown
 from app.middleware import TrafficCounters
+from app.observability import tracing
 from app.observability.metrics import Metrics
 from app.providers.registry import ProviderRegistry
 from app.resources import Resources
@@ -82,6 +84,8 @@ def build_enforcer(
             expected_instances=limits.expected_instances,
             on_error=metrics.limiter_errors.inc,
         )
+        if tracing.TRACER is not None:
+            limiter = TracedLimiter(limiter, "redis")
 
     def on_breaker_change(name: str, state: BreakerState) -> None:
         metrics.breaker_state.labels(name).set(int(state))
@@ -186,6 +190,10 @@ def build_lifespan(
         # halfway (the sandbox's runtime refused, say) still closes what was opened. Closing runs
         # in reverse: the audit sink flushes before the engine goes.
         async with AsyncExitStack() as stack:
+            # First, so that it closes last: the spans of the final audit batches are exported too.
+            tracer_provider = tracing.configure()
+            if tracer_provider is not None:
+                stack.push_async_callback(tracing.shutdown, tracer_provider)
             engine = create_engine(settings.database)
             stack.push_async_callback(engine.dispose)
             http = upstream_http_session(settings)

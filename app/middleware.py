@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.audit.context import note_error
 from app.errors import PayloadTooLarge
+from app.observability import tracing
 
 REQUEST_ID_HEADER = b"x-request-id"
 _WELL_FORMED_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
@@ -66,7 +67,10 @@ class RequestContextMiddleware:
         counters.active_requests += 1
         counters.total_requests += 1
         try:
-            await self.app(scope, receive, send_with_id)
+            if tracing.TRACER is None:
+                await self.app(scope, receive, send_with_id)
+            else:
+                await tracing.traced_request(self.app, scope, receive, send_with_id, request_id)
         finally:
             counters.active_requests -= 1
             request_id_var.reset(token)

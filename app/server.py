@@ -14,6 +14,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.server import ServerState
 
 from app.config import ConfigError, Settings
+from app.observability import tracing
 
 APP = "app.main:create_app"
 GRACEFUL_SHUTDOWN_S = 30
@@ -31,6 +32,14 @@ def uvicorn_options(
             f"  --workers: {workers} workers with in-process limits would each keep their own copy of every"
             " rate limit and budget (a key could spend its budget once per worker); set limits.redis_url to"
             " share them, or run one worker per container"
+        )
+    tracing.exporter_from_environment()  # OTEL_* asking for what cannot be exported: a ConfigError now, not at start
+    if workers > 1 and settings.server.metrics:
+        raise ConfigError(
+            "invalid configuration:\n"
+            f"  --workers: with {workers} workers each scrape of /metrics would reach one of them and get that"
+            " process's figures only; run one worker per container (and scale containers), or set"
+            " server.metrics: false"
         )
     return {
         "factory": True,

@@ -366,6 +366,7 @@ def test_several_workers_are_allowed_with_shared_limits(monkeypatch: pytest.Monk
         if name.startswith("PACEMAKER_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("PACEMAKER_LIMITS__REDIS_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("PACEMAKER_SERVER__METRICS", "false")  # with metrics on, one worker (test_operator_metrics.py)
     from app.server import uvicorn_options
 
     options = uvicorn_options(load_settings(), workers=2)

@@ -78,6 +78,8 @@ async def test_an_http_tool_calls_only_its_url_with_validated_arguments_and_its_
         "query": {"city": "Oslo"},
         "body": None,
         "authorization": f"Bearer {TOKEN}",
+        "traceparent": None,  # tracing is off
+        "x_request_id": called.headers["x-request-id"],  # the request's id goes along
     }
     assert posted.json()["result"]["body"]["body"] == {"text": "hi", "n": 2}
     assert invalid.status_code == 422 and "'city' is a required property" in invalid.json()["detail"]

@@ -16,9 +16,12 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Self
 
+from opentelemetry.trace import Span
+
 from app.enforcement.breaker import CircuitBreaker, classify
 from app.enforcement.enforcer import Reservation, Ticket
 from app.errors import AppError, CircuitOpen
+from app.observability import tracing
 from app.observability.metrics import Metrics
 from app.providers.base import LLMChunk, LLMRequest, LLMResponse, ResponseBuilder, Usage
 from app.providers.registry import ModelRoute
@@ -60,6 +63,9 @@ class ModelCall:
         self._completion_seen = 0
         self.cut_off = False  # the upstream went past max_tokens and was stopped
         self.fallbacks: list[Fallback] = []  # models whose open breaker handed the call on, in order
+        self._first_seen = False  # a chunk with text or a tool call has come (time to first token)
+        self._attempt_started: float | None = None  # the upstream request in progress
+        self._span: Span | None = None  # while tracing is on
 
     def __aiter__(self) -> Self:
         return self
@@ -80,6 +86,12 @@ class ModelCall:
             await self._fail(exc)
             raise
         self._builder.add(chunk)
+        if not self._first_seen and (chunk.text or chunk.tool_calls):
+            self._first_seen = True
+            if self.request.stream:  # a whole body at once says nothing of the first token
+                self._metrics.llm_first_token_seconds.labels(self.route.name).observe(
+                    time.perf_counter() - self._started
+                )
         if chunk.text:
             self._text_chunks += 1
             if self._text_chunks == 1 and self._ticket is not None and self._ticket.audit is not None:
@@ -128,6 +140,8 @@ class ModelCall:
             # Under a budget the upstream is always streamed (and folded into one response, as a
             # non-streamed call is): a stream can be stopped at max_tokens, a finished body cannot.
             self.request = replace(self.request, stream=True)
+        if tracing.TRACER is not None:
+            self._span = tracing.start_chat(self)
         while True:
             try:
                 return await self._open_route()
@@ -151,10 +165,13 @@ class ModelCall:
             if self._breaker is not None:
                 self._breaker.before_call()
             chunks = self.route.provider.generate(self.request)
+            self._attempt_started = time.perf_counter()
             try:
-                first = await anext(chunks)
+                # With tracing on, the span is current while the request goes out: its traceparent.
+                first = await (anext(chunks) if self._span is None else tracing.first_chunk(self._span, chunks))
             except AppError as exc:
                 await chunks.aclose()
+                self._attempt_done()
                 delay = ticket.enforcer.retry.delay_before_retry(attempt + 1, exc) if ticket else None
                 if delay is None:
                     raise
@@ -166,6 +183,7 @@ class ModelCall:
                 continue
             except BaseException:
                 await chunks.aclose()
+                self._attempt_done()
                 raise
             self._chunks = chunks
             return first
@@ -223,5 +241,17 @@ class ModelCall:
 
     def _record(self, outcome: str) -> None:
         self._recorded = True
+        self._attempt_done()
         self._metrics.llm_calls.labels(self.route.name, outcome).inc()
         self._metrics.llm_seconds.labels(self.route.name).observe(time.perf_counter() - self._started)
+        if self._span is not None:
+            response = self._response
+            usage = response.usage if response is not None else self._usage_so_far()
+            tracing.end_chat(self._span, self, outcome, usage, response.finish_reason if response else None)
+
+    def _attempt_done(self) -> None:
+        """The upstream request in progress has ended (answered in full, failed, or closed)."""
+        if self._attempt_started is not None:
+            elapsed = time.perf_counter() - self._attempt_started
+            self._attempt_started = None
+            self._metrics.upstream_seconds.labels(self.route.provider.name).observe(elapsed)

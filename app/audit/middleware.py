@@ -5,6 +5,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.audit.context import AuditContext, audit_var
+from app.observability import tracing
 
 NOT_AUDITED = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/dashboard")
 
@@ -31,6 +32,7 @@ class AuditMiddleware:
             transport=_transport(path),
             client_ip=scope["client"][0] if scope.get("client") else None,
             user_agent=_header(scope, b"user-agent"),
+            trace_id=tracing.current_trace_id() if tracing.TRACER is not None else None,  # the request span's
         )
         state["audit"] = context
         token = audit_var.set(context)

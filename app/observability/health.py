@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from app import __version__
 from app.dependencies import ResourcesDep
 from app.enforcement.breaker import BreakerState
+from app.errors import NotFound
 
 router = APIRouter(tags=["health"])
 
@@ -49,9 +50,14 @@ async def health(resources: ResourcesDep) -> HealthOut:
     "/metrics",
     summary="Prometheus metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "The metrics, in text format"}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "The metrics, in text format"},
+        404: {"description": "Metrics are off on this server (server.metrics: false)"},
+    },
 )
 async def metrics(resources: ResourcesDep) -> Response:
+    if not resources.settings.server.metrics:
+        raise NotFound("Metrics are off on this server (server.metrics).")
     return Response(generate_latest(resources.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -11,6 +11,7 @@ from urllib.parse import unquote_plus
 from app import json_text
 from app.config import Settings
 from app.middleware import request_id_var
+from app.observability import tracing
 
 # Query parameters whose value is a credential: compared case-insensitively, after percent-decoding,
 # since that is how the app reads them (`?API%5FKEY=` is `api_key` to it).
@@ -132,6 +133,10 @@ class _JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }
+        if tracing.TRACER is not None:
+            trace_id = tracing.current_trace_id()
+            if trace_id is not None:
+                entry["trace_id"] = trace_id
         if record.exc_info:
             entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json_text.dumps(entry).decode()

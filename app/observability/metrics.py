@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from app.durable.metrics import WriterMetrics
 
 _LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Time to first token: from well under a second to the long prompts of large models.
+_FIRST_TOKEN_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30)
+# Tools: a calculator in microseconds, an HTTP tool or a sandboxed run in seconds.
+_TOOL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+# Every counter and histogram would also export a <name>_created series, doubling the series count
+# for a timestamp Prometheus does not use. Process-wide in prometheus_client, as is this choice.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...; python_gc_*.
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.http_requests = Counter(
             "http_requests_total",
             "HTTP requests by method, route template and status class.",
@@ -54,6 +73,27 @@ class Metrics:
             "pacemaker_tool_calls_total",
             "Tool calls by tool and outcome.",
             ["tool", "outcome"],
+            registry=self.registry,
+        )
+        self.llm_first_token_seconds = Histogram(
+            "pacemaker_llm_time_to_first_token_seconds",
+            "Time from the start of a streamed model call to its first token (text or tool call), by model.",
+            ["model"],
+            buckets=_FIRST_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.tool_seconds = Histogram(
+            "pacemaker_tool_call_duration_seconds",
+            "Duration of tool calls that ran (not those refused before running), by tool.",
+            ["tool"],
+            buckets=_TOOL_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_seconds = Histogram(
+            "pacemaker_upstream_request_duration_seconds",
+            "Duration of each request to a model provider (each retry on its own) to the end of its body, by provider.",
+            ["provider"],
+            buckets=_LLM_BUCKETS,
             registry=self.registry,
         )
         self.rejections = Counter(

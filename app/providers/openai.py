@@ -16,6 +16,8 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.middleware import request_id_var
+from app.observability import tracing
 from app.providers.base import LLMChunk, LLMRequest
 from app.providers.openai_wire import error_message, parse_completion, request_body
 
@@ -40,7 +42,9 @@ class OpenAICompatibleProvider:
     async def generate(self, request: LLMRequest) -> AsyncGenerator[LLMChunk, None]:
         body = orjson.dumps(request_body(request))
         try:
-            response = await self._session.post(self._url, data=body, headers=self._headers, timeout=self._timeout)
+            # x-request-id, and with tracing on the model call's traceparent (W3C).
+            headers = tracing.outgoing_headers(self._headers, request_id_var.get())
+            response = await self._session.post(self._url, data=body, headers=headers, timeout=self._timeout)
         except TimeoutError:
             raise UpstreamTimeout(f"{self.name}: no connection within the connect timeout") from None
         except aiohttp.ClientError as exc:

@@ -10,6 +10,9 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from opentelemetry.trace import Span
+
+from app.observability import tracing
 from app.sandbox.engine import WasmRuntime
 from app.sandbox.errors import SandboxBusy, SandboxUnavailable
 from app.sandbox.limits import ExecutionLimits
@@ -75,6 +78,16 @@ class Sandbox:
 
     async def execute(self, code: str, limits: ExecutionLimits, *, session_dir: Path | None = None) -> ExecutionResult:
         """Run `code` as a Python program under `limits`; raises SandboxBusy when the queue is full."""
+        if tracing.TRACER is not None:
+            attributes = {
+                "pacemaker.sandbox.timeout_s": limits.timeout_s,
+                "pacemaker.sandbox.memory_mb": limits.memory_mb,
+            }
+            run = self._execute(code, limits, session_dir)
+            return await tracing.traced("sandbox run", run, attributes, after=_ran)
+        return await self._execute(code, limits, session_dir)
+
+    async def _execute(self, code: str, limits: ExecutionLimits, session_dir: Path | None) -> ExecutionResult:
         source = code.encode("utf-8", errors="surrogatepass")
         if len(source) > self.settings.max_code_bytes:
             return ExecutionResult(
@@ -140,6 +153,14 @@ class Sandbox:
             if isinstance(exc, RuntimeError):  # the pool shut down after execute() looked
                 raise SandboxUnavailable() from None
             raise
+
+
+def _ran(span: Span, result: ExecutionResult) -> None:
+    span.set_attribute("pacemaker.sandbox.status", result.status)
+    if result.exit_code is not None:
+        span.set_attribute("pacemaker.sandbox.exit_code", result.exit_code)
+    if result.code is not None:
+        tracing.failed(span, result.code)
 
 
 def _release_on(loop: asyncio.AbstractEventLoop, lock: asyncio.Lock) -> None:

@@ -19,6 +19,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
+from opentelemetry.trace import Span
 from starlette.types import Scope
 
 from app.agent.events import TaskCompleted, TaskFailed, outcome_of
@@ -30,6 +31,7 @@ from app.auth.principal import Principal
 from app.config import Settings
 from app.enforcement.enforcer import Enforcer
 from app.errors import AppError, TaskFinished, TaskNotFound, TooManyBackgroundTasks
+from app.observability import tracing
 from app.observability.metrics import Metrics
 from app.providers.registry import ProviderRegistry
 from app.tasks.cancel_bus import CancelBus
@@ -57,6 +59,7 @@ class AdmittedTask:
     last: Event | None = None
     finished: bool = field(default=False)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    span: Span | None = None  # its trace span (invoke_agent), while tracing is on
 
     @property
     def id(self) -> str:
@@ -109,6 +112,8 @@ class TaskService:
     ) -> AdmittedTask:
         """Build and admit a task, or raise the refusal (recorded in `audit`; whoever made the context
         writes the row of a refused request). From here on the task's row is the service's to write."""
+        span = tracing.start_task(audit) if tracing.TRACER is not None else None
+        token = tracing.current(span) if span is not None else None  # the admission's limiter calls are its children
         try:
             spec = build_task_spec(
                 body,
@@ -131,9 +136,18 @@ class TaskService:
             )
         except AppError as exc:
             audit.status, audit.error_code, audit.http_status = "rejected", exc.code, exc.status
+            if span is not None:
+                tracing.task_admitted(span, audit, transport)
+                tracing.end_task(span, audit)
             raise
+        finally:
+            if token is not None:
+                tracing.restore(token)
         audit.owned_by_task = True
         task = AdmittedTask(spec, transport, audit, self._admission_record(principal, body, spec, audit))
+        if span is not None:
+            task.span = span
+            tracing.task_admitted(span, audit, transport)
         self.running[spec.id] = task
         if not task.background:
             self.store.submit(task.record)
@@ -185,6 +199,7 @@ class TaskService:
             usage_estimated=True,
             instance_id=self.instance_id,
             session_id=body.session_id,
+            trace_id=audit.trace_id,
             # Every task holds a lease while it runs: if this process dies, another one ends it.
             lease_expires_at=now + timedelta(seconds=self._settings.tasks.lease_s),
         )
@@ -193,8 +208,11 @@ class TaskService:
 
     async def run(self, task: AdmittedTask) -> AsyncGenerator[Event, None]:
         """The task's events, from task.started to its final one; closing early cancels it."""
+        agent = run_agent(task.spec, self._metrics, self._invoker)
+        if task.span is not None:
+            agent = tracing.in_span(task.span, agent)  # its model and tool calls are the task span's children
         try:
-            async with aclosing(run_agent(task.spec, self._metrics, self._invoker)) as events:
+            async with aclosing(agent) as events:
                 async for event in events:
                     task.last = event
                     yield event
@@ -221,6 +239,8 @@ class TaskService:
             audit.http_status = last.status if isinstance(last, TaskFailed) else 200
         elif task.transport == "sse":
             audit.http_status = 200  # the stream had begun: failures went in-band
+        if task.span is not None:
+            tracing.end_task(task.span, audit)
         try:
             if task.spec.ticket is not None:
                 await task.spec.ticket.close()  # frees the concurrency slot; a stream held it until now

@@ -20,6 +20,8 @@ from aiohttp.resolver import DefaultResolver
 from jsonschema import Draft202012Validator
 
 from app.config import HttpToolSettings, env_value
+from app.middleware import request_id_var
+from app.observability import tracing
 from app.tools.base import Tool, ToolContext, ToolError, ToolUnavailable
 
 MAX_REDIRECTS = 3
@@ -62,6 +64,7 @@ class HttpTool(Tool):
         else:
             body = orjson.dumps(arguments)
         headers = {**self._headers, **({"Content-Type": "application/json"} if body is not None else {})}
+        headers = tracing.outgoing_headers(headers, request_id_var.get())  # x-request-id, traceparent
         timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
         for _ in range(MAX_REDIRECTS + 1):
             if not settings.allow_private:

@@ -11,6 +11,7 @@ from typing import Any
 from app.audit.context import AuditContext
 from app.enforcement.breaker import BreakerRegistry, classify
 from app.errors import AppError, CircuitOpen
+from app.observability import tracing
 from app.observability.metrics import Metrics
 from app.tools.base import Tool, ToolContext, ToolError
 
@@ -50,6 +51,13 @@ class ToolInvoker:
         and cancellation. Everything else is an outcome; the breaker counts only failures that say
         something about the tool's backend (see `classify`), never what the caller sent.
         """
+        if tracing.TRACER is not None:
+            return await tracing.traced_tool(tool.name, self._call(tool, arguments, context, deadline, audit), _failure)
+        return await self._call(tool, arguments, context, deadline, audit)
+
+    async def _call(
+        self, tool: Tool, arguments: Any, context: ToolContext, deadline: float | None, audit: AuditContext | None
+    ) -> ToolOutcome:
         started = time.perf_counter()
         if audit is not None:
             audit.tool_names.append(tool.name)
@@ -110,5 +118,18 @@ class ToolInvoker:
     ) -> ToolOutcome:
         outcome = "refused" if refusal is not None else "error" if error is not None else "ok"
         self._metrics.tool_calls.labels(tool.name, outcome).inc()
-        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        elapsed = time.perf_counter() - started
+        if refusal is None:  # a refused call never ran
+            self._metrics.tool_seconds.labels(tool.name).observe(elapsed)
+        duration_ms = round(elapsed * 1000, 3)
         return ToolOutcome(result=result, error=error, refusal=refusal, duration_ms=duration_ms)
+
+
+def _failure(outcome: ToolOutcome) -> tuple[str | None, str | None]:
+    """A call's outcome as its span's (error code, detail): the refusal's code, the sandbox's status, or tool_error."""
+    if outcome.refusal is not None:
+        return outcome.refusal.code, outcome.refusal.detail
+    if outcome.error is None:
+        return None, None
+    status = outcome.result.get("status") if isinstance(outcome.result, dict) else None
+    return (status if isinstance(status, str) and status != "ok" else "tool_error"), outcome.error[:300]

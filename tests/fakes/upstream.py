@@ -55,11 +55,15 @@ class FakeUpstream:
         self.disconnects: list[dict[str, Any]] = []
         self.by_tag: Counter[str] = Counter()
         self.last_bodies: list[dict[str, Any]] = []
+        # The trace headers of the last requests, as they came (None: not sent).
+        self.last_trace_headers: list[dict[str, str | None]] = []
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests += 1
         self.last_bodies = [*self.last_bodies[-19:], body]
+        trace_headers = {name: request.headers.get(name) for name in ("traceparent", "x-request-id")}
+        self.last_trace_headers = [*self.last_trace_headers[-19:], trace_headers]
         messages = body.get("messages") or []
         last_user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
         directives = dict(DIRECTIVE.findall(_text(last_user)))
@@ -154,6 +158,7 @@ class FakeUpstream:
                 "disconnects": self.disconnects,
                 "by_tag": dict(self.by_tag),
                 "last_bodies": self.last_bodies,
+                "last_trace_headers": self.last_trace_headers,
             }
         )
 
@@ -254,6 +259,8 @@ async def tool_echo(request: web.Request) -> web.Response:
             "query": dict(request.query),
             "body": body,
             "authorization": request.headers.get("Authorization"),
+            "traceparent": request.headers.get("traceparent"),
+            "x_request_id": request.headers.get("x-request-id"),
         }
     )
 
