@@ -17,6 +17,7 @@ from pydantic_settings import (
 
 from app.cors import CorsSettings
 from app.sandbox.settings import SandboxSettings
+from app.sessions.settings import SessionsSettings
 from app.tasks.events.settings import EventsSettings
 
 Tier = Literal["small", "medium", "large"]
@@ -110,7 +111,8 @@ class ModelSettings(_Section):
     input_usd_per_mtok: Decimal | None = Field(None, ge=0)
     output_usd_per_mtok: Decimal | None = Field(None, ge=0)
     cached_input_usd_per_mtok: Decimal | None = Field(None, ge=0)
-    context_window: int = Field(128_000, ge=1)
+    # The model's context in tokens: a session's oldest turns are left out beyond it.
+    context_tokens: int = Field(128_000, ge=1)
 
 
 class PriceSettings(_Section):
@@ -424,6 +426,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     tasks: TaskSettings = TaskSettings()
     events: EventsSettings = EventsSettings()
+    sessions: SessionsSettings = SessionsSettings()
     tools: ToolsSettings = ToolsSettings()
     sandbox: SandboxSettings = SandboxSettings()
     breakers: BreakerSettings = BreakerSettings()

@@ -13,6 +13,7 @@ from prometheus_client import (
 )
 
 from app.durable.metrics import WriterMetrics
+from app.sessions.metrics import SessionMetrics
 
 _LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # Time to first token: from well under a second to the long prompts of large models.
@@ -163,3 +164,5 @@ class Metrics:
         )
         # The task table's writer: pacemaker_task_records_{queue_depth,flush_seconds,written_total,...}.
         self.task_records = WriterMetrics.register(self.registry, "pacemaker_task_records", "Task records")
+        # The session pool: pacemaker_session_bytes, pacemaker_sessions, ..._evictions_total, ..._lookups_total.
+        self.sessions = SessionMetrics.register(self.registry)
