@@ -40,6 +40,7 @@ from app.observability.metrics import Metrics
 from app.providers.registry import ProviderRegistry
 from app.resources import Resources
 from app.sandbox.sandbox import Sandbox
+from app.sessions.conversation import start_conversations
 from app.tasks.background import BackgroundTasks
 from app.tasks.cancel_bus import CancelBus
 from app.tasks.events import EventLog, MemoryEventLog, RedisEventLog, build_reader_redis
@@ -125,6 +126,8 @@ async def _start_tasks(
     store = TaskStore(engine, settings.tasks, metrics)
     await store.start()
     stack.push_async_callback(store.stop)
+    # Closed after background tasks end: their last turns are appended.
+    sessions = await start_conversations(stack, settings, metrics.sessions)
     service = TaskService(
         settings=settings,
         providers=providers,
@@ -135,6 +138,7 @@ async def _start_tasks(
         audit=audit,
         store=store,
         instance_id=instance_id(),
+        sessions=sessions,
     )
     events_url = settings.events.redis_url or settings.limits.redis_url
     readers: Redis | None = None

@@ -18,6 +18,7 @@ from app.observability.metrics import Metrics
 from app.openai_compat import router as openai_compat
 from app.openapi import install_openapi
 from app.problems import install_problem_handlers
+from app.sessions import router as sessions
 from app.tasks import router as tasks
 from app.tasks import websocket
 from app.tools import router as tools
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(websocket.router)
     app.include_router(tools.router)
+    app.include_router(sessions.router)
     app.include_router(audit.router)
     app.include_router(health.router)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)

@@ -24,6 +24,20 @@ class ToolCallRecord(BaseModel):
     duration_ms: float
 
 
+class SessionOutcome(BaseModel):
+    """A task's session: how many earlier turns it was sent, and whether its own turn was stored."""
+
+    id: str = Field(description="The session_id")
+    history_turns: int = Field(description="Earlier turns sent to the model, after the system prompt")
+    turns_left_out: int = Field(description="Older turns left out to fit the model's context")
+    stored: bool = Field(description="This turn was appended to the session")
+    reason: Literal["turn_too_large", "store_unavailable", "hold_expired"] | None = Field(
+        None,
+        description="Why it was not: larger than sessions.max_session_bytes alone, the store failed, or the "
+        "task outlived its hold on the session and another turn took it",
+    )
+
+
 class TaskResult(BaseModel):
     id: str
     status: Literal["completed"] = "completed"
@@ -37,6 +51,7 @@ class TaskResult(BaseModel):
     tier: str | None = None
     finish_reason: str
     duration_ms: float
+    session: SessionOutcome | None = Field(None, description="Tasks with a session_id: its history and this turn")
 
 
 class _Event(BaseModel):
@@ -50,6 +65,15 @@ class TaskStarted(_Event):
     model: str
     provider: str
     tier: str | None
+
+
+class SessionTruncated(_Event):
+    """The session's oldest turns did not fit the model's context with the query and max_tokens: left out."""
+
+    type: Literal["session.truncated"] = "session.truncated"
+    session_id: str
+    turns_left_out: int
+    turns_sent: int
 
 
 class ModelFallback(_Event):
@@ -105,7 +129,14 @@ class TaskFailed(_Event):
 
 
 TaskEvent = Annotated[
-    TaskStarted | ModelFallback | TokenDelta | ToolCallStarted | ToolCallFinished | TaskCompleted | TaskFailed,
+    TaskStarted
+    | SessionTruncated
+    | ModelFallback
+    | TokenDelta
+    | ToolCallStarted
+    | ToolCallFinished
+    | TaskCompleted
+    | TaskFailed,
     Field(discriminator="type"),
 ]
 TERMINAL_EVENTS = (TaskCompleted, TaskFailed)

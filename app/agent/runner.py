@@ -21,6 +21,7 @@ import orjson
 from app.agent.control import RunControl
 from app.agent.events import (
     ModelFallback,
+    SessionTruncated,
     TaskCompleted,
     TaskFailed,
     TaskStarted,
@@ -42,7 +43,26 @@ from app.tools.invoke import ToolInvoker
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Event = TaskStarted | ModelFallback | TokenDelta | ToolCallStarted | ToolCallFinished | TaskCompleted | TaskFailed
+Event = (
+    TaskStarted
+    | SessionTruncated
+    | ModelFallback
+    | TokenDelta
+    | ToolCallStarted
+    | ToolCallFinished
+    | TaskCompleted
+    | TaskFailed
+)
+
+
+@dataclass(slots=True)
+class History:
+    """The earlier turns of the task's session that fit its model's context, sent before the query."""
+
+    session_id: str
+    messages: list[Message]
+    turns: int
+    left_out: int  # older turns that did not fit
 
 
 @dataclass(slots=True)
@@ -64,6 +84,10 @@ class TaskSpec:
     # The estimated tokens of the initial conversation: counted once, for admission and the first call.
     prompt_tokens: int | None = None
     max_parallel_tools: int = 4  # tool calls of one model turn that run at once
+    history: History | None = None
+    # This task's turn as the runner builds it, for its session: the query, each assistant message
+    # with tool calls and each tool result, then the answer.
+    turn: list[Message] = field(default_factory=list)
     control: RunControl = field(init=False)  # its deadline, and cancel()
 
     def __post_init__(self) -> None:
@@ -98,6 +122,15 @@ async def run_agent(spec: TaskSpec, metrics: Metrics, tools: ToolInvoker) -> Asy
         provider=spec.route.provider.name,
         tier=spec.tier,
     )
+    history = spec.history
+    if history is not None and history.left_out:
+        yield SessionTruncated(
+            task_id=spec.id,
+            seq=progress.next_seq(),
+            session_id=history.session_id,
+            turns_left_out=history.left_out,
+            turns_sent=history.turns,
+        )
     try:
         # aclosing: if our consumer goes away, the inner loop (and its upstream call) closes now.
         async with aclosing(_loop(spec, progress, metrics, tools, started)) as events:
@@ -116,6 +149,7 @@ async def _loop(
     spec: TaskSpec, progress: _Progress, metrics: Metrics, tools: ToolInvoker, started: float
 ) -> AsyncGenerator[Event, None]:
     messages = initial_messages(spec)
+    spec.turn = messages[-1:]
     definitions = [tool.openai_definition() for tool in spec.tools] or None
     route = spec.route
     for iteration in range(spec.max_iterations):
@@ -155,6 +189,7 @@ async def _loop(
         progress.cost_usd += route.cost(response.usage)
 
         if not response.tool_calls:
+            spec.turn.append({"role": "assistant", "content": response.text})
             yield TaskCompleted(
                 task_id=spec.id,
                 seq=progress.next_seq(),
@@ -172,14 +207,18 @@ async def _loop(
             )
             return
 
-        messages.append(_assistant_message(response.text, response.tool_calls))
+        assistant = _assistant_message(response.text, response.tool_calls)
+        messages.append(assistant)
+        spec.turn.append(assistant)
         records: list[ToolCallRecord] = []
         async for tool_event in _tool_turn(spec, progress, tools, response.tool_calls, records):
             yield tool_event
         progress.tool_calls.extend(records)
         for record in records:  # in call order, whatever order they finished in
             content = {"error": record.error} if record.error is not None else record.result
-            messages.append({"role": "tool", "tool_call_id": record.call_id, "content": _json(content)})
+            result: Message = {"role": "tool", "tool_call_id": record.call_id, "content": _json(content)}
+            messages.append(result)
+            spec.turn.append(result)
     raise MaxIterationsExceeded(f"The model was still calling tools after {spec.max_iterations} iterations.")
 
 
@@ -274,11 +313,13 @@ async def _run_tool(
 
 
 def initial_messages(spec: TaskSpec) -> list[Message]:
-    """The conversation a task starts with: system prompt, context facts, the query."""
+    """The conversation a task starts with: system prompt, context facts, the session's history, the query."""
     messages: list[Message] = [{"role": "system", "content": spec.system_prompt}]
     facts = {k: v for k, v in (spec.context or {}).items() if k != "model_tier"}
     if facts:
         messages.append({"role": "system", "content": "Context: " + _json(facts)})
+    if spec.history is not None:
+        messages += spec.history.messages
     messages.append({"role": "user", "content": spec.query})
     return messages
 

@@ -8,7 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.config import Mode, Tier
 
-SessionId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]+$"  # 1-128 letters, digits, '.', '_', ':', '-'
+SESSION_ID_MAX = 128
+SessionId = Annotated[str, Field(min_length=1, max_length=SESSION_ID_MAX, pattern=SESSION_ID_PATTERN)]
 
 
 class TaskCreate(BaseModel):
@@ -23,7 +25,9 @@ class TaskCreate(BaseModel):
     )
     tools: list[str] | None = Field(None, description="Allowlist of tools for this task (default: all).")
     session_id: SessionId | None = Field(
-        None, description="Names a workspace that sandboxed Python runs of this key keep between tasks."
+        None,
+        description="A conversation of this key: the task is sent its earlier turns and appends its own "
+        "(one turn at a time: 409 session_busy); sandboxed Python runs keep a /workspace in it too.",
     )
     max_tokens: int | None = Field(None, ge=1, description="Completion tokens per model call.")
     temperature: float | None = Field(None, ge=0, le=2)

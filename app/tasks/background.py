@@ -141,6 +141,10 @@ class BackgroundTasks:
             )
             return event.model_dump_json().encode()
 
+        sessions = self._service.sessions
+        if sessions is not None and record.session_id is not None:
+            # Its hold on the session would otherwise last the task's whole timeout (on Redis).
+            await sessions.store.release((record.api_key_id, record.session_id), record.id)
         completion = 0
         if record.background:  # only background tasks keep a log; the others' clients are gone with them
             try:

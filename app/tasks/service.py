@@ -34,6 +34,7 @@ from app.errors import AppError, TaskFinished, TaskNotFound, TooManyBackgroundTa
 from app.observability import tracing
 from app.observability.metrics import Metrics
 from app.providers.registry import ProviderRegistry
+from app.sessions.conversation import Conversations, SessionTurn
 from app.tasks.cancel_bus import CancelBus
 from app.tasks.models import FINAL_VERSION, TaskRecord, TaskStatus, TaskToolCall
 from app.tasks.spec import build_task_spec
@@ -56,6 +57,7 @@ class AdmittedTask:
     transport: Transport
     audit: AuditContext  # the one carrier of the task's audit row, also reached through its ticket
     record: TaskRecord  # as admitted; the final record is made from it
+    session: SessionTurn | None = None  # its hold on its session_id's conversation
     last: Event | None = None
     finished: bool = field(default=False)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -83,6 +85,7 @@ class TaskService:
         audit: AuditSink | None,
         store: TaskStore,
         instance_id: str,
+        sessions: Conversations | None = None,
     ) -> None:
         self._settings = settings
         self._providers = providers
@@ -93,6 +96,7 @@ class TaskService:
         self._audit = audit
         self.store = store
         self.instance_id = instance_id
+        self.sessions = sessions  # None: sessions.enabled is false (a session_id names a workspace only)
         self._content_chars = settings.audit.content_max_chars if settings.audit.store_content else 0
         self.running: dict[str, AdmittedTask] = {}  # on this instance, by id
         self._recent: OrderedDict[str, TaskRecord] = OrderedDict()
@@ -126,14 +130,23 @@ class TaskService:
             self._describe(audit, spec, body, transport)
             if body.background:
                 await self._check_background_slots(principal)
-            spec.ticket = await self._enforcer.admit(
-                principal,
-                route=spec.route,
-                prompt_tokens=spec.prompt_tokens or 0,
-                max_tokens=spec.max_tokens,
-                scope=scope,
-                audit=audit,
-            )
+            # Before the limits: they must see the prompt with its history (409 session_busy, too).
+            session = None
+            if body.session_id is not None and self.sessions is not None:
+                session = await self.sessions.open(principal.key_id, body.session_id, spec)
+            try:
+                spec.ticket = await self._enforcer.admit(
+                    principal,
+                    route=spec.route,
+                    prompt_tokens=spec.prompt_tokens or 0,
+                    max_tokens=spec.max_tokens,
+                    scope=scope,
+                    audit=audit,
+                )
+            except BaseException:
+                if session is not None:
+                    await session.release()
+                raise
         except AppError as exc:
             audit.status, audit.error_code, audit.http_status = "rejected", exc.code, exc.status
             if span is not None:
@@ -144,7 +157,7 @@ class TaskService:
             if token is not None:
                 tracing.restore(token)
         audit.owned_by_task = True
-        task = AdmittedTask(spec, transport, audit, self._admission_record(principal, body, spec, audit))
+        task = AdmittedTask(spec, transport, audit, self._admission_record(principal, body, spec, audit), session)
         if span is not None:
             task.span = span
             tracing.task_admitted(span, audit, transport)
@@ -214,6 +227,8 @@ class TaskService:
         try:
             async with aclosing(agent) as events:
                 async for event in events:
+                    if isinstance(event, TaskCompleted) and task.session is not None:
+                        event.session = await task.session.complete()  # its turn, before anyone hears it ended
                     task.last = event
                     yield event
         finally:
@@ -242,6 +257,8 @@ class TaskService:
         if task.span is not None:
             tracing.end_task(task.span, audit)
         try:
+            if task.session is not None:
+                await task.session.release()  # a turn that appended nothing frees its session too
             if task.spec.ticket is not None:
                 await task.spec.ticket.close()  # frees the concurrency slot; a stream held it until now
         finally:

@@ -14,6 +14,14 @@ from app.sandbox.settings import SandboxSettings
 from app.tools.base import ModelTool, ToolContext, ToolError
 
 
+def workspace_name(key_id: int | None, session_id: str) -> str:
+    """The directory of a session's /workspace under sandbox.sessions_dir.
+
+    Scoped to the key: another key naming the same session gets a workspace of its own.
+    """
+    return hashlib.sha256(f"{key_id}\0{session_id}".encode()).hexdigest()[:32]
+
+
 class PythonArguments(BaseModel):
     code: str = Field(min_length=1, description="A Python 3.12 program; what it prints is the result.")
     timeout_s: float | None = Field(None, gt=0, description="Wall-clock limit (clamped to the allowed maximum).")
@@ -76,6 +84,4 @@ class PythonTool(ModelTool[PythonArguments]):
     def _workspace(self, context: ToolContext) -> Path | None:
         if context.session_id is None:
             return None
-        # Scoped to the key: another key naming the same session gets a workspace of its own.
-        name = hashlib.sha256(f"{context.key_id}\0{context.session_id}".encode()).hexdigest()[:32]
-        return self._sandbox.session_dir(name)
+        return self._sandbox.session_dir(workspace_name(context.key_id, context.session_id))
