@@ -1,4 +1,4 @@
-"""The OpenAPI schema, with the API key security schemes on every route that requires a key."""
+"""The OpenAPI schema, with the API key security schemes on every route that requires a key, and its docs pages."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from app.agent.schemas import TaskCreate
+from app.docs import install_docs
 from app.openai_compat.schemas import ChatCompletionRequest
 from app.tools.router import ToolInvocation
 
@@ -51,6 +52,7 @@ def install_openapi(app: FastAPI, example_model: str) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    install_docs(app)
 
 
 def _add_model(schemas: dict[str, Any], model: type[BaseModel]) -> None:
