@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test fuzz lint format openapi migrate bench clean
+.PHONY: install chromium run test fuzz lint format openapi migrate bench clean
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required") if sys.version_info < (3, 11) else None'
@@ -14,6 +14,12 @@ $(INSTALLED): pyproject.toml
 	@touch $@
 
 install: $(INSTALLED)
+
+## chromium: Debian's chromium for the browser tests, from the package registry where missing (as root with apt-get;
+## elsewhere the browser tests skip, naming this command). Playwright never downloads a browser here.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; fi
 
 # `make run` only: pages from any local port (a Vite or Next.js dev server) may call it. Production
 # sets server.cors.allow_origins itself; `make run DEV_CORS_ORIGINS='[]'` turns this off.
@@ -26,7 +32,7 @@ run: install
 	PACEMAKER_SERVER__CORS__ALLOW_ORIGINS='$(DEV_CORS_ORIGINS)' $(BIN)/pacemaker serve
 
 ## test: install and run the whole suite (needs PostgreSQL and Redis on 127.0.0.1)
-test: install
+test: install chromium
 	$(BIN)/python -m pytest
 
 ## fuzz: schemathesis against a live server, longer than the suite's run (PACEMAKER_FUZZ_EXAMPLES per operation)
