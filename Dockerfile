@@ -24,22 +24,25 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-RUN python -m venv /opt/venv && pip install --upgrade pip
-
 WORKDIR /srv/pacemaker
 
-# The dependencies first, in their own layer, so that editing the code does not reinstall them.
-# They are read from pyproject.toml itself (tomllib is in the 3.11 standard library). The compiled
-# ones (uvloop, httptools, asyncpg, aiohttp, orjson, pydantic-core, ...) have manylinux wheels for
-# CPython 3.11 on amd64 and arm64, so no compiler is installed; add build-essential here if one is missing.
-COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt
+# The dependencies first, in their own layer, so that editing the code does not reinstall them:
+# exactly what requirements.lock pins (pip and setuptools too), every file checked against its hash
+# (`make lock` makes it from pyproject.toml). The compiled ones (uvloop, httptools, asyncpg, aiohttp,
+# orjson, pydantic-core, ...) have manylinux wheels for CPython 3.11 on amd64 and arm64, so no
+# compiler is installed; add build-essential here if one is missing.
+COPY requirements.lock ./
+RUN python -m venv /opt/venv && pip install --require-hashes -r requirements.lock
 
-# Then the project itself, editable (see the top of this file) and without touching the dependencies.
+# A lock older than pyproject.toml's dependencies would leave one out: stop the build, saying what to run.
+COPY pyproject.toml README.md ./
+COPY deploy/lock.py ./deploy/lock.py
+RUN python deploy/lock.py check requirements.lock
+
+# Then the project itself, editable (see the top of this file), with nothing more: no dependency,
+# and the locked setuptools rather than whatever an isolated build would fetch.
 COPY app ./app
-RUN pip install --no-deps --editable .
+RUN pip install --no-deps --no-build-isolation --editable .
 
 
 FROM ${PYTHON_IMAGE} AS runtime

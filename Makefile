@@ -6,14 +6,27 @@ INSTALLED := $(VENV)/.installed
 
 .PHONY: install chromium run test fuzz lint format openapi migrate bench clean
 
-$(INSTALLED): pyproject.toml
+# Installs exactly what requirements-dev.lock pins (every extra, pip and setuptools included), each
+# file checked against its hash; the project itself goes in editable, with nothing more. A lock older
+# than pyproject.toml's dependencies stops here with what to run, never installs something unpinned.
+$(INSTALLED): pyproject.toml requirements-dev.lock
 	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required") if sys.version_info < (3, 11) else None'
+	@$(PYTHON) deploy/lock.py check requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-dev.lock
+	@# (setuptools warns on every editable install that a folder named like the package may shadow it)
+	PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 
 install: $(INSTALLED)
+
+## lock: remake requirements.lock and requirements-dev.lock from pyproject.toml, keeping every pin that
+## still fits; LOCK_ARGS='--upgrade-package httpx' moves one package to its newest, LOCK_ARGS=--upgrade all
+UV_VERSION := 0.13.8
+.PHONY: lock
+lock:
+	@test -x $(BIN)/uv || { $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"; }
+	$(PYTHON) deploy/lock.py compile --uv $(BIN)/uv $(LOCK_ARGS)
 
 ## chromium: Debian's chromium for the browser tests, from the package registry where missing (as root with apt-get;
 ## elsewhere the browser tests skip, naming this command). Playwright never downloads a browser here.
