@@ -349,7 +349,9 @@ async def test_a_turn_larger_than_max_session_bytes_runs_but_is_not_stored(embed
     assert stored["turns"] == 1
 
 
-async def test_the_audit_row_carries_the_session_and_the_metrics_move(embedded: PacemakerServer) -> None:
+async def test_the_audit_row_and_the_task_record_carry_the_session_and_the_metrics_move(
+    embedded: PacemakerServer,
+) -> None:
     admin, key_id = new_key(embedded, "--admin")
     session = fresh()
     async with embedded.client(admin) as http:
@@ -362,6 +364,8 @@ async def test_the_audit_row_carries_the_session_and_the_metrics_move(embedded: 
                 break
             await asyncio.sleep(0.1)
         metrics = (await http.get("/metrics")).text
+        record = (await http.get(f"/v1/tasks/{two['id']}")).json()
+    assert record["session_id"] == session  # the task record too
     assert {r["task_id"]: r["session_id"] for r in rows if r["task_id"]} == {one["id"]: session, two["id"]: session}
     samples = {
         name: float(value)

@@ -48,6 +48,7 @@ class TaskResource(BaseModel):
     usage_estimated: bool
     cost_usd: str = Field(description=_USD_DESCRIPTION)
     error: TaskError | None = Field(description="Why a failed or cancelled task ended")
+    session_id: str | None = Field(None, description="The session (conversation) the task was a turn of")
 
 
 class TaskList(BaseModel):
@@ -89,4 +90,5 @@ def task_resource(record: TaskRecord) -> TaskResource:
         usage_estimated=record.usage_estimated,
         cost_usd=f"{record.cost_usd:.9f}",
         error=error,
+        session_id=record.session_id,
     )
