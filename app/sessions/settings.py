@@ -16,7 +16,9 @@ class SessionsSettings(BaseModel):
         None, description="Conversations in Redis, shared by every instance (default: limits.redis_url)."
     )
     redis_prefix: str = Field("pacemaker:sessions", min_length=1, description="Redis: the prefix of every key.")
-    redis_timeout_s: float = Field(0.25, gt=0, description="Redis: a call that takes longer fails.")
+    redis_timeout_s: float = Field(
+        1.0, gt=0, description="Redis: a call that takes longer fails (a turn then is not stored, or 503)."
+    )
     ttl_s: float = Field(86_400.0, gt=0, description="A session unused for this long is forgotten.")
     max_bytes: int = Field(
         64 * MIB, ge=1024, description="In process: the stored turns of every session together (bytes)."
