@@ -65,7 +65,7 @@ from benchmarks.harness import (
     wait_for_quiet_machine,
     write_config,
 )
-from benchmarks.loadgen import Window, closed_loop, first_request
+from benchmarks.loadgen import REQUEST_TIMEOUT_S
 
 TURNS = 20
 SESSIONS = 50  # part A: the sessions the tasks take in turn
@@ -128,7 +128,7 @@ async def part_a(settings: Settings, store: SessionStore | None, tasks: int, lab
             steps.latencies_us.append((time.perf_counter_ns() - started) / 1000)
             if outcome is not None and (outcome.history_turns != TURNS or not outcome.stored):
                 steps.problems.append(
-                    f"{label}: task {n} was sent {outcome.history_turns} turns, stored {outcome.stored}"
+                    f"{label}: task {n}: {outcome.history_turns} turns sent, stored {outcome.stored} ({outcome.reason})"
                 )
             if not wire:
                 steps.problems.append(f"{label}: no request body")
@@ -175,14 +175,45 @@ async def memory_per_turn(settings: Settings, redis_url: str, sessions: int) -> 
 # B. End to end: JSON tasks at concurrency 1 against a server, with and without a 20-turn session
 
 
-@dataclass(kw_only=True)
-class Run(Window):
-    backend: str
-    session: bool
+@dataclass
+class Paired:
+    """Requests with and without the session one after the other for the whole run, so that both see
+    the same machine: their latencies, and what went wrong."""
+
+    label: str
+    latencies_ms: dict[bool, list[float]] = field(default_factory=lambda: {False: [], True: []})
+    errors: list[str] = field(default_factory=list)
+
+    def p(self, with_session: bool, q: float) -> float:
+        return percentile(sorted(self.latencies_ms[with_session]), q)
+
+    @property
+    def added(self) -> float:
+        return self.p(True, 50) - self.p(False, 50)
 
 
-def valid_result(status: int, body: bytes) -> bool:
-    return status == 200 and b'"status":"completed"' in body
+async def paired(
+    label: str, url: str, headers: dict[str, str], bodies: dict[bool, bytes], warmup: float, seconds: float
+) -> Paired:
+    """Alternate the two bodies at concurrency 1 for warmup + seconds; the requests after the warm-up count."""
+    run = Paired(label)
+    begin = time.perf_counter()
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
+        n = 0
+        while (started := time.perf_counter()) < begin + warmup + seconds:
+            flag = bool(n % 2)
+            n += 1
+            async with http.post(url, data=bodies[flag]) as response:
+                content = await response.read()
+            if response.status != 200:
+                run.errors.append(f"{label}: HTTP {response.status} {content[:200]!r}")
+            elif started >= begin + warmup:
+                run.latencies_ms[flag].append((time.perf_counter() - started) * 1000)
+    for flag, latencies in run.latencies_ms.items():
+        if not latencies:
+            run.errors.append(f"{label}: no request {'with' if flag else 'without'} the session completed")
+    return run
 
 
 async def probe_answer(upstream: Child) -> str:
@@ -194,6 +225,20 @@ async def probe_answer(upstream: Child) -> str:
     ):
         answer: str = (await response.json())["choices"][0]["message"]["content"]
         return answer
+
+
+def e2e_bodies(name: str, answer: str) -> dict[bool, bytes]:
+    """What is sent with and without the session: a task to Pacemaker, or the model call it makes to the upstream."""
+    if name in BACKENDS:
+        task = {"query": E2E_QUERY, "model": MODEL}
+        return {False: orjson.dumps(task), True: orjson.dumps({**task, "session_id": f"bench-{name}"})}
+    system: Message = {"role": "system", "content": Settings().agent.system_prompt}
+    history = [message for _ in range(TURNS) for message in turn_of(E2E_QUERY, answer)]
+    query: Message = {"role": "user", "content": E2E_QUERY}
+    return {
+        flag: orjson.dumps({"model": MODEL, "messages": [system, *(history if flag else []), query]})
+        for flag in (False, True)
+    }
 
 
 def start_servers(workdir: Path, children: list[Child], redis: Child, bound: int) -> tuple[dict[str, Child], str]:
@@ -247,7 +292,7 @@ async def prepare_session(server: Child, headers: dict[str, str], session: str) 
 # ---------------------------------------------------------------------------------------------
 
 
-def render(a: dict[str, list[Steps]], b: list[Run], memory: dict[str, float], args: argparse.Namespace) -> str:
+def render(a: dict[str, list[Steps]], b: list[Paired], memory: dict[str, float], args: argparse.Namespace) -> str:
     def median(values: list[float]) -> float:
         return sorted(values)[(len(values) - 1) // 2] if values else math.nan
 
@@ -271,17 +316,24 @@ def render(a: dict[str, list[Steps]], b: list[Run], memory: dict[str, float], ar
             f"| session, {BACKENDS[name]} | {fmt(p50, 3)} | {fmt(p99, 3)} | {fmt(added[name], 3)} |"
             f" < {target} ms | {verdict(added[name] < target)} |"
         )
-    lines += ["", "#### B. End to end: JSON tasks at concurrency 1 (median of rounds)\n"]
-    lines += ["| server | session | tasks/s | p50 ms | p99 ms | added p50 ms |", "|---|---|---:|---:|---:|---:|"]
-    for name in BACKENDS:
-        runs = {flag: [r for r in b if r.backend == name and r.session is flag] for flag in (False, True)}
-        p50 = {flag: median([r.percentile(50) for r in rs]) for flag, rs in runs.items()}
-        for flag, rs in runs.items():
-            extra = fmt(p50[True] - p50[False], 3) if flag else ""
-            lines.append(
-                f"| {BACKENDS[name]} | {'20 turns' if flag else 'none'} | {fmt(median([r.rps for r in rs]), 0)} |"
-                f" {fmt(p50[flag], 3)} | {fmt(median([r.percentile(99) for r in rs]), 3)} | {extra} |"
-            )
+    lines += [
+        "",
+        "#### B. End to end: JSON tasks at concurrency 1, with and without the session in turn (median of rounds)\n",
+    ]
+    lines += ["| server | p50 ms, no session | p50 ms, 20 turns | p99 ms, 20 turns | added p50 ms |"]
+    lines += ["|---|---:|---:|---:|---:|"]
+    for name in (*BACKENDS, "upstream"):
+        runs = [r for r in b if r.label == name]
+        title = (
+            f"Pacemaker, sessions {BACKENDS[name]}"
+            if name in BACKENDS
+            else "the fake upstream alone (2 vs 42 messages)"
+        )
+        without, with_session = median([r.p(False, 50) for r in runs]), median([r.p(True, 50) for r in runs])
+        lines.append(
+            f"| {title} | {fmt(without, 3)} | {fmt(with_session, 3)} |"
+            f" {fmt(median([r.p(True, 99) for r in runs]), 3)} | {fmt(median([r.added for r in runs]), 3)} |"
+        )
     lines += ["", "#### Memory per stored turn\n", "| what | bytes per turn |", "|---|---:|"]
     lines.append(f"| the stored turn (a 2-message turn of {TURNS} like it per session) | {fmt(memory['stored'], 0)} |")
     lines.append(f"| in process, with the pool's overhead (tracemalloc) | {fmt(memory['memory'], 0)} |")
@@ -359,30 +411,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 workdir, children, redis, session_bound(len(encode_turn(turn_of(E2E_QUERY, answer))))
             )
             headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-            b: list[Run] = []
+            b: list[Paired] = []
             for name, server in servers.items():
                 problem = runner.run(prepare_session(server, headers, f"bench-{name}"))
                 failures += [problem] if problem else []
+            targets = {name: (f"http://{HOST}:{server.port}/v1/tasks", server) for name, server in servers.items()}
+            targets["upstream"] = (f"http://{HOST}:{upstream.port}/v1/chat/completions", upstream)
             for round_no in range(1, args.rounds + 1):
-                for name, server in servers.items():
-                    for flag in (False, True):
-                        body = {"query": E2E_QUERY, "model": MODEL, **({"session_id": f"bench-{name}"} if flag else {})}
-                        data, url = orjson.dumps(body), f"http://{HOST}:{server.port}/v1/tasks"
-                        if round_no == 1:
-                            runner.run(first_request(name, url, data, headers, valid_result, server))
-                        if pinning:
-                            pin_under_test(server, children)
-                        label = f"B round {round_no}: {BACKENDS[name]}, {'session' if flag else 'no session'}"
-                        log(f"{label} ...")
-                        run = Run(backend=name, session=flag)
-                        runner.run(
-                            closed_loop(
-                                run, url, data, headers, valid_result, 1, args.warmup, args.seconds, server, children
-                            )
-                        )
-                        b.append(run)
-                        failures += run.problems(label)
-                        log(f"{'':10} p50 {run.percentile(50):.3f} ms, {run.rps:,.0f} tasks/s")
+                for name, (url, server) in targets.items():
+                    if pinning:
+                        pin_under_test(server, children)
+                    log(f"B round {round_no}/{args.rounds}: {name} ...")
+                    run = runner.run(paired(name, url, headers, e2e_bodies(name, answer), args.warmup, args.seconds))
+                    b.append(run)
+                    failures += run.errors[:5]
+                    log(f"{'':10} p50 {run.p(False, 50):.3f} ms without, {run.p(True, 50):.3f} ms with the session")
             print(render(a, b, memory, args))
             if not all(math.isfinite(v) for v in memory.values()):
                 failures.append("memory per turn could not be computed")

@@ -1,10 +1,4 @@
-"""Conversations: a task with a session_id gets the earlier turns that fit its context, and appends its own.
-
-A turn is every message a task added after the system prompt: the query, each assistant message
-with tool calls and each tool result, the answer. Turns are kept whole, so a tool call is never
-sent without its results. Only a completed task appends its turn; a failed or cancelled one
-appends nothing, so a retry starts from the same history.
-"""
+"""Conversations: a task with a session_id gets the earlier turns that fit its context, and appends its own."""
 
 from __future__ import annotations
 
@@ -25,6 +19,11 @@ log = logging.getLogger(__name__)
 
 
 class Conversations:
+    """A turn is every message a task added after the system prompt: the query, each assistant message
+    with tool calls and each tool result, the answer. Turns are kept whole, so a tool call is never
+    sent without its results. Only a completed task appends its turn; a failed or cancelled one
+    appends nothing, so a retry starts from the same history."""
+
     def __init__(self, store: SessionStore, settings: Settings) -> None:
         self.store = store
         self._settings = settings

@@ -1,13 +1,12 @@
-"""The Lua scripts of the Redis session store: begin a turn, finish it (append and release), release, delete.
+"""The Lua scripts of the Redis session store: begin a turn, finish it (append and release), release, delete."""
 
-A session is one hash, `<prefix>:{<key id>}:s:<session id>`: `c` created and `u` last used (Redis's
-clock, Unix ms), `h` the number of the oldest turn kept and `n` the next, `b` the stored bytes and
-`k` the tokens of the turns kept, `l` the task whose turn was appended last, and one field per turn
-(its number) holding the stored turn. Its TTL is sessions.ttl_s, refreshed on use. The turn running
-now holds `...:busy:<session id>` (its task id, for at most the task's timeout). Two sorted sets
-list a key's sessions: `...:ids` (by id, all scores 0) and `...:expiries` (by when each expires),
-from which expired ids are pruned.
-"""
+# A session is one hash, `<prefix>:{<key id>}:s:<session id>`: `c` created and `u` last used (Redis's
+# clock, Unix ms), `h` the number of the oldest turn kept and `n` the next, `b` the stored bytes and
+# `k` the tokens of the turns kept, `l` the task whose turn was appended last, and one field per turn
+# (its number) holding the stored turn. Its TTL is sessions.ttl_s, refreshed on use. The turn running
+# now holds `...:busy:<session id>` (its task id, for at most the task's timeout). Two sorted sets
+# list a key's sessions: `...:ids` (by id, all scores 0) and `...:expiries` (by when each expires),
+# from which expired ids are pruned.
 
 from __future__ import annotations
 
