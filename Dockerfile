@@ -2,7 +2,11 @@
 #
 #   docker build -t pacemaker .
 #   docker run --rm -p 8000:8000 -e PACEMAKER_DATABASE__URL=postgresql+asyncpg://... pacemaker
-#   docker run --rm pacemaker keys create --name me      # any other `pacemaker` command
+#   docker run --rm -e PACEMAKER_DATABASE__URL=... pacemaker keys create --name me   # any other `pacemaker` command
+#
+# On a database not migrated yet, a command that needs its tables says so in one line (exit 3):
+# run `pacemaker migrate` first (the default command does, before serving). Without
+# PACEMAKER_DATABASE__URL the database is SQLite in var/: mount a volume there to keep it.
 #
 # Layout. app/db.py finds the Alembic scripts at MIGRATIONS_DIR = <dir of app/>/../migrations, so
 # app/ and migrations/ must sit side by side. A regular (wheel) install would put app/ in
