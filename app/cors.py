@@ -55,7 +55,8 @@ class CorsSettings(BaseModel):
         description="Exact origins (https://app.example.com), patterns (http://localhost:*, https://*.example.com),"
         " or '*' for any; empty: no cross-origin access.",
     )
-    allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST"])
+    # Every method a route takes (a test holds it to openapi.json).
+    allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST", "DELETE"])
     allow_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOW_HEADERS), description="'*': any.")
     expose_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_EXPOSE_HEADERS))
     max_age_s: int = Field(600, ge=0, le=86_400, description="How long a browser may cache a preflight's answer.")

@@ -113,6 +113,12 @@ def test_entries_that_are_not_origins_are_refused_at_start(entry: str, complaint
         CorsSettings(allow_origins=[entry])
 
 
+def test_the_default_methods_are_every_method_a_route_takes() -> None:
+    schema = json.loads((ROOT / "openapi.json").read_text())
+    taken = {method.upper() for operations in schema["paths"].values() for method in operations}
+    assert taken <= set(CorsSettings().allow_methods)
+
+
 def test_header_lists_take_names_not_patterns() -> None:
     with pytest.raises(ValueError, match="not a header name"):
         CorsSettings(expose_headers=["x-ratelimit-*"])
@@ -147,7 +153,7 @@ async def test_a_preflight_from_an_allowed_origin_is_answered_without_a_key(cors
         )
     assert response.status_code == 204
     assert response.headers["access-control-allow-origin"] == "http://localhost:5173"
-    assert response.headers["access-control-allow-methods"] == "GET, POST"
+    assert response.headers["access-control-allow-methods"] == "GET, POST, DELETE"
     allowed_headers = {name.strip().lower() for name in response.headers["access-control-allow-headers"].split(",")}
     assert {"authorization", "content-type", "idempotency-key", "last-event-id", "x-request-id"} <= allowed_headers
     assert response.headers["access-control-max-age"] == "321"
