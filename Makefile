@@ -53,13 +53,13 @@ fuzz: install
 	PACEMAKER_FUZZ_EXAMPLES=$${PACEMAKER_FUZZ_EXAMPLES:-1000} $(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider -o addopts="" --timeout 3600
 
 lint: install
-	$(BIN)/ruff check app tests benchmarks load migrations
-	$(BIN)/ruff format --check app tests benchmarks load migrations
+	$(BIN)/ruff check app tests benchmarks load migrations deploy
+	$(BIN)/ruff format --check app tests benchmarks load migrations deploy
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff check --fix app tests benchmarks load migrations
-	$(BIN)/ruff format app tests benchmarks load migrations
+	$(BIN)/ruff check --fix app tests benchmarks load migrations deploy
+	$(BIN)/ruff format app tests benchmarks load migrations deploy
 
 ## openapi: regenerate the committed openapi.json from the app
 openapi: install
