@@ -398,3 +398,20 @@ async def test_a_call_admitted_yesterday_and_settled_today_is_not_charged_to_tod
     await seed(limits, 1, spec)
     await limits.settle(1, spec, taken(late), actual_tokens=0, actual_cost_usd=Decimal("0.5"))
     assert (await limits.admit(1, spec, tokens=0, cost_usd=ZERO)).budget_remaining_usd == Decimal(10)
+
+
+async def test_a_tasks_later_model_calls_do_not_reset_its_keys_request_bucket() -> None:
+    """A task's later model calls admit without rpm; that must not make the key look idle and be dropped
+    with its spent request bucket (129 tool-calling tasks once passed a 60-per-minute key in 5 s)."""
+    limits, clock, _ = limiter()
+    spec = LimitSpec(rpm=60, burst=2, tpm=1_000_000)
+    later_call = LimitSpec(tpm=1_000_000)  # what Ticket.reserve admits for a task's second model call
+    admitted = 0
+    for _ in range(10):
+        if (await limits.admit(1, spec, tokens=10, cost_usd=ZERO)).allowed:
+            admitted += 1
+            await limits.admit(1, later_call, tokens=10, cost_usd=ZERO)
+        for other in range(2, 7):  # other keys' traffic drives the idle purge
+            await limits.admit(other, later_call, tokens=1, cost_usd=ZERO)
+        clock.advance(0.01)
+    assert admitted == 2

@@ -152,7 +152,10 @@ class MemoryLimiter:
             state.tokens = _Bucket(tokens_level, now)
         if limits.budget_nanos is not None:
             state.budget_spent = spent
-        state.full_at = _full_at(state, limits, now)
+        # Never earlier than it was: a spec without a bucket (a task's later model calls carry no
+        # rpm) says nothing of that bucket, and must not let an empty one pass for full (and the
+        # key's state be dropped as idle, its requests bucket with it).
+        state.full_at = max(state.full_at, _full_at(state, limits, now))
 
         return Admission(
             allowed=reason is None,
@@ -184,7 +187,7 @@ class MemoryLimiter:
             # An overshoot makes the level negative: the next requests wait until it is paid back.
             level = min(limits.token_capacity, level + reserved_tokens - actual_tokens)
             state.tokens = _Bucket(level, now)
-            state.full_at = _full_at(state, limits, now)
+            state.full_at = max(state.full_at, _full_at(state, limits, now))
         if limits.budget_nanos is None:
             return
         window = self._current_period(spec.budget_period)
