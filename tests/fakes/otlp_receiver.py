@@ -4,7 +4,7 @@
 
 POST /v1/traces takes an ExportTraceServiceRequest (application/x-protobuf, gzip or not), decoded
 with opentelemetry-proto. GET /_control/spans gives every span received, as JSON: ids in hex,
-attributes as plain values, the resource's service.name; GET /_control/stats the counts; POST
+attributes as plain values, the resource's service.name; GET /_control/stats the counts (in all, by service.name); POST
 /_control/reset forgets them. With --count-only it keeps only the counts (for load).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+from collections import Counter
 from typing import Any
 
 from aiohttp import web
@@ -42,6 +43,7 @@ class Receiver:
         self.spans: list[dict[str, Any]] = []
         self.exports = 0
         self.span_count = 0
+        self.by_service: Counter[str] = Counter()
 
     async def traces(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -54,6 +56,7 @@ class Receiver:
             resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:
                 self.span_count += len(scope_spans.spans)
+                self.by_service[str(resource.get("service.name"))] += len(scope_spans.spans)
                 if self.count_only:
                     continue
                 for span in scope_spans.spans:
@@ -79,7 +82,7 @@ class Receiver:
         return web.json_response(self.spans)
 
     async def stats(self, _request: web.Request) -> web.Response:
-        return web.json_response({"exports": self.exports, "spans": self.span_count})
+        return web.json_response({"exports": self.exports, "spans": self.span_count, "by_service": self.by_service})
 
     async def reset_handler(self, _request: web.Request) -> web.Response:
         self.reset()

@@ -1,0 +1,362 @@
+"""Benchmark what tracing costs the chat route: Pacemaker with tracing off, on (sampling 1.0), and before it existed.
+
+    .venv/bin/python -m benchmarks.tracing [--seconds 5] [--rounds 3] [--baseline REF] [--smoke]
+
+Starts the fake upstream, an OTLP/HTTP receiver (tests/fakes/otlp_receiver.py, counting spans) and
+Pacemaker three times from this checkout: `off` without any OTEL_* variable, `on` exporting every
+span (OTEL_TRACES_SAMPLER=always_on) to the receiver, and `sampled` recording a tenth of the traces
+(parentbased_traceidratio 0.1), as production would. --baseline REF adds `before`: Pacemaker from that
+commit (git archive into the temporary directory), the reference for "off costs nothing". Each
+is driven as benchmarks/chat_proxy.py drives Pacemaker (same load generator, scenarios, pinning),
+the targets taking turns within each round.
+
+Checks: off against before (req/s and server CPU per request, within the spread between rounds),
+and on against off (target: at most 10 % fewer req/s at JSON c=64). The receiver's span count
+says whether `on` exported every request's spans (none dropped). --smoke runs every row once,
+briefly and unpinned; the exit status is 1 if a row is missing, a request failed or a figure
+could not be computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import pyspy
+from benchmarks.chat_proxy import MODEL, PATH, SCENARIOS, Result, Target, medians, probe, run_load
+from benchmarks.harness import (
+    HOST,
+    ROOT,
+    Child,
+    can_pin,
+    child_env,
+    clean_up,
+    exit_status,
+    fmt,
+    free_port,
+    log,
+    new_loop,
+    pin_under_test,
+    start_fake_upstream,
+    terminate_on_sigterm,
+    verdict,
+    wait_for_quiet_machine,
+)
+
+ON_TARGET = 0.90  # on / off req/s at JSON c=64
+ON_SERVICE = "pacemaker-bench"  # the service.name of `on`, whose spans the receiver counts
+
+
+def _config(workdir: Path, upstream_port: int) -> dict[str, Any]:
+    return {
+        "database": {"url": f"sqlite+aiosqlite:///{workdir / 'pacemaker.db'}"},
+        "auth": {"dev_key_file": str(workdir / "dev-key")},
+        "audit": {"spool_dir": str(workdir / "audit-spool")},
+        "tasks": {"spool_dir": str(workdir / "task-spool")},
+        "server": {"access_log": False},
+        # As in chat_proxy: enforcement on, with limits the load never reaches.
+        "limits": {"rpm": 1_000_000_000, "tpm": 1_000_000_000_000, "max_concurrency": 4096},
+        "providers": {
+            "simulated": {"kind": "simulated", "tokens_per_second": 0},
+            "fake": {"kind": "openai", "base_url": f"http://{HOST}:{upstream_port}/v1", "api_key": "sk-bench"},
+        },
+        "models": {
+            **{name: {"provider": "simulated"} for name in ("sim-small", "sim-medium", "sim-large")},
+            MODEL: {"provider": "fake", "input_usd_per_mtok": "1.0", "output_usd_per_mtok": "2.0"},
+        },
+    }
+
+
+def start_pacemaker(
+    name: str, workdir: Path, upstream_port: int, children: list[Child], code: Path, **env: str
+) -> tuple[Child, str]:
+    """`pacemaker serve` of the code at `code` (this checkout, or a baseline), on a fresh SQLite database."""
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "pacemaker.yaml"
+    config_path.write_text(yaml.safe_dump(_config(workdir, upstream_port)))
+    environment = child_env(PACEMAKER_CONFIG=str(config_path), **env)
+    # The code at `code` first on the path, whatever the working directory (the harness's is this checkout).
+    launcher = [
+        sys.executable,
+        "-c",
+        f"import sys; sys.path.insert(0, {str(code)!r}); from app.cli import main; main()",
+    ]
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([*launcher, *args], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"{name}: pacemaker {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
+        return done.stdout
+
+    cli("migrate")
+    key: str = json.loads(cli("keys", "create", "--name", "bench", "--json"))["key"]
+    port = free_port()
+    children.append(
+        child := Child(name, [*launcher, "serve", "--port", str(port)], environment, workdir / "server.log", port)
+    )
+    child.wait_for_port()
+    return child, key
+
+
+def baseline_tree(ref: str, into: Path) -> Path:
+    """The files of commit `ref`, unpacked under `into` (git archive: the repository is not touched)."""
+    archive = into / "baseline.tar"
+    with archive.open("wb") as out:
+        subprocess.run(["git", "archive", "--format=tar", ref], cwd=ROOT, stdout=out, check=True, timeout=60)
+    tree = into / "baseline"
+    with tarfile.open(archive) as tar:
+        tar.extractall(tree, filter="data")
+    return tree
+
+
+def _get(port: int, path: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=10) as answer:
+        found: dict[str, Any] = json.loads(answer.read())
+        return found
+
+
+def spans_received(receiver: Child, service: str) -> int:
+    return int(_get(receiver.port, "/_control/stats")["by_service"].get(service, 0))
+
+
+def requests_served(server: Child) -> int:
+    """Every request the server has answered so far (its /health counter, this one included)."""
+    return int(_get(server.port, "/health")["total_requests"])
+
+
+def render(results: Sequence[Result], args: argparse.Namespace, pinning: bool, spans: dict[str, float]) -> str:
+    rows = medians(results)
+    lines = [
+        "### Tracing: POST /v1/chat/completions with tracing off, on (every span exported), and before tracing",
+        "",
+        f"{'server under test pinned to CPU 0, the rest to CPU 1' if pinning else 'not pinned'};"
+        f" {args.warmup:g} s warm-up + {args.seconds:g} s per row; median of {args.rounds} rounds by req/s;"
+        " `on`: OTEL_TRACES_SAMPLER=always_on, OTLP/HTTP to a local receiver process.",
+        "",
+        "| scenario | target | req/s | req/s, all rounds | p50 ms | p99 ms | server CPU ms/req | server CPU % |"
+        " errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (_target, _scenario), (r, all_rps) in rows.items():
+        errors = sum(sum(x.errors.values()) for x in results if x.target is r.target and x.scenario is r.scenario)
+        lines.append(
+            f"| {r.scenario.label} | {r.target.label} | {fmt(r.rps, 0)} | {' / '.join(fmt(x, 0) for x in all_rps)}"
+            f" | {fmt(r.percentile(50))} | {fmt(r.percentile(99))} | {fmt(r.server_cpu_ms_per_request, 3)}"
+            f" | {fmt(100 * r.server_cpu_s / r.window_s, 0)} | {errors} |"
+        )
+
+    def get(target: str, scenario: str) -> tuple[Result, list[float]] | None:
+        return rows.get((target, scenario))
+
+    checks: list[tuple[str, str, str, str]] = []
+    for scenario in args.scenarios:
+        label = SCENARIOS[scenario].label
+        off, on, before = get("off", scenario), get("on", scenario), get("before", scenario)
+        if off and before:
+            ratio = off[0].rps / before[0].rps
+            # "Measurable": outside the spread of the rounds of either target.
+            noise = max(_spread(off[1]), _spread(before[1]))
+            checks.append(
+                (
+                    f"off / before req/s, {label}",
+                    fmt(ratio, 3),
+                    f"1 within the rounds' spread (±{fmt(noise, 3)})",
+                    verdict(ratio >= 1 - noise),
+                )
+            )
+            added = off[0].server_cpu_ms_per_request - before[0].server_cpu_ms_per_request
+            checks.append((f"server CPU off adds per request, {label}", f"{fmt(added, 3)} ms", "(info)", ""))
+        if off and on:
+            ratio = on[0].rps / off[0].rps
+            target = f">= {ON_TARGET}" if scenario == "json_c64" else "(info)"
+            outcome = verdict(ratio >= ON_TARGET) if scenario == "json_c64" else ""
+            checks.append((f"on / off req/s, {label}", fmt(ratio, 3), target, outcome))
+            added = on[0].server_cpu_ms_per_request - off[0].server_cpu_ms_per_request
+            checks.append((f"server CPU on adds per request, {label}", f"{fmt(added, 3)} ms", "(info)", ""))
+        sampled = get("sampled", scenario)
+        if off and sampled:
+            ratio = sampled[0].rps / off[0].rps
+            checks.append((f"on, 10 % sampled / off req/s, {label}", fmt(ratio, 3), "(info)", ""))
+    checks.append(
+        (
+            "spans the receiver got from `on` (2 per chat completion, 1 per other request, audit batches)",
+            f"{spans['exported']:,.0f}",
+            f">= {spans['expected']:,.0f} (none dropped)",
+            verdict(spans["exported"] >= spans["expected"]),
+        )
+    )
+    lines += ["", "| check | measured | target | verdict |", "|---|---:|---|---|"]
+    lines += [f"| {name} | {value} | {target} | {outcome} |" for name, value, target, outcome in checks]
+    return "\n".join(lines) + "\n"
+
+
+def _spread(values: list[float]) -> float:
+    """(max - min) / median of the rounds' req/s: how far apart runs of one target fall."""
+    ordered = sorted(values)
+    median = ordered[(len(ordered) - 1) // 2]
+    return (ordered[-1] - ordered[0]) / median if median else float("nan")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per row (default 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the median by req/s is shown (default 3)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each row (default 1)")
+    parser.add_argument("--scenarios", default="json_c1,json_c64,sse_c64", help="comma-separated subset")
+    parser.add_argument("--baseline", metavar="REF", help="also measure Pacemaker at this commit (`before`)")
+    parser.add_argument("--no-wait", action="store_true", help="do not wait for other benchmarks to finish first")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--profile", type=float, default=0.0, metavar="SECONDS", help="then py-spy `on` under JSON c=64 (default: off)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: every row once, briefly, unpinned")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seconds, args.warmup, args.rounds, args.no_pin = 0.5, 0.2, 1, True
+    if not (0.5 <= args.seconds <= 600 and 0 <= args.warmup <= 60 and 1 <= args.rounds <= 20):
+        parser.error("--seconds must be in [0.5, 600], --warmup in [0, 60], --rounds in [1, 20]")
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario: {', '.join(unknown)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not (args.smoke or args.no_wait):
+        wait_for_quiet_machine()
+    pinning = can_pin(args.no_pin)
+    workdir = Path(tempfile.mkdtemp(prefix="pacemaker-bench-tracing-"))
+    children: list[Child] = []
+    results: list[Result] = []
+    failures: list[str] = []
+    try:
+        with terminate_on_sigterm(), asyncio.Runner(loop_factory=new_loop) as runner:
+            log(f"starting servers in {workdir}")
+            fake = start_fake_upstream(workdir, children)
+            receiver_port = free_port()
+            receiver_args = [
+                sys.executable,
+                "-m",
+                "tests.fakes.otlp_receiver",
+                "--port",
+                str(receiver_port),
+                "--count-only",
+            ]
+            children.append(
+                receiver := Child("receiver", receiver_args, child_env(), workdir / "receiver.log", receiver_port)
+            )
+            receiver.wait_for_port()
+            servers: dict[str, tuple[Child, str]] = {}
+            if args.baseline:
+                tree = baseline_tree(args.baseline, workdir)
+                servers["before"] = start_pacemaker("before", workdir / "before", fake.port, children, tree)
+            servers["off"] = start_pacemaker("off", workdir / "off", fake.port, children, ROOT)
+            servers["on"] = start_pacemaker(
+                "on",
+                workdir / "on",
+                fake.port,
+                children,
+                ROOT,
+                OTEL_EXPORTER_OTLP_ENDPOINT=f"http://{HOST}:{receiver_port}",
+                OTEL_SERVICE_NAME=ON_SERVICE,
+                OTEL_TRACES_SAMPLER="always_on",
+            )
+            # What an operator would run: a tenth of the traces recorded (the rest cost a non-recording span).
+            servers["sampled"] = start_pacemaker(
+                "sampled",
+                workdir / "sampled",
+                fake.port,
+                children,
+                ROOT,
+                OTEL_EXPORTER_OTLP_ENDPOINT=f"http://{HOST}:{receiver_port}",
+                OTEL_SERVICE_NAME="pacemaker-bench-sampled",
+                OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+                OTEL_TRACES_SAMPLER_ARG="0.1",
+            )
+            labels = {
+                "before": f"before ({args.baseline})",
+                "off": "tracing off",
+                "on": "tracing on",
+                "sampled": "on, 10 % sampled",
+            }
+            targets = {
+                key: Target(
+                    key, labels[key], f"http://{HOST}:{child.port}{PATH}", {"Authorization": f"Bearer {k}"}, child
+                )
+                for key, (child, k) in servers.items()
+            }
+            for target in targets.values():
+                for scenario in args.scenarios:
+                    runner.run(probe(target, SCENARIOS[scenario]))
+
+            spans_before, served_before = spans_received(receiver, ON_SERVICE), requests_served(servers["on"][0])
+            for round_no in range(1, args.rounds + 1):
+                for scenario_key in args.scenarios:
+                    scenario = SCENARIOS[scenario_key]
+                    for target in targets.values():
+                        if pinning:
+                            pin_under_test(target.server, children)
+                        log(f"round {round_no}/{args.rounds}  {scenario.label:10} {target.label:18} ...")
+                        result = runner.run(run_load(target, scenario, args.warmup, args.seconds, children))
+                        result.round_no = round_no
+                        results.append(result)
+                        log(
+                            f"{'':20} {result.rps:,.0f} req/s, p50 {result.percentile(50):.2f} ms,"
+                            f" {result.server_cpu_ms_per_request:.3f} CPU ms/req"
+                        )
+                        for error, count in result.errors.most_common(3):
+                            log(f"{'':20} {count} x {error}")
+            if args.profile > 0:
+                target, scenario = targets["on"], SCENARIOS["json_c64"]
+                out = workdir / "on.pyspy.txt"
+
+                def load(duration: int) -> None:
+                    runner.run(run_load(target, scenario, 1.0, duration + 1.5, children))
+
+                pyspy.record(target.server.popen.pid, args.profile, out, load, pinning)
+                log(f"#### Where `on` spends its CPU (JSON c=64, py-spy {args.profile:g} s)\n\n{pyspy.summarise(out)}")
+            # Every request since the first count (the closing /health one too) has a request span, and
+            # every chat completion a model call's; the server flushes what it holds as it stops.
+            served = requests_served(servers["on"][0]) - served_before
+            servers["on"][0].stop()
+            # ... the closing /health request has one span (its opening one was counted before).
+            exported = spans_received(receiver, ON_SERVICE) - spans_before
+            spans = {"exported": float(exported), "expected": float(2 * served - 1)}
+
+            for result in results:
+                failures += result.problems(f"round {result.round_no}, {result.scenario.label}, {result.target.label}")
+            seen = {(r.round_no, r.scenario.key, r.target.key) for r in results}
+            for round_no in range(1, args.rounds + 1):
+                for scenario_key in args.scenarios:
+                    failures += [
+                        f"round {round_no}, {scenario_key}, {key}: no figures"
+                        for key in targets
+                        if (round_no, scenario_key, key) not in seen
+                    ]
+            if spans["exported"] < spans["expected"]:
+                failures.append(f"tracing on: {spans['exported']:.0f} spans exported, {spans['expected']:.0f} expected")
+            print(render(results, args, pinning, spans))
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        clean_up(children, workdir, keep=args.keep)
+    return exit_status(failures)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
