@@ -1,20 +1,8 @@
-"""Benchmark what tracing costs the chat route: Pacemaker with tracing off, on (sampling 1.0), and before it existed.
+"""Benchmark what tracing costs the chat route: tracing off, on (every span exported), 10 % sampled, and before it.
 
-    .venv/bin/python -m benchmarks.tracing [--seconds 5] [--rounds 3] [--baseline REF] [--smoke]
+Usage (--help for every option):
 
-Starts the fake upstream, an OTLP/HTTP receiver (tests/fakes/otlp_receiver.py, counting spans) and
-Pacemaker three times from this checkout: `off` without any OTEL_* variable, `on` exporting every
-span (OTEL_TRACES_SAMPLER=always_on) to the receiver, and `sampled` recording a tenth of the traces
-(parentbased_traceidratio 0.1), as production would. --baseline REF adds `before`: Pacemaker from that
-commit (git archive into the temporary directory), the reference for "off costs nothing". Each
-is driven as benchmarks/chat_proxy.py drives Pacemaker (same load generator, scenarios, pinning),
-the targets taking turns within each round.
-
-Checks: off against before (req/s and server CPU per request, within the spread between rounds),
-and on against off (target: at most 10 % fewer req/s at JSON c=64). The receiver's span count
-says whether `on` exported every request's spans (none dropped). --smoke runs every row once,
-briefly and unpinned; the exit status is 1 if a row is missing, a request failed or a figure
-could not be computed.
+    .venv/bin/python -m benchmarks.tracing [--rounds 3] [--seconds 5] [--baseline REF] [--profile 10] [--smoke]
 """
 
 from __future__ import annotations
@@ -234,6 +222,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+# The servers: the fake upstream, an OTLP/HTTP receiver counting spans by service (tests/fakes/otlp_receiver.py),
+# and Pacemaker from this checkout three times (`off`: no OTEL_* variable; `on`: always_on, to the receiver;
+# `sampled`: parentbased_traceidratio 0.1), plus `before` from --baseline REF (git archive). They take turns
+# within each round under chat_proxy's load generator and scenarios. --smoke: every row once, briefly,
+# unpinned; the exit status is 1 if a row is missing, a request failed, a figure could not be computed, or
+# `on` exported fewer spans than its requests made.
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not (args.smoke or args.no_wait):

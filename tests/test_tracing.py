@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 
 from app.config import ConfigError, load_settings
 from app.observability import tracing
@@ -279,6 +280,31 @@ async def test_a_streamed_chat_completion_is_a_request_span_with_its_model_call(
     assert sorted(span["name"] for span in children) == ["chat fake-upstream-model", "limiter admit", "limiter settle"]
     (chat,) = _by_name(children, "chat fake-upstream-model")
     assert chat["attributes"]["gen_ai.usage.output_tokens"] > 0
+
+
+async def test_tasks_on_a_websocket_are_traces_of_their_own_under_the_handshake_traceparent(traced: Traced) -> None:
+    socket_trace = "0af7651916cd43dd8448eb211c80319c"
+    url = traced.server.base_url.replace("http://", "ws://") + "/v1/ws"
+    headers = {"Authorization": f"Bearer {traced.server.key}", "traceparent": f"00-{socket_trace}-{CALLER_SPAN}-01"}
+    task_ids = []
+    async with websockets.connect(url, additional_headers=headers) as socket:
+        for _ in range(2):
+            await socket.send(json.dumps({"type": "task.create", "query": "hi", "model": "fake-model"}))
+            while (event := json.loads(await socket.recv()))["type"] not in ("task.completed", "task.failed"):
+                pass
+            assert event["type"] == "task.completed", event
+            task_ids.append(event["task_id"])
+
+    def both(spans: list[dict[str, Any]]) -> bool:
+        return len([s for s in spans if s["attributes"].get("pacemaker.task.id") in task_ids]) == 2
+
+    agents = [span for span in await traced.spans(both) if span["attributes"].get("pacemaker.task.id") in task_ids]
+    # No span for the socket (it may stay open for hours): each task is a child of the caller's span.
+    assert [(span["trace_id"], span["parent_span_id"]) for span in agents] == [(socket_trace, CALLER_SPAN)] * 2
+    assert {span["attributes"]["pacemaker.transport"] for span in agents} == {"ws"}
+    for task_id in task_ids:
+        row = _wait_for_row(traced.server.workdir, "SELECT trace_id FROM audit_record WHERE task_id = ?", task_id)
+        assert row == (socket_trace,)
 
 
 # --- the off switch and the configuration ------------------------------------------------------------------

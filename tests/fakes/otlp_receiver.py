@@ -1,11 +1,6 @@
 """A minimal OTLP/HTTP trace receiver, run as a real process by the tracing tests and benchmark.
 
-    python -m tests.fakes.otlp_receiver --port 4318 [--count-only]
-
-POST /v1/traces takes an ExportTraceServiceRequest (application/x-protobuf, gzip or not), decoded
-with opentelemetry-proto. GET /_control/spans gives every span received, as JSON: ids in hex,
-attributes as plain values, the resource's service.name; GET /_control/stats the counts (in all, by service.name); POST
-/_control/reset forgets them. With --count-only it keeps only the counts (for load).
+python -m tests.fakes.otlp_receiver --port 4318 [--count-only]
 """
 
 from __future__ import annotations
@@ -35,6 +30,11 @@ def _value(value: AnyValue) -> Any:
 
 
 class Receiver:
+    """POST /v1/traces decodes an ExportTraceServiceRequest (protobuf, gzip or not) with opentelemetry-proto;
+    GET /_control/spans lists the spans as JSON (hex ids, plain attribute values, service.name), GET
+    /_control/stats counts them (in all and by service), POST /_control/reset forgets them. --count-only
+    keeps the counts alone (for load)."""
+
     def __init__(self, count_only: bool) -> None:
         self.count_only = count_only
         self.reset()
