@@ -36,6 +36,8 @@ from app.enforcement.traced_limiter import TracedLimiter
 from app.errors import ShuttingDown
 from app.middleware import TrafficCounters
 from app.observability import tracing
+from app.observability.activity import Activity
+from app.observability.activity_feed import ActivityFeed
 from app.observability.metrics import Metrics
 from app.providers.registry import ProviderRegistry
 from app.resources import Resources
@@ -236,6 +238,12 @@ def build_lifespan(
             task_service, background = await _start_tasks(
                 stack, settings, metrics, engine, providers, tool_registry, tool_invoker, enforcer, audit
             )
+            # The dashboard's feed counts each audit row (one per request) and each task's start and end.
+            activity = Activity(task_service.instance_id)
+            if audit is not None:
+                audit.observe = activity.observe
+            task_service.activity = activity
+            feed = ActivityFeed(activity, redis)
             resources = Resources(
                 settings=settings,
                 metrics=metrics,
@@ -260,7 +268,10 @@ def build_lifespan(
                 tool_invoker=tool_invoker,
                 tasks=task_service,
                 background=background,
+                activity=feed,
             )
+            await feed.start(resources)
+            stack.push_async_callback(feed.stop)
             log.info(
                 "pacemaker started: %d models, database %s", len(providers.routes()), engine.url.get_backend_name()
             )

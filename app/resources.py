@@ -19,6 +19,7 @@ from app.enforcement.concurrency import SocketLimiter
 from app.enforcement.enforcer import Enforcer
 from app.enforcement.idempotency import IdempotencyStore
 from app.middleware import TrafficCounters
+from app.observability.activity_feed import ActivityFeed
 from app.observability.metrics import Metrics
 from app.providers.registry import ProviderRegistry
 from app.sandbox.sandbox import Sandbox
@@ -49,3 +50,4 @@ class Resources:
     tool_invoker: ToolInvoker  # every tool call, from the agent loop or a client
     tasks: TaskService
     background: BackgroundTasks
+    activity: ActivityFeed  # the dashboard's live feed (WS subscribe topic activity)

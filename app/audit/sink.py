@@ -58,6 +58,13 @@ class AuditSink(DurableWriter):
         )
         super().__init__(engine, settings, AUDIT_ROWS, writer_metrics, clock=clock)
         self._pending: dict[int, Decimal] = {}  # the cost of rows submitted here and not yet committed, per key
+        # The live activity feed's counters (app/observability/activity.py): one row is one request.
+        self.observe: Callable[[dict[str, Any]], None] | None = None
+
+    def submit(self, row: dict[str, Any]) -> None:
+        if self.observe is not None:
+            self.observe(row)
+        super().submit(row)
 
     def pending_cost(self, key_id: int) -> Decimal:
         """The summed cost_usd of this key's rows submitted here and not yet committed to the database."""

@@ -102,6 +102,11 @@ class DurableWriter:
         """Rows submitted here that are not in the database yet, in memory or only on disk."""
         return self._unwritten
 
+    @property
+    def spooled_rows(self) -> int:
+        """Of those, the rows memory let go of, to be read back from the journal on disk."""
+        return max(0, self._unwritten - len(self._queue) - len(self._in_hand))
+
     def _pending_add(self, row: dict[str, Any]) -> None:
         """A row of this process's is on its way to the database (for a subclass that keeps sums of them)."""
 

@@ -110,6 +110,12 @@ class CircuitBreaker:
         # An open breaker whose open_s has passed still reads OPEN until a call probes it.
         return self._state
 
+    def open_remaining(self) -> float:
+        """Seconds an open breaker still refuses before it lets a probe through (0 unless open)."""
+        if self._state is not BreakerState.OPEN:
+            return 0.0
+        return max(0.0, self._opened_at + self.config.open_s - self._clock())
+
     def before_call(self) -> None:
         """Admit a call, or raise `CircuitOpen` with how long to wait."""
         if self._state is BreakerState.CLOSED:
@@ -196,6 +202,9 @@ class BreakerRegistry:
             breaker = CircuitBreaker(name, self.config, self._clock, self._on_change)
             self._breakers[name] = breaker
         return breaker
+
+    def all(self) -> list[CircuitBreaker]:
+        return list(self._breakers.values())
 
     def states(self) -> dict[str, BreakerState]:
         return {name: breaker.state for name, breaker in self._breakers.items()}

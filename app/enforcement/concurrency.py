@@ -74,6 +74,9 @@ class SocketLimiter:
     def open_for(self, key_id: int) -> int:
         return self._per_key.get(key_id, 0)
 
+    def open_total(self) -> int:
+        return sum(self._per_key.values())
+
     def _close(self, key_id: int) -> None:
         left = self._per_key[key_id] - 1
         if left:

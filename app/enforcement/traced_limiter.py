@@ -41,6 +41,11 @@ class TracedLimiter:
     async def aclose(self) -> None:
         await self._inner.aclose()
 
+    @property
+    def degraded(self) -> bool:
+        """The wrapped limiter's (the activity feed shows it): True while its backend is down."""
+        return bool(getattr(self._inner, "degraded", False))
+
 
 def _admission(span: Span, admission: Admission) -> None:
     # A refusal is the limiter doing its job, not a failed call: an attribute, not an error.

@@ -32,6 +32,7 @@ from app.config import Settings
 from app.enforcement.enforcer import Enforcer
 from app.errors import AppError, TaskFinished, TaskNotFound, TooManyBackgroundTasks
 from app.observability import tracing
+from app.observability.activity import Activity
 from app.observability.metrics import Metrics
 from app.providers.registry import ProviderRegistry
 from app.sessions.conversation import Conversations, SessionTurn
@@ -101,6 +102,7 @@ class TaskService:
         self.running: dict[str, AdmittedTask] = {}  # on this instance, by id
         self._recent: OrderedDict[str, TaskRecord] = OrderedDict()
         self.cancels: CancelBus | None = None  # set by the lifespan: it needs cancel_here
+        self.activity: Activity | None = None  # set by the lifespan: the dashboard hears of starts and ends
 
     # --- admission --------------------------------------------------------------------------
 
@@ -162,6 +164,8 @@ class TaskService:
             task.span = span
             tracing.task_admitted(span, audit, transport)
         self.running[spec.id] = task
+        if self.activity is not None:
+            self.activity.task_started(task.record, principal.prefix, transport)
         if not task.background:
             self.store.submit(task.record)
             return task
@@ -264,6 +268,8 @@ class TaskService:
         finally:
             final = self._final_record(task, outcome)
             self._remember(final)
+            if self.activity is not None:
+                self.activity.task_ended(final, task.transport)
             if task.background:
                 # Written before anyone is told it ended, as its admission was: another instance
                 # answers for it at once, and its background slot is free.

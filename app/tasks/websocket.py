@@ -2,7 +2,8 @@
 
 Client messages: {"type": "task.create", "ref"?, ...task fields}, {"type": "task.cancel", "task_id"},
 {"type": "subscribe", "task_id", "after"?} (replay and follow a background task, started anywhere)
-and {"type": "unsubscribe", "task_id"}. A bad message gets {"type": "error", "code", "detail"} and
+and {"type": "unsubscribe", "task_id"}; admin keys may also {"type": "subscribe", "topic": "activity"}
+(the dashboard's feed, app/observability/activity_feed.py). A bad message gets {"type": "error", "code", "detail"} and
 the socket stays open; a key revoked while the socket is open closes it with 4401 (after an error
 message). A background task created here goes on when the socket closes.
 """
@@ -28,6 +29,7 @@ from app.cors import websocket_origin_refusal
 from app.dependencies import ResourcesDep
 from app.errors import AppError, MalformedJSON, TooManyTasks, Unauthenticated
 from app.middleware import request_id_var
+from app.observability.activity_feed import SNAPSHOT_DUE, ActivitySubscription
 from app.problems import problem_response
 from app.request_body import parse_json, validate
 from app.resources import Resources
@@ -117,6 +119,7 @@ class TaskSocket:
         self.tasks: dict[str, AdmittedTask] = {}  # running on this socket, by id
         self._running: set[asyncio.Task[None]] = set()  # what renders them, and the subscriptions
         self._subscriptions: dict[str, asyncio.Task[None]] = {}  # background tasks followed, by id
+        self._activity: ActivitySubscription | None = None  # the activity feed, when subscribed
         # Each task.create is a request of its own in the audit log: <socket's request id>:<n>.
         self._socket_request_id = request_id_var.get() or ""
         self._creates = 0
@@ -134,6 +137,8 @@ class TaskSocket:
             for task in (*running, reader, writer, watcher):
                 task.cancel()
             await asyncio.gather(*running, reader, writer, watcher, return_exceptions=True)
+            if self._activity is not None:
+                self.resources.activity.unsubscribe(self._activity)
 
     async def _watch_key(self) -> None:
         """Close the socket once its key is revoked, even if it never creates another task."""
@@ -172,6 +177,11 @@ class TaskSocket:
     async def _write(self) -> None:
         while True:
             data = await self.outbox.get()
+            if data is SNAPSHOT_DUE:  # the feed's newest snapshot, taken now: a slow client skips old ones
+                taken = self._activity.take_snapshot() if self._activity is not None else None
+                if taken is None:
+                    continue
+                data = taken
             try:
                 if data == _CLOSE:
                     await self.websocket.close(CLOSE_KEY_REVOKED, "API key revoked")
@@ -201,6 +211,8 @@ class TaskSocket:
                 await self._create(message, ref)
         elif kind == "task.cancel":
             await self._cancel(message.get("task_id"), ref)
+        elif kind in ("subscribe", "unsubscribe") and "topic" in message:
+            await self._topic(kind, message["topic"], ref)
         elif kind == "subscribe":
             await self._subscribe(message.get("task_id"), message.get("after", 0), ref)
         elif kind == "unsubscribe":
@@ -280,6 +292,23 @@ class TaskSocket:
             await self._error(exc.code, exc.detail, ref)
             return
         self._follow(task_id, events, ref)
+
+    async def _topic(self, kind: str, topic: Any, ref: Any) -> None:
+        """Subscribe to (or leave) the activity feed: admin keys only, as it shows every key's tasks."""
+        if topic != "activity":
+            await self._error("invalid_request", f"Unknown topic {topic!r}; the one topic is 'activity'.", ref)
+        elif kind == "unsubscribe":
+            if self._activity is None:
+                await self._error("not_found", "This socket does not follow the activity feed.", ref)
+                return
+            self.resources.activity.unsubscribe(self._activity)
+            self._activity = None
+        elif not self.principal.is_admin:
+            await self._error("forbidden", "The activity feed is for admin keys.", ref)
+        elif self._activity is not None:
+            await self._error("already_subscribed", "This socket already follows the activity feed.", ref)
+        else:
+            self._activity = self.resources.activity.subscribe(self.outbox, lambda: self.principal.is_admin)
 
     async def _unsubscribe(self, task_id: Any, ref: Any) -> None:
         follower = self._subscriptions.pop(task_id, None) if isinstance(task_id, str) else None
