@@ -307,6 +307,23 @@ async def test_tasks_on_a_websocket_are_traces_of_their_own_under_the_handshake_
         assert row == (socket_trace,)
 
 
+async def test_probes_and_scrapes_are_not_traced(traced: Traced) -> None:
+    probe_trace = "11111111111111111111111111111111"
+    headers = {"traceparent": f"00-{probe_trace}-{CALLER_SPAN}-01"}
+    async with traced.server.client() as http:
+        for path in ("/health", "/health/ready", "/health/live", "/metrics"):
+            assert (await http.get(path, headers=headers)).status_code == 200
+        task = await http.post("/v1/tasks", json={"query": "hi", "model": "fake-model"}, headers=headers)
+    task_id = task.json()["id"]
+
+    def task_done(spans: list[dict[str, Any]]) -> bool:
+        return any(span["attributes"].get("pacemaker.task.id") == task_id for span in spans)
+
+    # The task's spans come after the probes' would have: the probes made none.
+    names = [span["name"] for span in await traced.spans(task_done) if span["trace_id"] == probe_trace]
+    assert names.count("POST /v1/tasks") == 1 and not [name for name in names if name.startswith("GET ")]
+
+
 # --- the off switch and the configuration ------------------------------------------------------------------
 
 

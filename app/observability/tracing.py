@@ -40,6 +40,8 @@ _SCOPE = "pacemaker"
 _PROTOCOL = "http/protobuf"
 _EXPORTERS = ("otlp", "console", "none")
 _TRUE = ("true", "1", "yes")
+# Probes and scrapes: every few seconds from every load balancer and Prometheus, nothing to trace.
+_UNTRACED = ("/health", "/metrics")
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -157,9 +159,13 @@ async def traced_request(app: ASGIApp, scope: Scope, receive: Receive, send: Sen
     """Run an HTTP request under a SERVER span that continues the caller's traceparent, if any.
 
     A WebSocket gets no span of its own (it may stay open for hours): the caller's trace context,
-    if it sent one, is the parent of the socket's tasks.
+    if it sent one, is the parent of the socket's tasks. Health probes and metrics scrapes get none.
     """
     assert TRACER is not None
+    path: str = scope.get("path", "")
+    if path.startswith(_UNTRACED):
+        await app(scope, receive, send)
+        return
     carrier: dict[str, str] = {}
     for name, value in scope["headers"]:
         if name == b"traceparent" or name == b"tracestate":
@@ -181,7 +187,7 @@ async def traced_request(app: ASGIApp, scope: Scope, receive: Receive, send: Sen
         # Few attributes: each costs microseconds to record and more to encode (measured, benchmarks/tracing.py).
         attributes={
             "http.request.method": method,
-            "url.path": scope.get("path", ""),
+            "url.path": path,
             "pacemaker.request_id": request_id,
         },
     )
