@@ -9,6 +9,7 @@ from app.audit import router as audit
 from app.audit.middleware import AuditMiddleware
 from app.config import Settings, load_settings
 from app.cors import CorsMiddleware
+from app.dashboard import install_dashboard
 from app.lifespan import build_lifespan
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, TrafficCounters
 from app.observability import health
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(audit.router)
     app.include_router(health.router)
+    install_dashboard(app)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.server.max_body_bytes)
     app.add_middleware(AuditMiddleware)  # outside the body limit, so a refused body is audited too
