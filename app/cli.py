@@ -329,11 +329,14 @@ def _dev_key(_args: argparse.Namespace, settings: Settings) -> int:
         async with _repository(settings) as repo:
             if path.is_file():
                 saved = path.read_text().strip()
-                if await repo.find_active_by_hash(hash_key(saved)) is not None:
+                row = await repo.find_active_by_hash(hash_key(saved))
+                if row is not None:
+                    await repo.make_admin(row)  # one made before the dashboard needed an admin key
                     return saved
             if await repo.count_active() > 0:
                 return None
-            _row, plaintext = await repo.create("development")
+            # An admin key: the dashboard (and GET /v1/audit) need one.
+            _row, plaintext = await repo.create("development", is_admin=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(plaintext + "\n")
             os.chmod(path, 0o600)
@@ -351,6 +354,7 @@ def _dev_key(_args: argparse.Namespace, settings: Settings) -> int:
         f"  curl -N {base}/v1/tasks -H 'Authorization: Bearer {key}' "
         '-H \'Content-Type: application/json\' -d \'{"query": "Tell me about agents", "stream": true}\'\n'
         f"API docs: {base}/docs\n"
+        f"Dashboard: {base}/dashboard (sign in with the key above, an admin key)\n"
     )
     return 0
 

@@ -48,6 +48,12 @@ class ApiKeyRepository:
         )
         return result.first()
 
+    async def make_admin(self, row: ApiKey) -> None:
+        if not row.is_admin:
+            row.is_admin = True
+            self.session.add(row)
+            await self.session.flush()
+
     async def list(self, include_revoked: bool = False) -> Sequence[ApiKey]:
         query = select(ApiKey).order_by(col(ApiKey.id))
         if not include_revoked:
