@@ -141,6 +141,7 @@ async def _start_tasks(
         store=store,
         instance_id=instance_id(),
         sessions=sessions,
+        shared=(settings.events.redis_url or settings.limits.redis_url) is not None,
     )
     events_url = settings.events.redis_url or settings.limits.redis_url
     readers: Redis | None = None
