@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.enforcement.redis_limiter import build_redis
 from app.sessions.base import SessionBusy, encode_turn, turn_tokens
@@ -226,6 +227,28 @@ async def test_the_lua_append_keeps_whole_turns_within_the_bound_and_a_retry_app
     assert info.turns == len(kept) and info.bytes == sum(map(len, kept)) and info.tokens == sum(map(turn_tokens, kept))
     too_big = await store.finish(key, "big", turn("", 2000))
     assert (too_big.stored, too_big.reason) == (False, "turn_too_large") and await store.read(key) == found
+
+
+async def test_an_append_whose_answer_times_out_is_tried_again_and_stored_once(
+    store: RedisSessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key, real = (4, "s"), store._finish
+    calls = 0
+
+    async def late_answer(**kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        reply = await real(**kwargs)  # Redis ran the script; only its answer is lost
+        if calls == 1:
+            raise RedisTimeoutError("Timeout reading from socket")
+        return reply
+
+    monkeypatch.setattr(store, "_finish", late_answer)
+    await store.begin(key, "t", 10)
+    appended = await store.finish(key, "t", turn("once"))
+    found = await store.read(key)
+    assert calls == 2 and appended.stored and found is not None and found[1] == [turn("once")]
+    assert await store.begin(key, "next", 10) == [turn("once")]  # the first call released the hold
 
 
 async def test_holds_are_per_task_and_lapse_with_the_tasks_timeout(store: RedisSessionStore) -> None:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.sessions.base import Appended, SessionBusy, SessionInfo, SessionKey, SessionPage, SessionUnavailable
 from app.sessions.metrics import SessionMetrics
@@ -58,13 +59,23 @@ class RedisSessionStore:
 
     async def finish(self, key: SessionKey, task_id: str, turn: bytes) -> Appended:
         args: list[bytes | str | int] = [task_id, turn, self._settings.max_session_bytes, self._ttl_ms, key[1]]
-        try:
-            reply = await _call(self._finish(keys=self.keys_for(key), args=args))
-        except SessionUnavailable:
-            log.warning(
-                "session %s of key %d: the turn of %s could not be stored (Redis failed)", key[1], key[0], task_id
-            )
-            return Appended(False, "store_unavailable")
+        for attempt in (1, 2):
+            try:
+                reply = await _call(self._finish(keys=self.keys_for(key), args=args))
+                break
+            except SessionUnavailable as exc:
+                # Once more after a timeout: the script appends a task's turn once, even if the first
+                # call ran and only its answer was late (connection errors are retried by the client).
+                if attempt == 1 and isinstance(exc.__cause__, TimeoutError | RedisTimeoutError):
+                    continue
+                log.warning(
+                    "session %s of key %d: the turn of %s could not be stored (%s)",
+                    key[1],
+                    key[0],
+                    task_id,
+                    type(exc.__cause__).__name__,
+                )
+                return Appended(False, "store_unavailable")
         outcome, trimmed = reply[0].decode(), int(reply[1])
         if outcome != "ok":
             return Appended(False, "hold_expired" if outcome == "hold_expired" else "turn_too_large")
