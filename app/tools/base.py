@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -46,10 +47,16 @@ class Tool(ABC):
         """The JSON Schema of the arguments."""
 
     def openai_definition(self) -> dict[str, Any]:
-        return {
-            "type": "function",
-            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
-        }
+        """The tool as OpenAI's function definition; made once (a pydantic JSON Schema costs ~1 ms,
+        and every model call of every task offers its tools). Treat it as read-only."""
+        definition: dict[str, Any] | None = getattr(self, "_definition", None)
+        if definition is None:
+            definition = {
+                "type": "function",
+                "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+            }
+            self._definition = definition
+        return definition
 
     @abstractmethod
     def parse_arguments(self, raw: str | dict[str, Any]) -> Any:
@@ -63,6 +70,12 @@ class Tool(ABC):
 ArgsT = TypeVar("ArgsT", bound=BaseModel)
 
 
+@functools.cache
+def _schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    # A model's schema never changes; building it is the costly part of offering a tool.
+    return model.model_json_schema()
+
+
 class ModelTool(Tool, Generic[ArgsT]):
     """A tool whose arguments are a pydantic model: one source for validation and JSON Schema."""
 
@@ -70,7 +83,7 @@ class ModelTool(Tool, Generic[ArgsT]):
 
     @property
     def parameters(self) -> dict[str, Any]:
-        return self.arguments_model.model_json_schema()
+        return _schema_of(self.arguments_model)
 
     def parse_arguments(self, raw: str | dict[str, Any]) -> ArgsT:
         try:
