@@ -130,18 +130,19 @@ def render(results: Sequence[Result], args: argparse.Namespace, pinning: bool, s
         "",
         f"{'server under test pinned to CPU 0, the rest to CPU 1' if pinning else 'not pinned'};"
         f" {args.warmup:g} s warm-up + {args.seconds:g} s per row; median of {args.rounds} rounds by req/s;"
-        " `on`: OTEL_TRACES_SAMPLER=always_on, OTLP/HTTP to a local receiver process.",
+        " `on`: OTEL_TRACES_SAMPLER=always_on, OTLP/HTTP to a local receiver process. Other CPU %: work on the"
+        " machine outside this benchmark during the row (rows with much of it are noise).",
         "",
         "| scenario | target | req/s | req/s, all rounds | p50 ms | p99 ms | server CPU ms/req | server CPU % |"
-        " errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        " other CPU % | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (_target, _scenario), (r, all_rps) in rows.items():
         errors = sum(sum(x.errors.values()) for x in results if x.target is r.target and x.scenario is r.scenario)
         lines.append(
             f"| {r.scenario.label} | {r.target.label} | {fmt(r.rps, 0)} | {' / '.join(fmt(x, 0) for x in all_rps)}"
             f" | {fmt(r.percentile(50))} | {fmt(r.percentile(99))} | {fmt(r.server_cpu_ms_per_request, 3)}"
-            f" | {fmt(100 * r.server_cpu_s / r.window_s, 0)} | {errors} |"
+            f" | {fmt(100 * r.server_cpu_s / r.window_s, 0)} | {fmt(100 * r.other_cpu_s / r.window_s, 0)} | {errors} |"
         )
 
     def get(target: str, scenario: str) -> tuple[Result, list[float]] | None:
