@@ -22,15 +22,11 @@ RECENT_TASKS = 30
 _BASE_MS = 0.1
 _GROWTH = 1.1
 _PER_LN = 1 / math.log(_GROWTH)
+_PER_BASE = 1 / _BASE_MS
+_log = math.log
 _MAX_BUCKET = 160
 
 Histogram = dict[int, int]  # bucket -> count
-
-
-def bucket_of(ms: float) -> int:
-    if ms <= _BASE_MS:
-        return 0
-    return min(_MAX_BUCKET, int(math.log(ms / _BASE_MS) * _PER_LN))
 
 
 def percentile(histogram: Histogram, q: float) -> float | None:
@@ -59,8 +55,9 @@ class _ModelSecond:
     tokens_in: int = 0
     tokens_out: int = 0
     cost: float = 0.0
-    latency: Histogram = field(default_factory=dict)
-    ttft: Histogram = field(default_factory=dict)
+    # Counts by bucket, a list rather than a dict: one index per request.
+    latency: list[int] = field(default_factory=lambda: [0] * (_MAX_BUCKET + 1))
+    ttft: list[int] = field(default_factory=lambda: [0] * (_MAX_BUCKET + 1))
 
 
 @dataclass(slots=True)
@@ -68,7 +65,7 @@ class _Second:
     at: int = -1  # the epoch second this slot counts (another one: the slot is stale)
     requests: int = 0
     errors: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)  # HTTP status (or "ws") -> requests
+    statuses: dict[int | str, int] = field(default_factory=dict)  # HTTP status (or "ws") -> requests
     codes: dict[str, int] = field(default_factory=dict)  # error code -> requests
     models: dict[str, _ModelSecond] = field(default_factory=dict)
 
@@ -92,7 +89,8 @@ class Activity:
         self.instance_id = instance_id
         self._clock = clock
         self._slots = [_Second() for _ in range(SLOTS)]
-        self.cost_total: dict[str, float] = {}  # per model since start: the feed adds up its deltas
+        self.cost_total: dict[str, float] = {}  # per model since start, to the last complete second reported
+        self._costed_until = 0  # the seconds before this one are in cost_total
         self._tasks: OrderedDict[str, dict[str, Any]] = OrderedDict()  # newest last
         self._prefixes: dict[str, str] = {}  # key prefix of the tasks running here
         self.listeners: list[TaskListener] = []
@@ -106,16 +104,17 @@ class Activity:
         if slot.at != second:
             slot.reset(second)
         slot.requests += 1
-        http_status = row.get("http_status")
-        status_key = str(http_status) if http_status is not None else row.get("transport") or "none"
-        slot.statuses[status_key] = slot.statuses.get(status_key, 0) + 1
-        outcome = row.get("status")
+        http_status = row["http_status"]
+        status_key = http_status if http_status is not None else row["transport"]  # a WebSocket task has none
+        statuses = slot.statuses
+        statuses[status_key] = statuses.get(status_key, 0) + 1
+        outcome = row["status"]
         failed = outcome in _ERRORS
         if failed:
             slot.errors += 1
-            code = row.get("error_code") or f"http_{http_status}"
+            code = row["error_code"] or f"http_{http_status}"
             slot.codes[code] = slot.codes.get(code, 0) + 1
-        model = row.get("model")
+        model = row["model"]
         if model is None:
             return
         per_model = slot.models.get(model)
@@ -123,22 +122,21 @@ class Activity:
             per_model = slot.models[model] = _ModelSecond()
         per_model.requests += 1
         per_model.errors += failed
-        per_model.tokens_in += row.get("prompt_tokens") or 0
-        per_model.tokens_out += row.get("completion_tokens") or 0
-        cost = row.get("cost_usd")
+        per_model.tokens_in += row["prompt_tokens"]
+        per_model.tokens_out += row["completion_tokens"]
+        cost = row["cost_usd"]
         if cost:
-            spent = float(cost)
-            per_model.cost += spent
-            self.cost_total[model] = self.cost_total.get(model, 0.0) + spent
+            per_model.cost += float(cost)
         if outcome == "completed":  # a refusal's few microseconds would pull the percentiles down
-            latency = row.get("latency_ms")
+            # The bucket, inlined (no call): this runs once per request.
+            latency = row["latency_ms"]
             if latency is not None:
-                bucket = bucket_of(latency)
-                per_model.latency[bucket] = per_model.latency.get(bucket, 0) + 1
-            ttft = row.get("ttft_ms")
+                per_model.latency[
+                    min(_MAX_BUCKET, int(_log(latency * _PER_BASE) * _PER_LN)) if latency > _BASE_MS else 0
+                ] += 1
+            ttft = row["ttft_ms"]
             if ttft is not None:
-                bucket = bucket_of(ttft)
-                per_model.ttft[bucket] = per_model.ttft.get(bucket, 0) + 1
+                per_model.ttft[min(_MAX_BUCKET, int(_log(ttft * _PER_BASE) * _PER_LN)) if ttft > _BASE_MS else 0] += 1
 
     def task_started(self, record: TaskRecord, key_prefix: str, transport: str) -> None:
         self._prefixes[record.id] = key_prefix
@@ -161,13 +159,19 @@ class Activity:
     def report(self) -> dict[str, Any]:
         """This instance's counters over the last complete seconds (not the current, still counting)."""
         now = int(self._clock())
+        # The running cost total, kept here once a second rather than on each request.
+        for slot in self._slots:
+            if self._costed_until <= slot.at < now:
+                for name, per_model in slot.models.items():
+                    self.cost_total[name] = self.cost_total.get(name, 0.0) + per_model.cost
+        self._costed_until = now
         rates = self._seconds(now, RATE_WINDOW_S)
         minute = self._seconds(now, MINUTE_S)
         statuses: dict[str, int] = {}
         codes: dict[str, int] = {}
         models: dict[str, dict[str, Any]] = {}
         for slot in rates:
-            _add_counts(statuses, slot.statuses)
+            _add_counts(statuses, {str(status): count for status, count in slot.statuses.items()})
             _add_counts(codes, slot.codes)
             for name, per_model in slot.models.items():
                 entry = models.setdefault(name, _model_entry())
@@ -179,8 +183,8 @@ class Activity:
             for name, per_model in slot.models.items():
                 entry = models.setdefault(name, _model_entry())
                 entry["cost_minute"] += per_model.cost
-                add_histogram(entry["latency"], per_model.latency)
-                add_histogram(entry["ttft"], per_model.ttft)
+                _add_buckets(entry["latency"], per_model.latency)
+                _add_buckets(entry["ttft"], per_model.ttft)
         for entry in models.values():
             # Sorted pairs: JSON keys would be strings, and merging adds them up by bucket.
             entry["latency"] = sorted(entry["latency"].items())
@@ -230,6 +234,12 @@ def _model_entry() -> dict[str, Any]:
         "latency": {},
         "ttft": {},
     }
+
+
+def _add_buckets(into: Histogram, counts: list[int]) -> None:
+    for bucket, count in enumerate(counts):
+        if count:
+            into[bucket] = into.get(bucket, 0) + count
 
 
 def _add_counts(into: dict[str, int], other: dict[str, int]) -> None:
