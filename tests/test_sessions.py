@@ -286,8 +286,8 @@ async def test_sessions_are_listed_read_and_deleted_with_their_workspace(embedde
     workspace = embedded.workdir / "workspaces" / workspace_name(key_id, names[0])
     async with embedded.client(key) as http:
         started = time.time()
-        for name in names:
-            await ask(http, f"hello from {name}", name)
+        for n, name in enumerate(names):  # no id in the query: "s0-3a9..." reads as arithmetic to the fake model
+            await ask(http, f"hello, session {n}", name)
         await ask(http, "second turn", names[0])
         await http.post("/v1/tools/python/invoke", json={"arguments": write, "session_id": names[0]})
         assert Path(workspace, "note.txt").read_text() == "kept"
