@@ -374,6 +374,27 @@ def test_json_log_lines_carry_the_trace_id(monkeypatch: pytest.MonkeyPatch) -> N
     assert line["trace_id"] == format(span.get_span_context().trace_id, "032x")
 
 
+async def test_a_failed_child_span_says_our_stable_code_or_the_exception_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from app.sandbox.errors import SandboxBusy
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "TRACER", provider.get_tracer("test"))
+
+    async def fail(exc: Exception) -> None:
+        raise exc
+
+    for exc in (SandboxBusy("full"), ValueError("bad")):
+        with pytest.raises(type(exc)):
+            await tracing.traced("work", fail(exc), {"a": 1})
+    assert [span.attributes["error.type"] for span in exporter.get_finished_spans()] == ["sandbox_busy", "ValueError"]
+
+
 @pytest.fixture(scope="module")
 def untraced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacemakerServer, str]]:
     workdir = tmp_path_factory.mktemp("untraced")

@@ -18,6 +18,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
+from app.errors import AppError
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -384,8 +385,8 @@ async def traced(
     try:
         result = await call
     except BaseException as exc:
-        code = getattr(exc, "code", None)
-        failed(span, code if isinstance(code, str) else type(exc).__name__, str(exc)[:300] or None)
+        # Our errors' stable code; anything else by its class (SQLAlchemy's `code` is a documentation link).
+        failed(span, exc.code if isinstance(exc, AppError) else type(exc).__name__, str(exc)[:300] or None)
         raise
     else:
         if after is not None:
