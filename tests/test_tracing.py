@@ -307,6 +307,30 @@ async def test_tasks_on_a_websocket_are_traces_of_their_own_under_the_handshake_
         assert row == (socket_trace,)
 
 
+async def test_a_background_task_goes_on_under_the_request_that_started_it(traced: Traced) -> None:
+    async with traced.server.client() as http:
+        accepted = await http.post(
+            "/v1/tasks",
+            json={"query": "slowly #delay=0.05 #tokens=10", "model": "fake-model", "background": True},
+            headers={"traceparent": TRACEPARENT},
+        )
+    assert accepted.status_code == 202, accepted.text
+    task_id = accepted.json()["id"]
+
+    def ended(spans: list[dict[str, Any]]) -> bool:
+        return any(span["attributes"].get("pacemaker.task.id") == task_id for span in spans)
+
+    spans = await traced.spans(ended)
+    (agent,) = [span for span in spans if span["attributes"].get("pacemaker.task.id") == task_id]
+    (request,) = [span for span in spans if span["span_id"] == agent["parent_span_id"]]
+    chats = [span for span in spans if span["parent_span_id"] == agent["span_id"] and span["name"].startswith("chat ")]
+    assert request["name"] == "POST /v1/tasks" and request["attributes"]["http.response.status_code"] == 202
+    assert agent["trace_id"] == TRACE_ID and agent["attributes"]["pacemaker.transport"] == "background"
+    # The 202 went out at once; the task's span goes on past it, with its model call inside.
+    assert request["end_ns"] < agent["end_ns"] and len(chats) == 1
+    assert chats[0]["end_ns"] > request["end_ns"]
+
+
 async def test_probes_and_scrapes_are_not_traced(traced: Traced) -> None:
     probe_trace = "11111111111111111111111111111111"
     headers = {"traceparent": f"00-{probe_trace}-{CALLER_SPAN}-01"}

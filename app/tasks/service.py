@@ -156,7 +156,7 @@ class TaskService:
         except AppError as exc:
             audit.status, audit.error_code, audit.http_status = "rejected", exc.code, exc.status
             if span is not None:
-                tracing.task_admitted(span, audit, transport)
+                tracing.task_admitted(span, audit, "background" if body.background else transport)
                 tracing.end_task(span, audit)
             raise
         finally:
@@ -166,7 +166,7 @@ class TaskService:
         task = AdmittedTask(spec, transport, audit, self._admission_record(principal, body, spec, audit), session)
         if span is not None:
             task.span = span
-            tracing.task_admitted(span, audit, transport)
+            tracing.task_admitted(span, audit, "background" if task.background else transport)
         self.running[spec.id] = task
         if self.activity is not None:
             self.activity.task_started(task.record, principal.prefix, transport)
