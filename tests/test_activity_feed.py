@@ -218,6 +218,22 @@ async def test_an_admin_hears_of_each_task_at_its_start_and_end(pair: Pair) -> N
     assert (ended["prompt_tokens"], ended["completion_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
 
 
+async def test_a_task_on_the_other_instance_is_told_within_a_few_seconds(pair: Pair) -> None:
+    """Before any other test runs a task on B: its first task is news to A, not history."""
+    async with await subscribe(pair.a, admin_key(pair.a)) as socket:
+        for _ in range(2):  # past the first snapshot, whose tasks are history
+            served_by = (await next_message(socket, "activity.snapshot"))["served_by"]
+        async with pair.b.client() as http:
+            task = (await http.post("/v1/tasks", json={"query": "on the other one"})).json()
+        deadline = time.monotonic() + 5
+        told = None
+        while told is None and time.monotonic() < deadline:
+            message = await next_message(socket, "activity.task")
+            told = message if message["id"] == task["id"] else None
+    assert told is not None, "B's task never reached A's feed"
+    assert told["status"] == "completed" and told["instance"] != served_by
+
+
 async def test_two_instances_on_one_redis_make_one_snapshot_that_counts_both(pair: Pair) -> None:
     key = admin_key(pair.a)
     costs = []

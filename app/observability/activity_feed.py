@@ -100,6 +100,7 @@ class ActivityFeed:
         self._day = ""
         self._day_baseline: dict[str, float] = {}  # activity.cost_total when the UTC day began here
         self._remote_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._remote_primed = False  # the first snapshot's tasks are history, not news
         self._redis_down = False
         activity.listeners.append(self._local_task)
 
@@ -256,7 +257,7 @@ class ActivityFeed:
 
     def _announce_remote_tasks(self, tasks: list[dict[str, Any]]) -> None:
         """Other instances' tasks reach this one through their reports: each new state is told once."""
-        first = not self._remote_seen
+        first, self._remote_primed = not self._remote_primed, True
         for task in reversed(tasks):  # oldest first, as they happened
             if task.get("instance") == self.activity.instance_id:
                 continue
