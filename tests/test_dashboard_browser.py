@@ -126,6 +126,21 @@ async def test_the_dashboard_shows_a_task_live_and_loads_nothing_from_other_host
     assert page_assets == 4  # uPlot's script and style, the page's own
 
 
+async def test_clicking_a_plain_task_shows_its_record_as_its_events_are_not_kept(
+    browser: Browser, board: Board, tmp_path: Path
+) -> None:
+    async with open_page(browser, tmp_path) as tab:
+        await sign_in(tab, board)
+        async with board.server.client() as http:
+            result = (await http.post("/v1/tasks", json={"query": "a plain one"})).json()
+        row = tab.page.locator(f'#tasks tr[data-task-id="{result["id"]}"]')
+        await expect(row).to_have_attribute("data-status", "completed", timeout=LIVE_WITHIN_MS)
+        await row.click()
+        await expect(tab.page.locator("#detail-state")).to_contain_text("not a background task")
+        await expect(tab.page.locator("#detail-output")).to_have_text(result["output"])
+    assert tab.requests_to_other_hosts() == [] and tab.errors == []
+
+
 async def test_a_breaker_that_opens_is_shown_open_within_two_seconds(
     browser: Browser, board: Board, tmp_path: Path
 ) -> None:
