@@ -50,6 +50,10 @@ class ServerSettings(_Section):
     # A request line and headers larger than this get 431 (uvicorn's httptools protocol has no cap:
     # one connection once sent 200 MB of headers in 0.8 s and grew the server by 300 MB).
     max_header_bytes: int = Field(65_536, ge=4096)
+    # On SIGTERM: readiness says 503 at once while the listener stays open this long (load balancers
+    # stop sending), then in-flight work has until drain_timeout_s (from the signal) to end.
+    drain_grace_s: float = Field(5.0, ge=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
     # Off: GET /metrics answers 404, and `serve --workers N` may run several workers (with metrics on
     # it refuses: each scrape would reach one worker and get that process's figures only).
     metrics: bool = True

@@ -22,6 +22,7 @@ from app.audit.sink import AuditSink
 from app.auth.authenticator import Authenticator
 from app.config import Settings
 from app.db import create_engine, create_session_maker
+from app.drain import Drain, install_signal_handlers
 from app.enforcement.breaker import BreakerConfig, BreakerRegistry, BreakerState
 from app.enforcement.concurrency import ConcurrencyLimiter, SocketLimiter
 from app.enforcement.enforcer import Enforcer
@@ -245,6 +246,14 @@ def build_lifespan(
                 audit.observe = activity.observe
             task_service.activity = activity
             feed = ActivityFeed(activity, redis)
+            drain = Drain(
+                grace_s=settings.server.drain_grace_s,
+                timeout_s=settings.server.drain_timeout_s,
+                # Every admitted request (tasks, chat completions, tool calls) holds a concurrency slot.
+                busy=lambda: max(enforcer.concurrency.in_flight, len(task_service.running)),
+                cancel_all=task_service.cancel_all,
+            )
+            enforcer.draining = lambda: drain.draining
             resources = Resources(
                 settings=settings,
                 metrics=metrics,
@@ -270,7 +279,10 @@ def build_lifespan(
                 tasks=task_service,
                 background=background,
                 activity=feed,
+                drain=drain,
             )
+            if install_signal_handlers(drain):  # under uvicorn's Server: SIGTERM drains first
+                log.info("SIGTERM and SIGINT drain: grace %g s, timeout %g s", drain.grace_s, drain.timeout_s)
             await feed.start(resources)
             stack.push_async_callback(feed.stop)
             log.info(

@@ -15,6 +15,7 @@ from app.audit.sink import AuditSink
 from app.auth.authenticator import Authenticator
 from app.config import Settings
 from app.db import SessionMaker
+from app.drain import Drain
 from app.enforcement.concurrency import SocketLimiter
 from app.enforcement.enforcer import Enforcer
 from app.enforcement.idempotency import IdempotencyStore
@@ -50,4 +51,5 @@ class Resources:
     tool_invoker: ToolInvoker  # every tool call, from the agent loop or a client
     tasks: TaskService
     background: BackgroundTasks
+    drain: Drain
     activity: ActivityFeed  # the dashboard's live feed (WS subscribe topic activity)

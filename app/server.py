@@ -17,7 +17,7 @@ from app.config import ConfigError, Settings
 from app.observability import tracing
 
 APP = "app.main:create_app"
-GRACEFUL_SHUTDOWN_S = 30
+GRACEFUL_SHUTDOWN_S = 10
 _TIMEOUT_BODY = b"Request Timeout"
 _LINGER_S = 2.0
 
@@ -53,6 +53,8 @@ def uvicorn_options(
         "log_config": log_config(),
         "http": head_timeout_protocol(settings.server.header_timeout_s, settings.server.max_header_bytes),
         "ws": DenialAwareWebSocketProtocol,
+        # uvicorn's own wait comes after the drain (app/drain.py): by then only idle connections
+        # and what the drain timeout cut are left.
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
     }
 

@@ -204,6 +204,8 @@ def server_config(workdir: Path, upstream_url: str | None, **overrides: Any) -> 
         # Each server its own spool: a shared one would replay one server's rows into another's database.
         "audit": {"spool_dir": str(workdir / "audit-spool")},
         "tasks": {"spool_dir": str(workdir / "task-spool")},
+        # Stopping a test server should not wait out a load balancer's grace; the drain tests set theirs.
+        "server": {"drain_grace_s": 0},
         "providers": {"simulated": {"kind": "simulated", "tokens_per_second": 0}},
         "models": {name: {"provider": "simulated"} for name in ("sim-small", "sim-medium", "sim-large")},
     }

@@ -19,13 +19,20 @@ from starlette.types import Scope
 from app.audit.context import AuditContext
 from app.auth.principal import Principal
 from app.config import LimitSettings
+from app.drain import new_work_refused
 from app.enforcement.breaker import BreakerRegistry, CircuitBreaker
 from app.enforcement.concurrency import ConcurrencyLimiter, Slot
 from app.enforcement.ledger import RETRY_AFTER_S, BudgetSeeder, SpendLedger
 from app.enforcement.limits import Admission, Limiter, LimitSpec, Period
 from app.enforcement.limits import Reservation as Reservation  # re-exported: ModelCall holds one per call
 from app.enforcement.retry import RetryPolicy
-from app.errors import AppError, BudgetExceeded, BudgetUnavailable, RateLimitExceeded, TokenLimitExceeded
+from app.errors import (
+    AppError,
+    BudgetExceeded,
+    BudgetUnavailable,
+    RateLimitExceeded,
+    TokenLimitExceeded,
+)
 from app.middleware import add_response_headers
 from app.observability.metrics import Metrics
 from app.providers.base import Usage
@@ -59,6 +66,8 @@ class Enforcer:
         self.retry = retry
         self.metrics = metrics
         self.sleep = sleep
+        # Set by the lifespan: while the instance drains (app/drain.py), new work is refused.
+        self.draining: Callable[[], bool] | None = None
 
     def spec_for(self, principal: Principal) -> LimitSpec:
         own, default = principal.limits, self.defaults
@@ -86,6 +95,8 @@ class Enforcer:
         `route` None admits a request that calls no model (a direct tool call): it counts against
         the request rate and concurrency only.
         """
+        if self.draining is not None and self.draining():
+            raise self._rejected(new_work_refused())
         estimated = prompt_tokens + max_tokens
         ceiling = principal.limits.max_tokens_per_request or self.defaults.max_tokens_per_request
         spec = self.spec_for(principal)

@@ -105,7 +105,12 @@ async def ready(resources: ResourcesDep) -> JSONResponse:
     breakers = resources.enforcer.breakers.states()
     tripped = sorted(name for name, state in breakers.items() if state is not BreakerState.CLOSED)
     report("breakers", "open: " + ", ".join(tripped) if tripped else "ok", degraded)
+    if resources.drain.draining:
+        # Shutting down: load balancers must stop sending here, whatever else holds.
+        report("drain", "draining: in-flight work is ending", fatal)
     status = "unavailable" if fatal else "degraded" if degraded else "ready"
+    if resources.drain.draining:
+        status = "draining"
     return JSONResponse({"status": status, "checks": checks}, status_code=503 if fatal else 200)
 
 

@@ -27,6 +27,7 @@ from app.auth.authenticator import key_from_headers
 from app.auth.principal import Principal
 from app.cors import websocket_origin_refusal
 from app.dependencies import ResourcesDep
+from app.drain import new_work_refused
 from app.errors import AppError, MalformedJSON, TooManyTasks, Unauthenticated
 from app.middleware import request_id_var
 from app.observability.activity_feed import SNAPSHOT_DUE, ActivitySubscription
@@ -44,12 +45,16 @@ BEARER_SUBPROTOCOL = "pacemaker.bearer"
 # Close code for a key that stopped being valid while its socket was open (4000-4999: the application's).
 CLOSE_KEY_REVOKED = 4401
 _CLOSE = b""  # queued after the last message of a socket being closed (never a message of its own)
+_RESTART = b"\x00"  # the same, when the instance shuts down: close 1012 (service restart)
+CLOSE_RESTARTING = 1012
 
 
 @router.websocket("/v1/ws")
 async def task_socket(websocket: WebSocket, resources: ResourcesDep) -> None:
     # Any page may open a socket anywhere: the Origin is checked before the key (CORS's check, for sockets).
     refusal = websocket_origin_refusal(resources.settings.server.cors, websocket.headers)
+    if refusal is None and resources.drain.draining:
+        refusal = new_work_refused()
     if refusal is not None:
         await _refuse(websocket, resources, refusal, None)
         return
@@ -66,7 +71,12 @@ async def task_socket(websocket: WebSocket, resources: ResourcesDep) -> None:
         return
     try:
         await websocket.accept(subprotocol=subprotocol)
-        await TaskSocket(websocket, resources, principal, presented).serve()
+        socket = TaskSocket(websocket, resources, principal, presented)
+        resources.drain.sockets.add(socket)  # closed 1012 after its tasks' final events, at shutdown
+        try:
+            await socket.serve()
+        finally:
+            resources.drain.sockets.discard(socket)
     finally:
         slot.release()
 
@@ -140,6 +150,10 @@ class TaskSocket:
             if self._activity is not None:
                 self.resources.activity.unsubscribe(self._activity)
 
+    async def restart(self) -> None:
+        """Close with 1012 once what is queued (the tasks' final events) has gone out."""
+        await self.outbox.put(_RESTART)
+
     async def _watch_key(self) -> None:
         """Close the socket once its key is revoked, even if it never creates another task."""
         period = max(1.0, self.resources.settings.auth.key_cache_seconds)
@@ -185,6 +199,9 @@ class TaskSocket:
             try:
                 if data == _CLOSE:
                     await self.websocket.close(CLOSE_KEY_REVOKED, "API key revoked")
+                    return
+                if data == _RESTART:
+                    await self.websocket.close(CLOSE_RESTARTING, "server restarting; reconnect")
                     return
                 await self.websocket.send_text(data.decode())
             except (WebSocketDisconnect, OSError, RuntimeError):
