@@ -376,3 +376,21 @@ async def test_the_audit_row_and_the_task_record_carry_the_session_and_the_metri
     assert samples['pacemaker_session_lookups_total{result="hit"}'] >= 1
     assert samples['pacemaker_session_lookups_total{result="miss"}'] >= 1
     assert samples["pacemaker_sessions"] >= 1 and samples["pacemaker_session_bytes"] > 0
+
+
+async def test_with_sessions_off_a_session_id_only_names_a_workspace(
+    tmp_path: Path, fake_upstream: str, upstream_stats: httpx.AsyncClient
+) -> None:
+    server = start_pacemaker(tmp_path, server_config(tmp_path, fake_upstream, sessions={"enabled": False}))
+    try:
+        session, tag = fresh(), fresh("t")
+        async with server.client() as http:
+            first = await ask(http, "remember me", session)
+            second = await ask(http, f"do you? #tag={tag}", session)
+            assert first["session"] is None and second["session"] is None
+            assert (await http.get("/v1/sessions")).json() == {"data": [], "next_cursor": None}
+            assert (await http.get(f"/v1/sessions/{session}")).status_code == 404
+        [sent] = await bodies(upstream_stats, tag)
+        assert sent["messages"] == [SYSTEM, {"role": "user", "content": f"do you? #tag={tag}"}]
+    finally:
+        server.process.stop()
