@@ -267,6 +267,29 @@ async def test_two_instances_on_one_redis_make_one_snapshot_that_counts_both(pai
     assert {task["instance"] for task in merged["recent_tasks"]} == set(merged["instance_ids"])
 
 
+async def test_cost_today_counts_what_was_spent_before_a_restart_without_redis(tmp_path: Path) -> None:
+    models = {"sim-small": {"provider": "simulated", "input_usd_per_mtok": "3", "output_usd_per_mtok": "15"}}
+    config = server_config(tmp_path, None, models=models)
+    first = start_pacemaker(tmp_path, config)
+    try:
+        async with first.client() as http:
+            spent = float((await http.post("/v1/tasks", json={"query": "before the restart"})).json()["cost_usd"])
+    finally:
+        first.process.stop()  # its audit row is written on the way out
+    assert spent > 0
+    again = start_pacemaker(tmp_path, config)  # the same database
+    try:
+        async with await subscribe(again, admin_key(again)) as socket:
+            snapshot = await next_message(socket, "activity.snapshot")
+            if snapshot["totals"]["cost_today_usd"] == 0:  # the first tick may have come before the read
+                snapshot = await next_message(socket, "activity.snapshot")
+    finally:
+        again.process.stop()
+    assert snapshot["shared"] == "none"
+    assert snapshot["totals"]["cost_today_usd"] == pytest.approx(spent, rel=1e-6)
+    assert snapshot["models"]["sim-small"]["cost_today_usd"] == pytest.approx(spent, rel=1e-6)
+
+
 def test_make_runs_development_key_is_an_admin_key_and_the_dashboard_is_printed(tmp_path: Path) -> None:
     env = pacemaker_env(tmp_path, server_config(tmp_path, None))
     run_cli(env, "migrate")

@@ -91,6 +91,15 @@ class AuditRepository:
         assert isinstance(value, int | Decimal)
         return Decimal(value).scaleb(-9) if in_nanos else Decimal(value)
 
+    async def cost_by_model(self, since: datetime, until: datetime) -> dict[str | None, Decimal]:
+        """Every key's summed cost_usd per model over rows created in [since, until) (the created_at index)."""
+        query = (
+            select(col(AuditRecord.model), func.sum(AuditRecord.cost_usd))
+            .where(col(AuditRecord.created_at) >= _as_utc(since), col(AuditRecord.created_at) < _as_utc(until))
+            .group_by(col(AuditRecord.model))
+        )
+        return {model: Decimal(total or 0) for model, total in (await self.session.exec(query)).all()}
+
     async def page(
         self, filters: AuditFilters, cursor: int | None, limit: int
     ) -> tuple[Sequence[AuditRecord], int | None]:

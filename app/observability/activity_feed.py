@@ -16,6 +16,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app.audit.repository import AuditRepository
 from app.observability.activity import Activity
 from app.observability.activity_merge import instance_report, merge
 
@@ -32,6 +33,7 @@ COST_KEY = "pacemaker:activity:cost:"  # + UTC day: hash of model -> cost that d
 STALE_S = 5.0  # a report older than this is from an instance that stopped or cannot reach Redis
 FORGET_S = 60.0  # ... and is removed after this long
 REDIS_TIMEOUT_S = 0.5
+SEED_TIMEOUT_S, SEED_RETRY_S = 2.0, 30.0  # reading today's earlier cost from the audit log
 HISTORY_POINTS = 600  # ten minutes of snapshots, for the charts of a dashboard that just opened
 TASK_MESSAGES_PER_S = 50  # per socket: a burst of tasks must not flood a dashboard
 _SEEN_REMOTE = 2_000
@@ -102,6 +104,10 @@ class ActivityFeed:
         self._remote_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._remote_primed = False  # the first snapshot's tasks are history, not news
         self._redis_down = False
+        # Without Redis, today's spend before this process started comes from the audit log, once.
+        self._started_at = datetime.now(UTC)
+        self._seeded: dict[str, float] | None = None if redis is None else {}
+        self._seed_after = 0.0  # monotonic time of the next try while the database does not answer
         activity.listeners.append(self._local_task)
 
     @property
@@ -151,6 +157,7 @@ class ActivityFeed:
 
     async def tick(self) -> None:
         assert self._resources is not None, "start() first"
+        await self._seed_cost_today()
         report = instance_report(self.activity, self._resources)
         reports, cost_today, shared = await self._exchange(report)
         snapshot = merge(reports, cost_today, shared=shared)
@@ -187,12 +194,31 @@ class ActivityFeed:
     # --- sharing through Redis --------------------------------------------------------------------
 
     def _local_cost_today(self) -> dict[str, float]:
-        """This instance's cost since the UTC day began (or since it started, if later)."""
+        """This instance's cost since the UTC day began, with what the audit log had from before its start."""
         day = datetime.now(UTC).date().isoformat()
         totals = self.activity.cost_total
         if day != self._day:
+            if self._day:  # a new day: nothing from before the start belongs to it
+                self._seeded = {}
             self._day, self._day_baseline = day, dict(totals) if self._day else {}
-        return {model: total - self._day_baseline.get(model, 0.0) for model, total in totals.items()}
+        today = {model: total - self._day_baseline.get(model, 0.0) for model, total in totals.items()}
+        for model, cost in (self._seeded or {}).items():
+            today[model] = today.get(model, 0.0) + cost
+        return today
+
+    async def _seed_cost_today(self) -> None:
+        """Read today's spend from before this process started (rows after it are counted here)."""
+        if self._seeded is not None or time.monotonic() < self._seed_after or self._resources is None:
+            return
+        midnight = self._started_at.replace(hour=0, minute=0, second=0, microsecond=0)
+        try:
+            async with asyncio.timeout(SEED_TIMEOUT_S), self._resources.session_maker() as session:
+                spent = await AuditRepository(session).cost_by_model(midnight, self._started_at)
+        except Exception as exc:  # the database is down or slow: try again later, meanwhile count from here
+            self._seed_after = time.monotonic() + SEED_RETRY_S
+            log.info("activity feed: today's earlier cost not read yet (%s)", type(exc).__name__)
+            return
+        self._seeded = {model: float(cost) for model, cost in spent.items() if model is not None and cost}
 
     async def _exchange(self, report: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, float], str]:
         """Publish this instance's report and read every instance's: (reports, cost today, how shared)."""
