@@ -54,6 +54,10 @@ class ServerSettings(_Section):
     # stop sending), then in-flight work has until drain_timeout_s (from the signal) to end.
     drain_grace_s: float = Field(5.0, ge=0)
     drain_timeout_s: float = Field(30.0, ge=0)
+    # Load shedding (off when unset): new work gets 503 overloaded while the event loop's lag (p90
+    # over the last second) or the resident set is above these. The README has production values.
+    shed_loop_lag_ms: float | None = Field(None, gt=0)
+    shed_rss_mb: float | None = Field(None, gt=0)
     # Off: GET /metrics answers 404, and `serve --workers N` may run several workers (with metrics on
     # it refuses: each scrape would reach one worker and get that process's figures only).
     metrics: bool = True

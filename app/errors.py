@@ -193,7 +193,8 @@ class ConcurrencyLimitExceeded(AppError):
 
 
 class Overloaded(AppError):
-    status, code, title, retryable = 503, "overloaded", "The server is at its limit of requests in flight", True
+    # At its limit of requests in flight, or shedding load (app/overload.py): another instance may take it.
+    status, code, title, retryable = 503, "overloaded", "The server is overloaded", True
     capacity_refusal = True
 
 

@@ -40,6 +40,7 @@ from app.observability import tracing
 from app.observability.activity import Activity
 from app.observability.activity_feed import ActivityFeed
 from app.observability.metrics import Metrics
+from app.overload import LoadShedder
 from app.providers.registry import ProviderRegistry
 from app.resources import Resources
 from app.sandbox.sandbox import Sandbox
@@ -254,6 +255,12 @@ def build_lifespan(
                 cancel_all=task_service.cancel_all,
             )
             enforcer.draining = lambda: drain.draining
+            shedder = LoadShedder(
+                metrics, max_loop_lag_ms=settings.server.shed_loop_lag_ms, max_rss_mb=settings.server.shed_rss_mb
+            )
+            shedder.start()
+            stack.push_async_callback(shedder.stop)
+            enforcer.overloaded = shedder.refusal
             resources = Resources(
                 settings=settings,
                 metrics=metrics,
@@ -280,6 +287,7 @@ def build_lifespan(
                 background=background,
                 activity=feed,
                 drain=drain,
+                shedder=shedder,
             )
             if install_signal_handlers(drain):  # under uvicorn's Server: SIGTERM drains first
                 log.info("SIGTERM and SIGINT drain: grace %g s, timeout %g s", drain.grace_s, drain.timeout_s)

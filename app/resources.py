@@ -22,6 +22,7 @@ from app.enforcement.idempotency import IdempotencyStore
 from app.middleware import TrafficCounters
 from app.observability.activity_feed import ActivityFeed
 from app.observability.metrics import Metrics
+from app.overload import LoadShedder
 from app.providers.registry import ProviderRegistry
 from app.sandbox.sandbox import Sandbox
 from app.tasks.background import BackgroundTasks
@@ -52,4 +53,5 @@ class Resources:
     tasks: TaskService
     background: BackgroundTasks
     drain: Drain
+    shedder: LoadShedder  # load shedding (app/overload.py); samples the loop lag even when off
     activity: ActivityFeed  # the dashboard's live feed (WS subscribe topic activity)

@@ -25,7 +25,10 @@ async def test_liveness_and_readiness(client: httpx.AsyncClient) -> None:
     assert (await client.get("/health/live")).json() == {"status": "ok"}
     ready = await client.get("/health/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "audit": "ok", "breakers": "ok"}}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "audit": "ok", "breakers": "ok", "load": "ok"},
+    }
 
 
 async def test_metrics_count_requests_by_route_template_and_tokens_by_model(client: httpx.AsyncClient) -> None:

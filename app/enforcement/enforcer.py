@@ -68,6 +68,8 @@ class Enforcer:
         self.sleep = sleep
         # Set by the lifespan: while the instance drains (app/drain.py), new work is refused.
         self.draining: Callable[[], bool] | None = None
+        # Set by the lifespan: load shedding's refusal while the instance is overloaded (app/overload.py).
+        self.overloaded: Callable[[], AppError | None] | None = None
 
     def spec_for(self, principal: Principal) -> LimitSpec:
         own, default = principal.limits, self.defaults
@@ -97,6 +99,8 @@ class Enforcer:
         """
         if self.draining is not None and self.draining():
             raise self._rejected(new_work_refused())
+        if self.overloaded is not None and (shed := self.overloaded()) is not None:
+            raise self._rejected(shed)
         estimated = prompt_tokens + max_tokens
         ceiling = principal.limits.max_tokens_per_request or self.defaults.max_tokens_per_request
         spec = self.spec_for(principal)

@@ -105,6 +105,10 @@ async def ready(resources: ResourcesDep) -> JSONResponse:
     breakers = resources.enforcer.breakers.states()
     tripped = sorted(name for name, state in breakers.items() if state is not BreakerState.CLOSED)
     report("breakers", "open: " + ", ".join(tripped) if tripped else "ok", degraded)
+    shedding = resources.shedder.reason
+    # Not fatal: in a surge every replica sheds at once, and leaving the load balancer all together
+    # would refuse everything; the instance still serves what it admitted (and health, and metrics).
+    report("load", f"shedding: {shedding}" if shedding else "ok", degraded)
     if resources.drain.draining:
         # Shutting down: load balancers must stop sending here, whatever else holds.
         report("drain", "draining: in-flight work is ending", fatal)

@@ -103,6 +103,21 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        # Load shedding (app/overload.py): the lag is measured with shedding off too.
+        self.loop_lag = Gauge(
+            "pacemaker_event_loop_lag_seconds",
+            "How late the event loop runs a ready callback: p90 over the last second.",
+            registry=self.registry,
+        )
+        self.shedding = Gauge(
+            "pacemaker_load_shedding", "1 while new work is refused with 503 overloaded.", registry=self.registry
+        )
+        self.shed_requests = Counter(
+            "pacemaker_shed_requests_total",
+            "New tasks, chat completions and tool calls refused as overloaded, by reason (loop_lag, rss).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.breaker_state = Gauge(
             "pacemaker_breaker_state",
             "Circuit breaker state per upstream and tool: 0 closed, 1 half-open, 2 open.",
