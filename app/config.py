@@ -16,6 +16,7 @@ from pydantic_settings import (
 )
 
 from app.cors import CorsSettings
+from app.edge.settings import EdgeSettings
 from app.sandbox.settings import SandboxSettings
 from app.sessions.settings import SessionsSettings
 from app.tasks.events.settings import EventsSettings
@@ -63,6 +64,8 @@ class ServerSettings(_Section):
     metrics: bool = True
     # Which web pages of other origins may call the API (and open WebSockets); none by default.
     cors: CorsSettings = CorsSettings()
+    # Per client address, before authentication: requests, and failed authentications (app/edge/).
+    edge: EdgeSettings = EdgeSettings()
 
 
 class DatabaseSettings(_Section):

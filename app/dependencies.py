@@ -33,7 +33,8 @@ async def authenticate(connection: HTTPConnection, resources: Resources) -> Prin
     """require_principal as a plain call, for the hottest route, which skips dependency solving."""
     headers = connection.headers
     presented = key_from_headers(headers.get("authorization"), headers.get("x-api-key"))
-    principal = await resources.authenticator.authenticate(presented)
+    client = connection.scope.get("client")  # the address uvicorn resolved: the edge keys on it too (app/edge/)
+    principal = await resources.authenticator.authenticate(presented, client=client[0] if client else None)
     connection.state.principal = principal
     audit: AuditContext | None = getattr(connection.state, "audit", None)  # HTTP requests have one
     if audit is not None:

@@ -187,6 +187,13 @@ class RateLimitExceeded(AppError):
     capacity_refusal = True
 
 
+class EdgeRateLimited(AppError):
+    """Too many requests, or failed authentications, from one client address (app/edge/): before any key lookup."""
+
+    status, code, title, retryable = 429, "edge_rate_limited", "Too many requests from this address", True
+    capacity_refusal = True
+
+
 class ConcurrencyLimitExceeded(AppError):
     status, code, title, retryable = 429, "concurrency_limit_exceeded", "Too many requests in flight for this key", True
     capacity_refusal = True

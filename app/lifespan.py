@@ -23,6 +23,7 @@ from app.auth.authenticator import Authenticator
 from app.config import Settings
 from app.db import create_engine, create_session_maker
 from app.drain import Drain, install_signal_handlers
+from app.edge.limiter import EdgeLimiter, build_edge
 from app.enforcement.breaker import BreakerConfig, BreakerRegistry, BreakerState
 from app.enforcement.concurrency import ConcurrencyLimiter, SocketLimiter
 from app.enforcement.enforcer import Enforcer
@@ -261,6 +262,11 @@ def build_lifespan(
             shedder.start()
             stack.push_async_callback(shedder.stop)
             enforcer.overloaded = shedder.refusal
+            edge: EdgeLimiter | None = None
+            if settings.server.edge.enabled:
+                edge, edge_redis = build_edge(settings.server.edge, settings.limits.redis_url, metrics.edge)
+                if edge_redis is not None:
+                    stack.push_async_callback(edge_redis.aclose)
             resources = Resources(
                 settings=settings,
                 metrics=metrics,
@@ -275,7 +281,9 @@ def build_lifespan(
                     cache_seconds=settings.auth.key_cache_seconds,
                     cache_size=settings.auth.key_cache_size,
                     lookup_timeout_s=settings.auth.lookup_timeout_s,
+                    guard=edge,  # failed authentications per address, and lookups past them refused
                 ),
+                edge=edge,
                 redis=redis,
                 enforcer=enforcer,
                 idempotency=idempotency,

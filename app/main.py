@@ -10,6 +10,7 @@ from app.audit.middleware import AuditMiddleware
 from app.config import Settings, load_settings
 from app.cors import CorsMiddleware
 from app.dashboard import install_dashboard
+from app.edge.middleware import EdgeMiddleware
 from app.lifespan import build_lifespan
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, TrafficCounters
 from app.observability import health
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.server.max_body_bytes)
     app.add_middleware(AuditMiddleware)  # outside the body limit, so a refused body is audited too
+    app.add_middleware(EdgeMiddleware)  # per-address limits: a refused flood costs no key lookup, nor a row each
     app.add_middleware(CorsMiddleware, settings=settings.server.cors)  # preflights answered, never audited
     app.add_middleware(RequestContextMiddleware, counters=counters)  # outermost: everything gets an id
     return app

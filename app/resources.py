@@ -16,6 +16,7 @@ from app.auth.authenticator import Authenticator
 from app.config import Settings
 from app.db import SessionMaker
 from app.drain import Drain
+from app.edge.limiter import EdgeLimiter
 from app.enforcement.concurrency import SocketLimiter
 from app.enforcement.enforcer import Enforcer
 from app.enforcement.idempotency import IdempotencyStore
@@ -43,6 +44,7 @@ class Resources:
     providers: ProviderRegistry
     tools: ToolRegistry
     authenticator: Authenticator
+    edge: EdgeLimiter | None  # per-address limits before authentication (app/edge/); None when server.edge is off
     redis: Redis | None
     enforcer: Enforcer
     idempotency: IdempotencyStore

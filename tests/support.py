@@ -205,7 +205,9 @@ def server_config(workdir: Path, upstream_url: str | None, **overrides: Any) -> 
         "audit": {"spool_dir": str(workdir / "audit-spool")},
         "tasks": {"spool_dir": str(workdir / "task-spool")},
         # Stopping a test server should not wait out a load balancer's grace; the drain tests set theirs.
-        "server": {"drain_grace_s": 0},
+        # Edge limits on (every request is counted), above what one test sends from 127.0.0.1: the suite's
+        # tests of bad keys and bad input expect their 401s, not 429s. tests/test_edge_limits.py sets its own.
+        "server": {"drain_grace_s": 0, "edge": {"rate": "100000/minute", "failed_auth": "10000/minute"}},
         "providers": {"simulated": {"kind": "simulated", "tokens_per_second": 0}},
         "models": {name: {"provider": "simulated"} for name in ("sim-small", "sim-medium", "sim-large")},
     }

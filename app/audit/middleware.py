@@ -29,7 +29,7 @@ class AuditMiddleware:
         context = AuditContext(
             request_id=state.get("request_id") or "",
             route=path,
-            transport=_transport(path),
+            transport=transport_for(path),
             client_ip=scope["client"][0] if scope.get("client") else None,
             user_agent=_header(scope, b"user-agent"),
             trace_id=tracing.current_trace_id() if tracing.TRACER is not None else None,  # the request span's
@@ -75,7 +75,8 @@ def _not_audited(path: str) -> bool:
     return any(path == prefix or path.startswith(prefix + "/") for prefix in NOT_AUDITED)
 
 
-def _transport(path: str) -> str:
+def transport_for(path: str) -> str:
+    """The audit row's transport of an HTTP request to `path` (before its route is known)."""
     if path.startswith("/v1/chat/") or path == "/v1/models":
         return "openai"
     if path.startswith("/v1/tools"):

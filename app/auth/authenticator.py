@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -19,6 +20,17 @@ from app.errors import AuthUnavailable, Unauthenticated
 NEGATIVE_TTL_FRACTION = 0.2
 
 
+class LookupGuard(Protocol):
+    """Per client address, what may cost a key lookup (the edge limits, app/edge/limiter.py)."""
+
+    def lookup_started(self, address: str) -> None:
+        """Before a lookup of a key not known good; raises an AppError to refuse it."""
+
+    def lookup_ended(self, address: str) -> None: ...
+
+    async def auth_failed(self, address: str) -> None: ...
+
+
 class Authenticator:
     def __init__(
         self,
@@ -28,8 +40,10 @@ class Authenticator:
         cache_size: int,
         lookup_timeout_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        guard: LookupGuard | None = None,
     ) -> None:
         self._session_maker = session_maker
+        self._guard = guard
         self._lookup_timeout_s = lookup_timeout_s
         self._ttl = cache_seconds
         self._size = cache_size
@@ -37,8 +51,10 @@ class Authenticator:
         self._cache: OrderedDict[str, tuple[Principal | None, float]] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Principal | None]] = {}
 
-    async def authenticate(self, presented: str | None) -> Principal:
+    async def authenticate(self, presented: str | None, *, client: str | None = None) -> Principal:
+        """The key's Principal; `client` (the caller's address) puts the lookup under the guard, if any."""
         if not presented:
+            await self._failed(client)
             raise Unauthenticated("Send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.")
         key_hash = hash_key(presented)
         now = self._clock()
@@ -46,16 +62,35 @@ class Authenticator:
         if cached is not None and cached[1] > now:
             principal = cached[0]
         else:
-            principal = await self._load_once(key_hash, now)
+            # A key known good (its entry expired) is looked up again whatever its address did.
+            gated = client if cached is None or cached[0] is None else None
+            principal = await self._load_once(key_hash, now, gated)
         if principal is None:
+            await self._failed(client)
             raise Unauthenticated("The API key is not valid or has been revoked.")
         return principal
 
-    async def _load_once(self, key_hash: str, now: float) -> Principal | None:
-        """One database read per key however many requests miss the cache at once (an expiry under load)."""
+    async def _failed(self, client: str | None) -> None:
+        if self._guard is not None and client is not None:
+            await self._guard.auth_failed(client)
+
+    def knows(self, presented: str | None) -> bool:
+        """Whether the key is known good here (in the cache, expired or not): serving it costs at most a refresh."""
+        if not presented:
+            return False
+        cached = self._cache.get(hash_key(presented))
+        return cached is not None and cached[0] is not None
+
+    async def _load_once(self, key_hash: str, now: float, gated: str | None = None) -> Principal | None:
+        """One database read per key however many requests miss the cache at once (an expiry under load).
+
+        `gated`: the address whose lookup the guard admits first (only the one that reads, not its waiters).
+        """
         pending = self._loading.get(key_hash)
         if pending is not None:
             return await asyncio.shield(pending)
+        if gated is not None and self._guard is not None:
+            self._guard.lookup_started(gated)  # may refuse: no future made, nothing to undo
         pending = asyncio.get_running_loop().create_future()
         self._loading[key_hash] = pending
         try:
@@ -69,6 +104,8 @@ class Authenticator:
             raise
         finally:
             del self._loading[key_hash]
+            if gated is not None and self._guard is not None:
+                self._guard.lookup_ended(gated)
         ttl = self._ttl if principal is not None else self._ttl * NEGATIVE_TTL_FRACTION
         self._remember(key_hash, principal, now + ttl)
         pending.set_result(principal)

@@ -13,6 +13,7 @@ from prometheus_client import (
 )
 
 from app.durable.metrics import WriterMetrics
+from app.edge.metrics import EdgeMetrics
 from app.sessions.metrics import SessionMetrics
 
 _LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -181,3 +182,5 @@ class Metrics:
         self.task_records = WriterMetrics.register(self.registry, "pacemaker_task_records", "Task records")
         # The session pool: pacemaker_session_bytes, pacemaker_sessions, ..._evictions_total, ..._lookups_total.
         self.sessions = SessionMetrics.register(self.registry)
+        # Edge limits (app/edge/): pacemaker_edge_refusals_total{reason}, ..._known_key_admissions_total, ...
+        self.edge = EdgeMetrics.register(self.registry)

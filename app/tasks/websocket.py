@@ -60,7 +60,9 @@ async def task_socket(websocket: WebSocket, resources: ResourcesDep) -> None:
         return
     presented, subprotocol = presented_key(websocket)
     try:
-        principal = await resources.authenticator.authenticate(presented)
+        principal = await resources.authenticator.authenticate(
+            presented, client=websocket.client.host if websocket.client else None
+        )
     except AppError as exc:
         await _refuse(websocket, resources, exc, None)
         return
