@@ -140,6 +140,12 @@ class RedisServer:
         self._process = ManagedProcess(args, os.environ, self._log_dir / f"redis-{self.port}-{self._starts}.log")
         self._process.wait_for_port(self.port)
 
+    def stop(self) -> None:
+        """SIGTERM, waited for; the end of a test's own Redis."""
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
+
     def kill(self) -> None:
         if self._process is not None:
             self._process.stop(signal.SIGKILL)

@@ -16,9 +16,8 @@ from redis.asyncio import Redis
 
 from app.config import DatabaseSettings
 from app.db import create_engine
-from tests.support import PacemakerServer, fresh_postgres_database, server_config, start_pacemaker
+from tests.support import PacemakerServer, RedisServer, fresh_postgres_database, server_config, start_pacemaker
 from tests.test_budget_seed import add_rows
-from tests.test_enforcement_shared import RedisServer
 
 # fake-model costs 1 USD per million prompt tokens and 2 per million completion tokens: each call
 # reserves about 0.0002 USD (max_tokens 100) and costs about 0.0001 (50 tokens); 0.0015 USD is
@@ -70,8 +69,7 @@ def deployment(request: pytest.FixtureRequest, tmp_path: Path, fake_upstream: st
         try:
             yield from _running(Deployment(tmp_path, server_config(tmp_path, fake_upstream, **overrides), redis))
         finally:
-            if redis.process is not None:
-                redis.process.stop()
+            redis.stop()
 
 
 def _running(deployment: Deployment) -> Iterator[Deployment]:
@@ -154,8 +152,7 @@ async def test_a_flushed_redis_refuses_at_the_same_point(tmp_path: Path, fake_up
             finally:
                 deployment.stop()
     finally:
-        if redis.process is not None:
-            redis.process.stop()
+        redis.stop()
     assert (expected // 2 + after, before + after_cost) == (expected, expected_cost)
 
 
