@@ -24,7 +24,7 @@ from starlette.responses import Response, StreamingResponse
 _JSON = {"Content-Type": "application/json"}
 
 
-def create_app(upstream_base_url: str) -> FastAPI:
+def create_app(upstream_base_url: str, max_connections: int = 4096) -> FastAPI:
     url = upstream_base_url.rstrip("/") + "/chat/completions"
     timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=120)
     state: dict[str, aiohttp.ClientSession] = {}
@@ -32,7 +32,7 @@ def create_app(upstream_base_url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Sized like Pacemaker's pool, so that both proxies get the same transport.
-        connector = aiohttp.TCPConnector(limit=4096, limit_per_host=0, keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=30)
         state["session"] = aiohttp.ClientSession(connector=connector, trust_env=False)
         try:
             yield
@@ -74,9 +74,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="the upstream's base URL, ending in /v1")
+    parser.add_argument("--max-connections", type=int, default=4096, help="the upstream pool's size (as Pacemaker's)")
+    parser.add_argument("--backlog", type=int, default=2048, help="the listen backlog (default: uvicorn's 2048)")
     args = parser.parse_args()
     uvicorn.run(
-        create_app(args.upstream),
+        create_app(args.upstream, args.max_connections),
+        backlog=args.backlog,
         host=args.host,
         port=args.port,
         loop="uvloop",

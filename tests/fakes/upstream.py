@@ -10,16 +10,21 @@ travel through Pacemaker untouched:
     #fail=N            fail (500) for the first N requests that carry the same #tag
     #latency=0.5       wait before answering (seconds)
     #delay=0.05        wait between streamed chunks (seconds)
+    #first=1           with #delay: the role chunk at once, the first token after this, the rest #delay apart
     #tokens=N          answer with N tokens
     #malformed         a malformed chunk after the first token (stream)
     #drop=N            drop the connection after N chunks (stream)
     #nousage           report no usage
     #tag=abc           name the request in /_control/stats
     #tool=NAME         call that tool (when offered), #calls=N times in one turn, arguments {"call": i}
+    #profile=NAME      a named set of the above, for held streams (its own directives override it):
+                       held-slow: 20 tokens at 1 event/s, the first after 1 s (20 s per stream);
+                       held-fast: 50 tokens at 10 events/s, the first after 0.1 s (5 s per stream)
 
 A message containing an arithmetic expression, with a `calculator` tool offered, gets a tool call;
 a message list ending in a tool result gets an answer quoting it. Its own bookkeeping (requests,
-tokens served, disconnects seen) is at GET /_control/stats and is reset by POST /_control/reset.
+tokens served, disconnects seen, streams open now and at most at once) is at GET /_control/stats
+and is reset by POST /_control/reset.
 Prompt tokens are counted with Pacemaker's own estimator, and a stream's completion tokens as its
 chunks are sent, so a stream cut short counts what it really served.
 """
@@ -41,6 +46,10 @@ from app.providers.tokens import count_message_tokens
 ARITHMETIC = re.compile(r"\(*\s*-?\d+(?:\.\d+)?\s*\)*(?:\s*[-+*/]\s*\(*\s*-?\d+(?:\.\d+)?\s*\)*)+")
 DIRECTIVE = re.compile(r"#(\w+)(?:=([\w.\-]+))?")
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+PROFILES = {
+    "held-slow": {"first": "1", "delay": "1", "tokens": "20"},
+    "held-fast": {"first": "0.1", "delay": "0.1", "tokens": "50"},
+}
 
 
 class FakeUpstream:
@@ -49,7 +58,8 @@ class FakeUpstream:
 
     def reset(self) -> None:
         self.requests = 0
-        self.active = 0
+        self.active = 0  # streams open now
+        self.peak_active = 0  # the most streams open at once
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.disconnects: list[dict[str, Any]] = []
@@ -67,6 +77,7 @@ class FakeUpstream:
         messages = body.get("messages") or []
         last_user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
         directives = dict(DIRECTIVE.findall(_text(last_user)))
+        directives = {**PROFILES.get(directives.get("profile", ""), {}), **directives}
         tag = directives.get("tag", "")
         self.by_tag[tag] += 1
 
@@ -115,17 +126,20 @@ class FakeUpstream:
 
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         self.active += 1
+        self.peak_active = max(self.peak_active, self.active)
         sent = 0
         delay = float(directives.get("delay", 0))
+        first = float(directives["first"]) if "first" in directives else None
         try:
             await response.prepare(request)
             await response.write(b": stream open\n\n")  # headers go out now, as a real upstream's do
             deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
             deltas += [{"tool_calls": [{**call, "index": index}]} for index, call in enumerate(tool_calls)]
             deltas += [{"content": piece} for piece in pieces]
-            for delta in deltas:
-                if delay:
-                    await asyncio.sleep(delay)
+            for n, delta in enumerate(deltas):
+                wait = delay if first is None else 0.0 if n == 0 else first if n == 1 else delay
+                if wait:
+                    await asyncio.sleep(wait)
                 if "drop" in directives and sent >= int(directives["drop"]):
                     assert request.transport is not None
                     request.transport.close()
@@ -153,6 +167,7 @@ class FakeUpstream:
             {
                 "requests": self.requests,
                 "active": self.active,
+                "peak_active": self.peak_active,
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
                 "disconnects": self.disconnects,
@@ -308,9 +323,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--backlog", type=int, default=128, help="the listen backlog (default: aiohttp's 128)")
     args = parser.parse_args()
     # handler_cancellation: a handler learns at once that its client went away.
-    web.run_app(build_app(), host=args.host, port=args.port, handler_cancellation=True, print=None, access_log=None)
+    web.run_app(
+        build_app(),
+        host=args.host,
+        port=args.port,
+        backlog=args.backlog,
+        handler_cancellation=True,
+        print=None,
+        access_log=None,
+    )
 
 
 if __name__ == "__main__":
