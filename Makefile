@@ -72,5 +72,11 @@ migrate: install
 bench: install
 	$(BIN)/python -m benchmarks.chat_proxy
 
+## bench-held: issue 13's held streams (1,000/5,000/9,000 at 1 event/s, 1,000 at 10 events/s) on the upstream,
+## the bare proxy and Pacemaker, one worker each; about 10 minutes. HELD_ARGS='--counts 1000,5000' for fewer rows
+.PHONY: bench-held
+bench-held: install
+	$(BIN)/python -m benchmarks.held $(HELD_ARGS)
+
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -198,6 +198,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    server.prepare_process(settings)
     server.run(options)
     return 0
 

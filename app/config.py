@@ -46,6 +46,10 @@ class ServerSettings(_Section):
     ws_max_per_key: int = Field(64, ge=1, description="Open WebSockets per key, per instance; beyond: 429.")
     # JSON bodies and WebSocket messages nested deeper than this are refused while parsing (422).
     max_json_depth: int = Field(64, ge=2, le=200)
+    # The listen socket's accept queue: connections the kernel completes and holds until the server
+    # accepts them (a storm of new streams waits here). Linux caps it at net.core.somaxconn (4096 since
+    # kernel 5.4, 128 before): a larger value is cut to that, and `serve` warns.
+    backlog: int = Field(4096, ge=1, le=65535)
     # A connection that has not sent its whole request head within this is closed (slowloris).
     header_timeout_s: float = Field(10.0, gt=0)
     # A request line and headers larger than this get 431 (uvicorn's httptools protocol has no cap:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import logging
+import resource
+from pathlib import Path
 from typing import Any, cast
 
 from uvicorn._types import ASGISendEvent
@@ -20,6 +23,9 @@ APP = "app.main:create_app"
 GRACEFUL_SHUTDOWN_S = 10
 _TIMEOUT_BODY = b"Request Timeout"
 _LINGER_S = 2.0
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
+
+log = logging.getLogger("app.server")
 
 
 def uvicorn_options(
@@ -51,6 +57,7 @@ def uvicorn_options(
         "forwarded_allow_ips": settings.server.forwarded_allow_ips,
         "log_level": settings.log_level.lower(),
         "log_config": log_config(),
+        "backlog": settings.server.backlog,
         "http": head_timeout_protocol(settings.server.header_timeout_s, settings.server.max_header_bytes),
         "ws": DenialAwareWebSocketProtocol,
         # uvicorn's own wait comes after the drain (app/drain.py): by then only idle connections
@@ -63,6 +70,60 @@ def run(options: dict[str, Any]) -> None:
     import uvicorn
 
     uvicorn.run(APP, **options)
+
+
+def prepare_process(settings: Settings) -> None:
+    """What `serve` does before uvicorn starts (workers inherit it): the open-files limit raised, the backlog
+    checked against the kernel's cap; both logged."""
+    from app.observability.logging import configure_logging
+
+    configure_logging(settings)  # the app's own handler on "app" (create_app sets the same one again)
+    before, after, hard = raise_open_files_limit()
+    if after > before:
+        log.info("open files limit raised from %d to %d (the hard limit)", before, after)
+    elif after < hard:
+        log.warning("open files limit %d could not be raised to the hard limit %d", after, hard)
+    else:
+        log.info("open files limit %d (the hard limit)", after)
+    if warning := backlog_warning(settings.server.backlog, somaxconn()):
+        log.warning("%s", warning)
+
+
+def raise_open_files_limit() -> tuple[int, int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: (soft before, soft after, hard).
+
+    Every held stream is two descriptors (the client's connection and the upstream's), and the usual
+    soft default (1,024) would refuse new connections past about 500 streams.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # macOS: the soft limit may not be infinite
+        target = max(soft, 1_048_576) if soft != resource.RLIM_INFINITY else soft
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, soft, hard
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard
+
+
+def somaxconn(path: Path = SOMAXCONN) -> int | None:
+    """net.core.somaxconn, the kernel's cap on a listen backlog; None where it cannot be read (not Linux)."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def backlog_warning(backlog: int, cap: int | None) -> str | None:
+    """What to log when the kernel will cut server.backlog, or None."""
+    if cap is None or backlog <= cap:
+        return None
+    return (
+        f"server.backlog {backlog} is above net.core.somaxconn {cap}: the kernel holds at most {cap} connections"
+        f" waiting to be accepted (raise it with: sysctl -w net.core.somaxconn={backlog})"
+    )
 
 
 def log_config() -> dict[str, Any]:

@@ -511,6 +511,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     parser.add_argument("--smoke", action="store_true", help="seconds: every row once, small, unpinned")
+    parser.add_argument("--no-wait", action="store_true", help="do not wait for other benchmarks to finish first")
     args = parser.parse_args(argv)
     if args.smoke:
         args.counts, args.fast_counts, args.rate, args.rounds, args.no_pin = "200", "200", 400.0, 1, True
@@ -529,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     soft, hard = raise_fd_limit()  # the servers started from here inherit it
     log(f"RLIMIT_NOFILE {soft}/{hard}")
     pinning = can_pin(args.no_pin)
-    if not args.smoke:
+    if not (args.smoke or args.no_wait):
         wait_for_quiet_machine()
     workdir = Path(tempfile.mkdtemp(prefix="pacemaker-held-"))
     children: list[Child] = []
