@@ -13,8 +13,10 @@ from app.sandbox.module_cache import engine_config
 
 
 def compile_to(wasm: Path, out: Path) -> None:
-    module = Module.from_file(Engine(engine_config()), wasm)
-    artifact = module.serialize()
+    engine = Engine(engine_config())
+    artifact = Module.from_file(engine, wasm).serialize()
+    # What a server then loads without trying first (ensure_compiled(load=False)) must load.
+    Module.deserialize(engine, artifact)
     # Write beside the target and rename: readers (and a server that mmaps the old file)
     # only ever see a complete artifact.
     fd, temp_name = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")

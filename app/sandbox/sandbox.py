@@ -1,25 +1,36 @@
-"""The Sandbox: owns the runtime, a bounded worker pool and admission; `execute()` is its async API."""
+"""The Sandbox: owns the runtime, a bounded worker pool and admission; `execute()` is its async API.
+
+`start()` verifies the runtime and builds the module cache (so a bad runtime still stops the app);
+the runtime itself (wasmtime, the mapped module, the linker, the epoch ticker and the workers) is
+loaded by the first execution, so that a server whose requests never run code does not carry it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-
-from opentelemetry.trace import Span
+from typing import TYPE_CHECKING
 
 from app.observability import tracing
-from app.sandbox.engine import WasmRuntime
-from app.sandbox.errors import SandboxBusy, SandboxUnavailable
+from app.sandbox.errors import SandboxBusy, SandboxSetupError, SandboxUnavailable
 from app.sandbox.limits import ExecutionLimits
 from app.sandbox.module_cache import CompiledModule, ensure_compiled
 from app.sandbox.result import ExecutionResult
-from app.sandbox.runner import run_execution
 from app.sandbox.settings import MIB, SandboxSettings
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from app.sandbox.engine import WasmRuntime
+
+log = logging.getLogger(__name__)
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -30,8 +41,11 @@ class Sandbox:
     def __init__(self, settings: SandboxSettings) -> None:
         self.settings = settings
         self.startup: CompiledModule | None = None  # how the last start() found the module cache
-        self._runtime: WasmRuntime | None = None
+        self.load_s: float | None = None  # how long the first execution took to load the runtime
+        self._started = False
+        self._loaded: WasmRuntime | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._load_lock = threading.Lock()  # one load, whichever thread (or the event loop) asks first
         self._admitted = 0  # running + waiting for a worker, until the worker is truly done
         self._admitted_lock = threading.Lock()  # released from pool threads
         # One run at a time per session: the workspace rollback compares before and after.
@@ -46,21 +60,69 @@ class Sandbox:
         return self._admitted
 
     async def start(self) -> CompiledModule:
-        """Verify the runtime, build the module cache if needed (in a subprocess), load it, start the ticker."""
-        if self._runtime is not None:
+        """Verify the runtime and build the module cache if needed (in a subprocess); the first execution loads it."""
+        if self._started:
             raise RuntimeError("the sandbox is already started")
         # Off the event loop: hashing takes tens of ms, and a cold compile seconds.
-        self.startup = await asyncio.to_thread(ensure_compiled, self.settings)
-        runtime = WasmRuntime(self.startup.path, self.settings.tick_ms)
-        runtime.start()
-        self._pool = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="sandbox-worker")
-        self._runtime = runtime
+        self.startup = await asyncio.to_thread(ensure_compiled, self.settings, load=False)
+        self._started = True
         return self.startup
+
+    @property
+    def loaded(self) -> bool:
+        """Whether an execution has loaded the runtime (wasmtime, the module, the ticker, the workers)."""
+        return self._loaded is not None
+
+    @property
+    def _runtime(self) -> WasmRuntime | None:
+        """The loaded runtime, loaded now if need be (blocking); None when not started or closed."""
+        if not self._started:
+            return None
+        return self._load()
+
+    def _load(self) -> WasmRuntime:
+        """Load the runtime once: import wasmtime, map the module, link it, start the ticker and the workers."""
+        with self._load_lock:
+            if self._loaded is not None:
+                return self._loaded
+            assert self.startup is not None
+            began = time.monotonic()
+            from app.sandbox.engine import WasmRuntime  # wasmtime: only once code is to run
+
+            try:
+                runtime = WasmRuntime(self.startup.path, self.settings.tick_ms)
+            except Exception as exc:  # a WasmtimeError: the cached file passed its digest yet does not load
+                log.warning("the sandbox module %s does not load (%s): checking it again", self.startup.path, exc)
+                self.startup = ensure_compiled(self.settings)  # loads it, and rebuilds it if it does not
+                runtime = WasmRuntime(self.startup.path, self.settings.tick_ms)
+            runtime.start()
+            self._pool = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="sandbox-worker")
+            self._loaded = runtime
+            self.load_s = time.monotonic() - began
+            log.info("sandbox runtime loaded on first use in %.0f ms", self.load_s * 1000)
+            return runtime
+
+    async def _ensure_loaded(self) -> tuple[WasmRuntime, ThreadPoolExecutor]:
+        runtime, pool = self._loaded, self._pool
+        if runtime is None or pool is None:
+            try:
+                # Off the event loop: importing wasmtime and linking take tens of ms.
+                await asyncio.to_thread(self._load)
+            except (SandboxSetupError, OSError) as exc:
+                log.error("the sandbox runtime could not be loaded: %s", exc)
+                raise SandboxUnavailable("the sandbox runtime could not be loaded") from None
+            runtime, pool = self._loaded, self._pool
+            if not self._started or runtime is None or pool is None:  # closed while it loaded
+                await self.close()
+                raise SandboxUnavailable("the sandbox shut down before this execution started")
+        return runtime, pool
 
     async def close(self) -> None:
         """End running guests at once, drop queued ones, stop the workers and the ticker."""
-        runtime, pool = self._runtime, self._pool
-        self._runtime = self._pool = None
+        self._started = False
+        with self._load_lock:  # a load in progress finishes first, and is closed here
+            runtime, pool = self._loaded, self._pool
+            self._loaded = self._pool = None
         if runtime is None or pool is None:
             return
         runtime.interrupt_all()
@@ -96,11 +158,11 @@ class Sandbox:
                 stdout="",
                 stderr=f"the code is {len(source)} bytes; the limit is {self.settings.max_code_bytes}",
             )
-        runtime, pool = self._runtime, self._pool
-        if runtime is None or pool is None:
+        if not self._started:
             raise SandboxUnavailable()
         self._admit()
         try:
+            runtime, pool = await self._ensure_loaded()
             future, lock = await self._submit(pool, runtime, source, limits, session_dir)
         except BaseException:
             self._release()
@@ -145,6 +207,8 @@ class Sandbox:
             lock = self._session_locks.setdefault(session_dir, asyncio.Lock())
             await lock.acquire()
         cap = self.settings.session_workspace_mb * MIB
+        from app.sandbox.runner import run_execution  # imported by the load, with wasmtime
+
         try:
             return pool.submit(run_execution, runtime, source, limits, session_dir, cap), lock
         except BaseException as exc:
