@@ -315,3 +315,33 @@ async def test_redis_down_fails_open_to_counting_in_process_and_comes_back(tmp_p
     log = server.process.output()
     assert log.count("edge limits: Redis unavailable") == 1, log  # once per outage, not per request
     assert "edge limits: Redis is answering again" in log
+
+
+async def test_an_ipv6_client_is_counted_by_its_64_and_a_mapped_ipv4_address_as_itself(tmp_path: Path) -> None:
+    # One IPv6 host usually holds a whole /64: if every address of it had its own allowance, a new source
+    # address per request would make failed_auth (and the rate) count nothing at all.
+    server = edge_server(
+        tmp_path,
+        "ipv6",
+        {"rate": "100000/minute", "failed_auth": "3/minute"},
+        server={"proxy_headers": True, "forwarded_allow_ips": "127.0.0.1"},
+    )
+    try:
+        async with client_from(server, "127.0.0.1") as proxy:
+
+            async def from_address(address: str) -> int:
+                response = await proxy.get("/v1/tools", headers={"X-Forwarded-For": address, **bad_key()})
+                return response.status_code
+
+            same_64 = [await from_address(f"2001:db8:1:2:{n:x}::{n + 1:x}") for n in range(6)]
+            assert same_64 == [401] * 3 + [429] * 3, same_64
+            # Another /64 of the same /48 is another client.
+            assert await from_address("2001:db8:1:3::1") == 401
+            # ::ffff:198.51.100.9 is 198.51.100.9, however it is written.
+            mapped = [await from_address(a) for a in ("198.51.100.9", "::ffff:198.51.100.9", "::ffff:c633:6409")]
+            assert mapped == [401] * 3, mapped
+            assert await from_address("198.51.100.9") == 429
+            metrics = (await proxy.get("/metrics")).text
+            assert metric(metrics, 'pacemaker_edge_refusals_total{reason="failed_auth"}') == 4
+    finally:
+        server.process.stop()

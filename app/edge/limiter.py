@@ -1,5 +1,9 @@
 """What the edge counts per client address, and which addresses are over a limit.
 
+An address is counted as itself for IPv4, and for IPv6 as its network of `server.edge.ipv6_prefix`
+bits (a /64 by default: one host usually holds a whole /64, and could otherwise take a fresh address,
+with a fresh allowance, for each request); an IPv4-mapped IPv6 address counts as its IPv4 address.
+
 Two fixed-window limits (`limits` items): every request (`server.edge.rate`) and every failed
 authentication (`server.edge.failed_auth`). An address over either is *blocked* until its window
 ends; the block is held in process, so a flood from a blocked address costs a dictionary lookup
@@ -19,11 +23,13 @@ counts pacemaker_edge_backend_errors_total, and tries Redis again after a one-se
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from limits.aio.storage import Storage
 from redis.asyncio import Redis
@@ -43,6 +49,29 @@ _DETAIL = {
     FAILED_AUTH: "Too many failed authentications from this address; retry after the time in Retry-After"
     " with a valid key.",
 }
+
+
+@lru_cache(maxsize=4096)
+def counted_as(address: str, ipv6_prefix: int = 64) -> str:
+    """What an address is counted as: an IPv4 address as it is, an IPv6 one as its /`ipv6_prefix` network.
+
+    One IPv6 host usually holds a whole /64: counted address by address, each request could come from
+    a new address with a fresh allowance. An IPv4-mapped address is its IPv4 address; anything that is
+    not an IP address (a proxy's "unknown") is counted as the text it is.
+    """
+    if ":" not in address:
+        return address  # IPv4 (or not an address): the common case costs nothing more
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    host_bits = 128 - ipv6_prefix
+    network = ipaddress.IPv6Address(int(ip) >> host_bits << host_bits)
+    return f"{network}/{ipv6_prefix}"
 
 
 @dataclass(slots=True)
@@ -78,6 +107,7 @@ class EdgeLimiter:
         self._failed_amount = self.failed_auth.amount
         self._failed_expiry = self.failed_auth.get_expiry()
         self._max = settings.max_addresses
+        self._ipv6_prefix = settings.ipv6_prefix
         self.clock = clock  # monotonic: blocks end by it
         self._wall = wall
         # Both counters of an address, in process: the only ones without Redis, the fallback with it.
@@ -105,6 +135,7 @@ class EdgeLimiter:
 
     async def admit(self, address: str) -> Block | None:
         """Count a request of `address`: None if it is within the limits, else the address's block."""
+        address = counted_as(address, self._ipv6_prefix)
         block = self._blocked.get(address)
         if block is not None:
             now = self.clock()
@@ -124,6 +155,7 @@ class EdgeLimiter:
 
     def lookup_started(self, address: str) -> None:
         """Before a key lookup of a key not known good: refused (EdgeRateLimited) past the failed_auth limit."""
+        address = counted_as(address, self._ipv6_prefix)
         now = self.clock()
         failed = self._failures_now(address, now)
         pending = self._pending.get(address, 0)
@@ -136,6 +168,7 @@ class EdgeLimiter:
         self._pending[address] = pending + 1
 
     def lookup_ended(self, address: str) -> None:
+        address = counted_as(address, self._ipv6_prefix)
         pending = self._pending.get(address, 0) - 1
         if pending > 0:
             self._pending[address] = pending
@@ -144,6 +177,7 @@ class EdgeLimiter:
 
     async def auth_failed(self, address: str) -> None:
         """Count a failed authentication of `address`; at the limit, block it for the rest of the window."""
+        address = counted_as(address, self._ipv6_prefix)
         now = self.clock()
         failed = self._failures_now(address, now)
         ends = self._failures[address][1] if failed else now + self._failed_expiry

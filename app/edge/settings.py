@@ -33,6 +33,15 @@ class EdgeSettings(BaseModel):
     max_addresses: int = Field(
         100_000, ge=100, description="Addresses counted in process at once; the oldest windows go first beyond it."
     )
+    # One IPv6 host is usually given a whole /64 (SLAAC, cloud instances): counted address by address,
+    # it could take a new address, and a fresh allowance of failed keys, for every request.
+    ipv6_prefix: int = Field(
+        64,
+        ge=32,
+        le=128,
+        description="IPv6 clients are counted by their network of this prefix length (128: each address alone);"
+        " an IPv4-mapped IPv6 address counts as its IPv4 address.",
+    )
 
     @field_validator("rate", "failed_auth")
     @classmethod
