@@ -199,10 +199,16 @@ async def test_with_redis_down_a_session_task_is_503_and_others_run_and_a_turn_i
             assert (await http.post("/v1/tasks", json={"query": "no session"})).status_code == 200
             listed = await http.get("/v1/sessions")
             assert listed.status_code == 503 and listed.json()["code"] == "session_unavailable"
+            # Serving goes on without sessions: readiness says degraded, not unavailable.
+            ready = await http.get("/health/ready")
+            assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+            assert ready.json()["checks"]["sessions"].startswith("error: ")
     finally:
         cluster.redis.start()
     recovered = await ask(cluster.a, cluster.key, "back", fresh())  # without a restart of Pacemaker
     assert recovered.status_code == 200 and recovered.json()["session"]["stored"]
+    async with cluster.a.client(cluster.key) as http:
+        assert (await http.get("/health/ready")).json()["checks"]["sessions"] == "ok"
 
 
 def turn(text: str, size: int = 0) -> bytes:

@@ -15,6 +15,7 @@ from app import __version__
 from app.dependencies import ResourcesDep
 from app.enforcement.breaker import BreakerState
 from app.errors import NotFound
+from app.sessions.base import SessionStore
 
 router = APIRouter(tags=["health"])
 
@@ -102,6 +103,11 @@ async def ready(resources: ResourcesDep) -> JSONResponse:
         if audit.dead_lettered:
             # Rows the database can never take were set aside: serving goes on, the operator should look.
             checks["audit_dead_letters"] = f"{audit.dead_lettered} rows set aside; last: {audit.last_dead_letter}"
+    sessions = resources.tasks.sessions
+    session_store = await _check_sessions(sessions.store) if sessions is not None else None
+    if session_store is not None:
+        # Degraded, not fatal: only tasks with a session_id are refused (503 session_unavailable).
+        report("sessions", session_store, degraded)
     breakers = resources.enforcer.breakers.states()
     tripped = sorted(name for name, state in breakers.items() if state is not BreakerState.CLOSED)
     report("breakers", "open: " + ", ".join(tripped) if tripped else "ok", degraded)
@@ -128,6 +134,14 @@ async def _check_redis(resources: ResourcesDep) -> str:
     except Exception as exc:
         return f"error: {type(exc).__name__}"
     return "ok"
+
+
+async def _check_sessions(store: SessionStore) -> str | None:
+    try:
+        async with asyncio.timeout(READINESS_TIMEOUT_S):
+            return await store.check()
+    except TimeoutError:
+        return f"timed out after {READINESS_TIMEOUT_S:g} s"
 
 
 async def _check_database(resources: ResourcesDep) -> str:

@@ -224,6 +224,9 @@ class MemorySessionStore:
     async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="session-sweeper")
 
+    async def check(self) -> str | None:
+        return None  # in process: nothing that can be down
+
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self._settings.sweep_interval_s)

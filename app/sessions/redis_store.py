@@ -128,6 +128,13 @@ class RedisSessionStore:
     async def start(self) -> None:
         """Nothing to start: scripts are loaded on first use (EVALSHA, then SCRIPT LOAD if missing)."""
 
+    async def check(self) -> str | None:
+        try:
+            await self._redis.ping()
+        except Exception as exc:  # any failure is the answer: the check reports it
+            return f"error: {type(exc).__name__}"
+        return "ok"
+
     async def aclose(self) -> None:
         await self._redis.aclose()
 
