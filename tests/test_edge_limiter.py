@@ -19,7 +19,7 @@ from app.auth.authenticator import Authenticator
 from app.auth.repository import ApiKeyRepository
 from app.config import ConfigError, DatabaseSettings, load_settings
 from app.db import create_engine, create_session_maker, migrate, session_scope
-from app.edge.limiter import EdgeLimiter
+from app.edge.limiter import EdgeLimiter, counted_as
 from app.edge.metrics import EdgeMetrics
 from app.edge.middleware import exempt
 from app.edge.settings import EdgeSettings
@@ -141,12 +141,23 @@ async def test_failed_authentications_block_and_the_gate_bounds_lookups_in_fligh
 async def test_in_process_state_stays_bounded_under_a_flood_of_addresses() -> None:
     edge, _clock = limiter(rate="1/minute", failed_auth="1/minute", max_addresses=100)
     for n in range(5000):
-        address = f"2001:db8::{n:x}"
+        address = f"2001:db8:{n:x}::1"  # a /64 each (the addresses of one /64 count as one)
         await edge.admit(address)
         await edge.admit(address)  # over: blocked
         await edge.auth_failed(address)
     assert len(edge._blocked) <= 100 and len(edge._failures) <= 100 and len(edge._local) <= 200
     assert not edge._pending
+
+
+def test_ipv6_addresses_count_by_network_and_mapped_ones_as_ipv4() -> None:
+    assert counted_as("203.0.113.5") == "203.0.113.5"
+    assert counted_as("2001:db8:1:2::5") == counted_as("2001:DB8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert counted_as("2001:db8:1:3::5") == "2001:db8:1:3::/64"
+    assert counted_as("2001:db8:1:2::5", 128) == "2001:db8:1:2::5/128"
+    assert counted_as("::ffff:203.0.113.5") == counted_as("::ffff:cb00:7105") == "203.0.113.5"
+    assert counted_as("unknown") == "unknown" and counted_as("[::1]:80") == "[::1]:80"  # not addresses: as they are
+    with pytest.raises(ValueError, match="ipv6_prefix"):
+        EdgeSettings(ipv6_prefix=16)
 
 
 class FlakyStorage(BoundedMemoryStorage):
