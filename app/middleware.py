@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import secrets
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.audit.context import note_error
 from app.errors import PayloadTooLarge
+from app.ids import new_id
 from app.observability import tracing
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -82,7 +82,7 @@ def _request_id(scope: Scope) -> str:
             if _WELL_FORMED_ID.match(value):
                 return str(value.decode())
             break
-    return secrets.token_hex(16)  # as unique as a uuid4, at a fraction of its cost
+    return new_id()  # as unique as a uuid4, at a fraction of its cost (no syscall each)
 
 
 class BodyLimitMiddleware:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from app.ids import new_id
 from app.providers.base import Usage
 
 audit_var: ContextVar[AuditContext | None] = ContextVar("audit", default=None)
@@ -63,7 +63,7 @@ class AuditContext:
     def row(self) -> dict[str, Any]:
         """The audit_record row, with values the JSON journal can carry (journal.py; the sink makes text storable)."""
         return {
-            "record_uid": secrets.token_hex(16),
+            "record_uid": new_id(),
             "request_id": self.request_id,
             "created_at": self.created_at,
             "finished_at": datetime.now(UTC),

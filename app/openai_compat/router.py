@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -18,6 +17,7 @@ from app.dependencies import PrincipalDep, ResourcesDep, authenticate
 from app.enforcement.enforcer import Ticket
 from app.enforcement.idempotent import run_once
 from app.errors import AppError, InvalidRequest, RequestTimeout
+from app.ids import new_id
 from app.middleware import request_id_var
 from app.openai_compat.errors import OpenAIErrorRoute, openai_error_response
 from app.openai_compat.schemas import ChatCompletionRequest
@@ -81,7 +81,7 @@ async def chat_completions(request: Request) -> Response:
         tool_choice=body.tool_choice,
         extra=dict(body.model_extra or {}),
     )
-    meta = _Meta(id="chatcmpl-" + secrets.token_hex(16), created=int(time.time()), model=route.name)
+    meta = _Meta(id="chatcmpl-" + new_id(), created=int(time.time()), model=route.name)
     timeout_s = resources.settings.agent.default_timeout_s
     prompt_tokens = count_message_tokens(llm_request.messages)
     audit: AuditContext = request.state.audit

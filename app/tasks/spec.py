@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
-
 from app.agent.runner import TaskSpec, initial_messages
 from app.agent.schemas import TaskCreate
 from app.agent.tiers import choose_model
 from app.auth.principal import Principal
 from app.config import Settings
 from app.errors import InvalidRequest, ToolNotAllowed
+from app.ids import new_id
 from app.providers.registry import ProviderRegistry
 from app.providers.tokens import count_message_tokens
 from app.tools.base import ToolContext
@@ -17,7 +16,7 @@ from app.tools.registry import ToolRegistry
 
 
 def new_task_id() -> str:
-    return "task_" + secrets.token_hex(16)
+    return "task_" + new_id()
 
 
 def build_task_spec(
