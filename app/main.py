@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.types import ASGIApp
 
 from app import __version__
 from app.audit import router as audit
 from app.audit.middleware import AuditMiddleware
 from app.config import Settings, load_settings
-from app.cors import CorsMiddleware
+from app.cors import CorsMiddleware, origin_matcher
 from app.dashboard import install_dashboard
 from app.edge.middleware import EdgeMiddleware
 from app.lifespan import build_lifespan
@@ -18,6 +20,7 @@ from app.observability.http_metrics import HttpMetricsMiddleware
 from app.observability.logging import configure_logging
 from app.observability.metrics import Metrics
 from app.openai_compat import router as openai_compat
+from app.openai_compat.fast_path import ChatFastPath
 from app.openapi import install_openapi
 from app.problems import install_problem_handlers
 from app.sessions import router as sessions
@@ -32,17 +35,43 @@ DESCRIPTION = (
 )
 
 
+class PacemakerApp(FastAPI):
+    """FastAPI, with the chat route's fast path in front of the whole stack (app/openai_compat/fast_path.py)."""
+
+    settings: Settings
+    metrics: Metrics
+    counters: TrafficCounters
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        # The route object the router puts in scope["route"] (its template names the audit row and the metrics).
+        chat = next(
+            route
+            for route in openai_compat.router.routes
+            if isinstance(route, APIRoute) and route.path == ChatFastPath.PATH and "POST" in (route.methods or ())
+        )
+        return ChatFastPath(
+            stack,
+            route=chat,
+            metrics=self.metrics,
+            counters=self.counters,
+            max_body_bytes=self.settings.server.max_body_bytes,
+            cors_on=not origin_matcher(tuple(self.settings.server.cors.allow_origins)).empty,
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     configure_logging(settings)
     metrics = Metrics()
     counters = TrafficCounters()
-    app = FastAPI(
+    app = PacemakerApp(
         title="Pacemaker",
         version=__version__,
         description=DESCRIPTION,
         lifespan=build_lifespan(settings, metrics, counters),
     )
+    app.settings, app.metrics, app.counters = settings, metrics, counters
     install_problem_handlers(app)
     install_openapi(app, example_model=settings.tiers.small)
     # The busiest routes first: the router tries them in order.

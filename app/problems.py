@@ -87,7 +87,12 @@ async def _on_http_error(_request: Request, exc: Exception) -> Response:
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return unexpected_error_response(request.method, request.url.path, exc)
+
+
+def unexpected_error_response(method: str, path: str, exc: BaseException) -> Response:
+    """The 500 of an exception no handler took, logged with its traceback."""
+    log.error("unhandled error on %s %s", method, path, exc_info=exc)
     return problem_response(AppError("An internal error occurred; the request id identifies it in the logs."))
 
 

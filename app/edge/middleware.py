@@ -51,18 +51,27 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         resources: Resources | None = scope.get("state", {}).get("resources")
-        edge = resources.edge if resources is not None else None
-        if edge is None:
-            await self.app(scope, receive, send)
+        if resources is not None and await refused(scope, receive, send, resources):
             return
-        block = await edge.admit(client[0])
-        if block is not None:
-            assert resources is not None
-            if not resources.authenticator.knows(_presented(scope, receive, send)):
-                await _refuse(scope, send, resources, edge, block, client[0])
-                return
-            edge.metrics.known_key.inc()
         await self.app(scope, receive, send)
+
+
+async def refused(scope: Scope, receive: Receive, send: Send, resources: Resources) -> bool:
+    """Count the request of its client's address; True when it was refused here (its 429 sent).
+
+    The middleware's work, also for the chat route's fast path (app/openai_compat/fast_path.py)."""
+    edge = resources.edge
+    client = scope.get("client")
+    if edge is None or client is None:
+        return False
+    block = await edge.admit(client[0])
+    if block is None:
+        return False
+    if not resources.authenticator.knows(_presented(scope, receive, send)):
+        await _refuse(scope, send, resources, edge, block, client[0])
+        return True
+    edge.metrics.known_key.inc()
+    return False
 
 
 def _presented(scope: Scope, receive: Receive, send: Send) -> str | None:

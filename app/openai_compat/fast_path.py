@@ -1,0 +1,253 @@
+"""POST /v1/chat/completions as one pure-ASGI function: the hottest route without the framework's layers.
+
+Everything else goes through the whole stack (app/main.py): FastAPI's error middlewares, our six
+middlewares, the router and its dependency solving. For this route that stack was more than a third
+of the server's CPU per request (py-spy, JSON at concurrency 64), against work of its own that is
+the same every time. So this app, outermost, does what those layers do for this one route, in one
+frame and one `send` wrapper, with the same objects and functions they use:
+
+- the request id (the client's when well-formed), the traffic counters (RequestContextMiddleware);
+- the per-address edge limits, and their refusals (app/edge/middleware.py, the same function);
+- the audit context, its row submitted before the last byte or when the request ends without one
+  (AuditMiddleware), with the route's template;
+- the body limit, by Content-Length (413 problem+json before anything else) or while the body comes
+  in (the route's 413, in OpenAI's envelope) (BodyLimitMiddleware);
+- the HTTP metrics by route template and status class (HttpMetricsMiddleware);
+- the route's errors in OpenAI's envelope (OpenAIErrorRoute), and anything unexpected logged and
+  answered 500 problem+json, then raised to the server, as Starlette's ServerErrorMiddleware does.
+
+The route's own work is the very handler FastAPI would call (`chat_completions`), so auth, limits,
+budgets, breakers and fallback, idempotency, drain and load shedding (the enforcer's), usage and the
+cost header are the same code. The route stays registered with FastAPI, which documents it in the
+OpenAPI schema. Requests this path does not take go to the whole stack, unchanged: other routes and
+methods, a request with an Origin while CORS is on, and every request while tracing is on (the
+request span is the request-id middleware's).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from prometheus_client.metrics import Counter
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.audit.context import AuditContext, audit_var
+from app.edge.middleware import refused
+from app.errors import AppError
+from app.middleware import (
+    REQUEST_ID_HEADER,
+    RESPONSE_HEADERS_KEY,
+    TrafficCounters,
+    _BodyTooLarge,
+    _drain,
+    _request_id,
+    _send_too_large,
+    request_id_var,
+)
+from app.observability import tracing
+from app.observability.metrics import Metrics
+from app.openai_compat.errors import openai_error_response
+from app.openai_compat.router import chat_completions
+from app.problems import http_error, unexpected_error_response, validation_error
+from app.resources import Resources
+
+PATH = "/v1/chat/completions"
+_STATUS_CLASSES = {n: f"{n}xx" for n in range(1, 6)}
+
+
+class ChatFastPath:
+    """Takes POST /v1/chat/completions before `app` (the whole stack) would, when nothing calls for the stack."""
+
+    PATH = PATH
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        route: APIRoute,
+        metrics: Metrics,
+        counters: TrafficCounters,
+        max_body_bytes: int,
+        cors_on: bool,
+    ) -> None:
+        self.app = app
+        self.route = route
+        self.counters = counters
+        self.max_body_bytes = max_body_bytes
+        self.cors_on = cors_on
+        # The route's series, looked up once rather than by labels on every request.
+        self._seconds = metrics.http_seconds.labels("POST", route.path)
+        self._requests = metrics.http_requests
+        self._by_class: dict[int, Counter] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["path"] != PATH
+            or scope["method"] != "POST"
+            or scope.get("root_path")
+            or tracing.TRACER is not None
+        ):
+            await self.app(scope, receive, send)
+            return
+        content_length: bytes | None = None
+        user_agent: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                if self.cors_on:
+                    await self.app(scope, receive, send)
+                    return
+            elif name == b"content-length":
+                content_length = value
+            elif name == b"user-agent":
+                user_agent = value
+        state: dict[str, Any] = scope.setdefault("state", {})
+        resources: Resources | None = state.get("resources")
+        if resources is None:  # no lifespan ran: nothing here to serve it with
+            await self.app(scope, receive, send)
+            return
+        await self._serve(scope, receive, send, state, resources, content_length, user_agent)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        state: dict[str, Any],
+        resources: Resources,
+        content_length: bytes | None,
+        user_agent: bytes | None,
+    ) -> None:
+        # RequestContextMiddleware
+        request_id = _request_id(scope)
+        state["request_id"] = request_id
+        id_token = request_id_var.set(request_id)
+        id_header = (REQUEST_ID_HEADER, request_id.encode())
+        counters = self.counters
+        counters.active_requests += 1
+        counters.total_requests += 1
+        started = False
+        context: AuditContext | None = None  # from the audit middleware's place on
+        submitted = False
+        status = 500
+
+        def submit() -> None:
+            nonlocal submitted
+            if submitted or context is None:
+                return
+            submitted = True
+            template = getattr(scope.get("route"), "path", None)
+            if template:
+                context.route = template  # the template, as the router matched it
+            if sink is not None and not context.owned_by_task:
+                sink.submit(context.row())
+
+        async def send_fused(message: Message) -> None:
+            nonlocal started, status
+            kind = message["type"]
+            if kind == "http.response.start":
+                started = True
+                status = message["status"]
+                if context is not None:
+                    context.http_status = status
+                # Headers decided along the way (rate-limit state, cost) reach every kind of response.
+                message["headers"] = [*message.get("headers", ()), id_header, *state.get(RESPONSE_HEADERS_KEY, ())]
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                # Journaled before the last byte goes out: a crash after the client has its
+                # whole answer cannot lose the row.
+                submit()
+            await send(message)
+
+        sink = resources.audit
+        audit_token = None
+        try:
+            # EdgeMiddleware (CorsMiddleware let it through: no Origin, or CORS off)
+            if await refused(scope, receive, send_fused, resources):
+                return
+            # AuditMiddleware
+            client = scope.get("client")
+            context = AuditContext(
+                request_id=request_id,
+                route=PATH,
+                transport="openai",
+                client_ip=client[0] if client else None,
+                user_agent=user_agent.decode("latin-1") if user_agent is not None else None,
+            )
+            state["audit"] = context
+            audit_token = audit_var.set(context)
+            # BodyLimitMiddleware
+            limit = self.max_body_bytes
+            if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+                await _drain(receive, int(content_length))
+                await _send_too_large(send_fused, limit)
+                return
+            received = 0
+
+            async def counting_receive() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        if message.get("more_body", False):
+                            await _drain(receive, received)
+                        raise _BodyTooLarge
+                return message
+
+            # HttpMetricsMiddleware, then the router's match and the route
+            began = time.perf_counter()
+            scope["route"] = self.route
+            scope["endpoint"] = chat_completions
+            scope["path_params"] = {}
+            try:
+                response = await _handle(Request(scope, counting_receive))
+                await response(scope, counting_receive, send_fused)
+            except _BodyTooLarge:
+                if started:
+                    raise
+                await _send_too_large(send_fused, limit)
+            finally:
+                self._observe(status, time.perf_counter() - began)
+        except Exception as exc:
+            if context is not None and context.http_status is None:
+                context.http_status = 500
+            # ServerErrorMiddleware: a 500 if nothing was sent yet, then raised for the server to log.
+            if not started:
+                response = unexpected_error_response("POST", PATH, exc)
+                await response(scope, receive, send)
+            raise
+        except BaseException:
+            if context is not None and context.http_status is None:
+                context.http_status = 500
+            raise
+        finally:
+            if audit_token is not None:
+                audit_var.reset(audit_token)
+            submit()  # no complete response (a client gone, a failure): the row goes now
+            counters.active_requests -= 1
+            request_id_var.reset(id_token)
+
+    def _observe(self, status: int, seconds: float) -> None:
+        counter = self._by_class.get(status // 100)
+        if counter is None:
+            status_class = _STATUS_CLASSES.get(status // 100, "5xx")
+            counter = self._by_class[status // 100] = self._requests.labels("POST", self.route.path, status_class)
+        counter.inc()
+        self._seconds.observe(seconds)
+
+
+async def _handle(request: Request) -> Any:
+    """chat_completions with its errors in OpenAI's envelope (OpenAIErrorRoute's handler)."""
+    try:
+        return await chat_completions(request)
+    except AppError as exc:
+        return openai_error_response(exc)
+    except RequestValidationError as exc:
+        return openai_error_response(validation_error(exc))
+    except HTTPException as exc:  # also a body over the limit while it was read (BodyLimitMiddleware's)
+        return openai_error_response(http_error(exc))
