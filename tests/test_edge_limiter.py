@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from limits.aio.storage import Storage
@@ -259,3 +259,56 @@ async def test_the_authenticator_asks_the_gate_only_for_keys_it_does_not_know(mi
         assert authenticator.lookups == 6
     finally:
         await engine.dispose()
+
+
+class SlowAuthenticator(Authenticator):
+    """Every lookup takes 50 ms and finds `found` (a principal, or None for an unknown key)."""
+
+    def __init__(self, guard: EdgeLimiter, found: Any) -> None:
+        super().__init__(cast(Any, None), cache_seconds=10, cache_size=100, guard=guard)
+        self.found = found
+        self.lookups = 0
+
+    async def _load(self, key_hash: str) -> Any:
+        self.lookups += 1
+        await asyncio.sleep(0.05)
+        return self.found
+
+
+async def test_a_request_waiting_on_a_lookup_that_is_cancelled_reads_the_key_itself() -> None:
+    # A socket's key check (cancelled when the socket closes) was reading a key an HTTP request was waiting
+    # on: the request ended with CancelledError, a 500, though nothing had cancelled it.
+    edge, _clock = limiter(failed_auth="3/minute")
+    principal = object()
+    authenticator = SlowAuthenticator(edge, principal)
+    reader = asyncio.create_task(authenticator.authenticate("pk_good", client="10.0.0.1"))
+    await asyncio.sleep(0.01)
+    waiters = [asyncio.create_task(authenticator.authenticate("pk_good", client="10.0.0.2")) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    reader.cancel()
+    assert await asyncio.gather(*waiters) == [principal] * 3
+    assert reader.cancelled() and authenticator.lookups == 2  # the waiters' one read, through the gate
+    assert not edge._pending  # neither lookup kept its slot
+
+    # A bad key: the waiter's own read is gated and counted as its address's failure.
+    authenticator = SlowAuthenticator(edge, None)
+    reader = asyncio.create_task(authenticator.authenticate("pk_bad", client="10.0.0.3"))
+    await asyncio.sleep(0.01)
+    waiter = asyncio.create_task(authenticator.authenticate("pk_bad", client="10.0.0.4"))
+    await asyncio.sleep(0.01)
+    reader.cancel()
+    with pytest.raises(Unauthenticated):
+        await waiter
+    assert edge._failures_now("10.0.0.4", _clock()) == 1 and edge._failures_now("10.0.0.3", _clock()) == 0
+    assert not edge._pending
+
+    # A waiter that is itself cancelled still ends cancelled.
+    reader = asyncio.create_task(authenticator.authenticate("pk_other", client="10.0.0.5"))
+    await asyncio.sleep(0.01)
+    waiter = asyncio.create_task(authenticator.authenticate("pk_other", client="10.0.0.6"))
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    with pytest.raises(Unauthenticated):
+        await reader

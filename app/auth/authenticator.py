@@ -88,7 +88,15 @@ class Authenticator:
         """
         pending = self._loading.get(key_hash)
         if pending is not None:
-            return await asyncio.shield(pending)
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not pending.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this request itself is cancelled
+                # The request that was reading the key was cancelled (a socket closing), not this one: read it
+                # here (through the guard, as any first reader), rather than end an innocent request with a 500.
+                return await self._load_once(key_hash, now, gated)
         if gated is not None and self._guard is not None:
             self._guard.lookup_started(gated)  # may refuse: no future made, nothing to undo
         pending = asyncio.get_running_loop().create_future()
@@ -96,7 +104,7 @@ class Authenticator:
         try:
             principal = await self._load(key_hash)
         except asyncio.CancelledError:
-            pending.cancel()  # the waiters retry on their own
+            pending.cancel()  # the waiters read the key themselves (above)
             raise
         except Exception as exc:
             pending.set_exception(exc)
