@@ -85,6 +85,8 @@ class ModelCall:
         except AppError as exc:
             await self._fail(exc)
             raise
+        if self.request.stream and self.request.max_tokens is not None:
+            self._count_completion(chunk, self.request.max_tokens)
         self._builder.add(chunk)
         if not self._first_seen and (chunk.text or chunk.tool_calls):
             self._first_seen = True
@@ -93,16 +95,28 @@ class ModelCall:
                     time.perf_counter() - self._started
                 )
         if chunk.text:
-            self._text_chunks += 1
-            if self._text_chunks == 1 and self._ticket is not None and self._ticket.audit is not None:
+            first = self._text_chunks == 0
+            # One per upstream event with text (a chunk may fold several read at once).
+            self._text_chunks += 1 if chunk.texts is None else len(chunk.pieces)
+            if first and self._ticket is not None and self._ticket.audit is not None:
                 self._ticket.audit.first_token()
-        if self.request.stream and self.request.max_tokens is not None:
-            self._count_completion(chunk, self.request.max_tokens)
         return chunk
 
     def _count_completion(self, chunk: LLMChunk, max_tokens: int) -> None:
-        """Stop after the chunk that passes max_tokens: an upstream that ignores it cannot spend past
-        what was reserved by more than that one chunk (once 5.7x a budget)."""
+        """Stop after the event that passes max_tokens: an upstream that ignores it cannot spend past
+        what was reserved by more than that one event (once 5.7x a budget). A chunk folding several
+        events is cut after that one (the events after it are dropped, never relayed)."""
+        if chunk.texts is not None:
+            last = len(chunk.texts) - 1
+            for n, text in enumerate(chunk.texts):
+                if text:
+                    self._completion_seen += max(1, count_text_tokens(text))
+                if self._completion_seen > max_tokens and not (n == last and chunk.finish_reason is not None):
+                    if n < last:
+                        chunk.truncate(n + 1)
+                    self.cut_off = True
+                    return
+            return
         seen = max(1, count_text_tokens(chunk.text)) if chunk.text else 0
         for delta in chunk.tool_calls or ():
             seen += count_text_tokens(delta.arguments)
@@ -153,7 +167,8 @@ class ModelCall:
                 self.fallbacks.append(Fallback(self.route.name, fallback.name, exc.code))
                 await self._release_reservation()
                 self.route = fallback
-                self.request = replace(self.request, model=fallback.upstream_model)
+                relay_model = fallback.name if self.request.relay_model is not None else None
+                self.request = replace(self.request, model=fallback.upstream_model, relay_model=relay_model)
 
     async def _open_route(self) -> LLMChunk:
         ticket = self._ticket

@@ -178,7 +178,10 @@ async def _loop(
                 for fallback in _fallback_events(spec, progress, call, told):
                     yield fallback
                 told = len(call.fallbacks)
-                if chunk.text:
+                if chunk.texts is not None:  # several upstream events read at once: one delta each
+                    for piece in chunk.pieces:
+                        yield TokenDelta(task_id=spec.id, seq=progress.next_seq(), delta=piece)
+                elif chunk.text:
                     yield TokenDelta(task_id=spec.id, seq=progress.next_seq(), delta=chunk.text)
         finally:
             await call.aclose()

@@ -80,6 +80,8 @@ async def chat_completions(request: Request) -> Response:
         tools=body.tools,
         tool_choice=body.tool_choice,
         extra=dict(body.model_extra or {}),
+        # Streamed: the upstream's own events are relayed as they come, under the public model name.
+        relay_model=route.name if body.stream else None,
     )
     meta = _Meta(id="chatcmpl-" + new_id(), created=int(time.time()), model=route.name)
     timeout_s = resources.settings.agent.default_timeout_s
@@ -164,6 +166,18 @@ class _Meta:
     def __init__(self, id: str, created: int, model: str) -> None:
         self.id, self.created, self.model = id, created, model
 
+    def adopt(self, frame: bytes) -> None:
+        """The id and created of a relayed upstream chunk, for the chunks of our own in the same stream."""
+        try:
+            upstream = orjson.loads(frame.removeprefix(b"data: "))
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(upstream, dict):
+            if isinstance(upstream.get("id"), str):
+                self.id = upstream["id"]
+            if isinstance(upstream.get("created"), int):
+                self.created = upstream["created"]
+
     def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         payload = {
             "id": self.id,
@@ -186,18 +200,42 @@ async def _stream(
     audit: AuditContext,
 ) -> AsyncGenerator[bytes, None]:
     outcome = "cancelled"  # unless the stream gets to its end or to an error
+    # The upstream's events come in chunk.raw (the provider relays them, under the public model
+    # name): they go out as they came, a read's worth at once; only what billing needs was read from
+    # them (ModelCall: text, finish reason, usage). Chunks without (a provider that cannot relay)
+    # are rendered here. Our own chunks then take the upstream's id.
+    relayed: bytes | None = None  # the first relayed event
+    usage_frame: list[bytes] | None = None  # the upstream's usage chunk, relayed if the client asked
     try:
-        yield meta.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        if first is None or first.raw is None:
+            yield meta.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         chunk = first
         while chunk is not None:
-            for frame in _frames(meta, chunk):
-                yield frame
+            raw = chunk.raw
+            if raw is None:
+                for frame in _frames(meta, chunk):
+                    yield frame
+            elif raw:
+                if relayed is None:
+                    relayed = raw[0]
+                if chunk.usage is not None and chunk.texts is None and not (chunk.text or chunk.tool_calls):
+                    usage_frame = raw if chunk.finish_reason is None else None
+                    if usage_frame is None:
+                        yield b"".join(raw)
+                else:
+                    yield raw[0] if len(raw) == 1 else b"".join(raw)
             chunk = await _next_before(call, deadline)
+        if relayed is not None:
+            meta.adopt(relayed)
         if call.cut_off:  # stopped at max_tokens: the upstream never sent its own finish_reason
             yield meta.chunk([{"index": 0, "delta": {}, "finish_reason": "length"}])
         outcome = "completed"
         if include_usage:
-            yield meta.chunk([], usage=_usage(call.response()))
+            response = call.response()
+            if usage_frame is not None and not response.usage_estimated:
+                yield b"".join(usage_frame)
+            else:
+                yield meta.chunk([], usage=_usage(response))
         yield _DONE
     except AppError as exc:
         outcome = exc.code

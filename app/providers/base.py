@@ -24,6 +24,9 @@ class LLMRequest:
     tool_choice: Any = None
     # Other OpenAI parameters the caller sent (top_p, stop, seed, response_format, ...).
     extra: dict[str, Any] = field(default_factory=dict)
+    # A stream relayed to an OpenAI-compatible client: the public model name its chunks carry (a
+    # provider that can relays the upstream's own SSE events in LLMChunk.raw, with this name).
+    relay_model: str | None = None
 
 
 @dataclass(slots=True)
@@ -56,6 +59,29 @@ class LLMChunk:
     tool_calls: list[ToolCallDelta] | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
+    # A streamed chunk may fold several upstream events read at once (text deltas, the last of them
+    # perhaps with the finish_reason): `texts` has each event's text ("" for none), `text` their
+    # concatenation. None: the chunk is one event.
+    texts: list[str] | None = None
+    # With LLMRequest.relay_model: the upstream's SSE events this chunk was read from, one frame
+    # (b"data: ...\n\n") per event, the JSON as it came but for the model name; the same events as `texts`.
+    raw: list[bytes] | None = None
+
+    @property
+    def pieces(self) -> list[str]:
+        """The text deltas, one per upstream event that had text."""
+        if self.texts is not None:
+            return [text for text in self.texts if text]
+        return [self.text] if self.text else []
+
+    def truncate(self, events: int) -> None:
+        """Keep only the first `events` of the events this chunk folds (texts and raw)."""
+        assert self.texts is not None
+        self.texts = self.texts[:events]
+        self.text = "".join(self.texts) or None
+        if self.raw is not None:
+            self.raw = self.raw[:events]
+        self.finish_reason = None
 
 
 @dataclass(slots=True)

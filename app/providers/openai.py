@@ -19,7 +19,7 @@ from app.errors import (
 from app.middleware import request_id_var
 from app.observability import tracing
 from app.providers.base import LLMChunk, LLMRequest
-from app.providers.openai_wire import error_message, parse_completion, request_body
+from app.providers.openai_wire import error_message, parse_completion, parse_text_event, request_body
 
 _DATA = b"data:"
 _DONE = b"[DONE]"
@@ -55,7 +55,7 @@ class OpenAICompatibleProvider:
             if response.status >= 400:
                 raise _status_error(self.name, response.status, await response.read(), response.headers)
             if request.stream:
-                async for chunk in _read_event_stream(self.name, response):
+                async for chunk in _read_event_stream(self.name, response, request.relay_model):
                     yield chunk
             else:
                 yield parse_completion(await response.read())
@@ -75,58 +75,134 @@ class OpenAICompatibleProvider:
         """The shared session belongs to the lifespan; nothing of our own to close."""
 
 
-async def _read_event_stream(name: str, response: aiohttp.ClientResponse) -> AsyncGenerator[LLMChunk, None]:
-    events = _EventStream()
+async def _read_event_stream(
+    name: str, response: aiohttp.ClientResponse, relay_model: str | None = None
+) -> AsyncGenerator[LLMChunk, None]:
+    """The chunks of an SSE body, as they come: what one read brought is folded into as few chunks as
+    its events allow (a run of tokens is one chunk), so the layers above pay per read, not per token."""
+    events = _EventStream(relay_model)
+    content = response.content
     try:
-        async for line in response.content:
-            chunk = events.parse(line)
-            if chunk is not None:
+        while data := await content.readany():
+            for chunk in events.feed(data):
                 yield chunk  # the usage chunk comes after the one with finish_reason
+            events.raise_failure()
     except aiohttp.ClientError:
-        # aiohttp raises a dropped connection's error before handing out lines it had already
-        # received (its readline checks the error first), so tokens the client was never sent
-        # would be lost, and uncounted. Deliver the whole lines still buffered, then fail.
-        for line in _buffered_lines(response.content):
-            chunk = events.parse(line)
-            if chunk is not None:
-                yield chunk
+        # aiohttp raises a dropped connection's error before handing out data it had already
+        # received (its reads check the error first), so tokens the client was never sent would be
+        # lost, and uncounted. Deliver the whole lines still buffered, then fail.
+        for chunk in events.feed(_buffered(content)):
+            yield chunk
+        events.raise_failure()
         raise
+    if events.pending:  # a last line without its newline
+        for chunk in events.feed(b"\n"):
+            yield chunk
+        events.raise_failure()
     if not events.complete:
         raise UpstreamUnavailable(f"{name}: the stream ended before the response was complete")
 
 
 class _EventStream:
-    """The `data:` lines of an SSE body, as chunks, up to `[DONE]`."""
+    """The `data:` lines of an SSE body, as chunks, up to `[DONE]`.
 
-    __slots__ = ("done", "finished")
+    Tokens (parse_text_event's common shape) are read with orjson alone and folded, a run of them
+    into one chunk; any other event is validated by parse_completion and is a chunk of its own. A
+    failing event (an error chunk, malformed JSON) raises only after the chunks before it are out.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_failure", "_relay_model", "_tail", "done", "finished")
+
+    def __init__(self, relay_model: str | None = None) -> None:
         self.done = False
         self.finished = False
+        self._relay_model = relay_model  # None: no raw frames
+        self._tail = b""  # an incomplete last line
+        self._failure: Exception | None = None  # an event that failed, raised after those before it
+
+    def raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
 
     @property
     def complete(self) -> bool:
         return self.done or self.finished
 
-    def parse(self, line: bytes) -> LLMChunk | None:
-        if self.done or not line.startswith(_DATA):
-            return None  # blank separators, comments, event:/id: fields, anything after [DONE]
-        payload = line[len(_DATA) :].strip()
-        if payload == _DONE:
-            self.done = True  # read on to the end of the body, so the connection can be reused
-            return None
-        chunk = parse_completion(payload)
-        self.finished = self.finished or chunk.finish_reason is not None
-        return chunk
+    @property
+    def pending(self) -> bool:
+        return bool(self._tail)
+
+    def feed(self, data: bytes) -> list[LLMChunk]:
+        """The chunks of the complete lines read so far; a failing event stops there (raise_failure())."""
+        if self._failure is not None:
+            return []
+        if self._tail:
+            data = self._tail + data
+        lines = data.split(b"\n")
+        self._tail = lines.pop()
+        out: list[LLMChunk] = []
+        texts: list[str] = []
+        raws: list[bytes] | None = [] if self._relay_model is not None else None
+        try:
+            for line in lines:
+                if self.done or not line.startswith(_DATA):
+                    continue  # blank separators, comments, event:/id: fields, anything after [DONE]
+                payload = line[len(_DATA) :].strip()
+                if payload == _DONE:
+                    self.done = True  # read on to the end of the body, so the connection can be reused
+                    continue
+                common = parse_text_event(payload)
+                if common is not None:
+                    text, finish, obj = common
+                    texts.append(text)
+                    if raws is not None:
+                        raws.append(self._frame(payload, obj))
+                    if finish is not None:
+                        self.finished = True
+                        out.append(_folded(texts, raws, finish))
+                        texts, raws = [], ([] if raws is not None else None)
+                    continue
+                if texts:
+                    out.append(_folded(texts, raws, None))
+                    texts, raws = [], ([] if raws is not None else None)
+                chunk = parse_completion(payload)
+                if raws is not None:
+                    chunk.raw = [self._frame(payload, None)]
+                self.finished = self.finished or chunk.finish_reason is not None
+                out.append(chunk)
+        except Exception as exc:  # raised by the caller once the chunks before it are out
+            self._failure = exc
+        if texts:
+            out.append(_folded(texts, raws, None))
+        return out
+
+    def _frame(self, payload: bytes, obj: dict[str, object] | None) -> bytes:
+        """The event as the client gets it: the upstream's JSON, but for a model name not the public one."""
+        if obj is None:
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                return b"data: " + payload + b"\n\n"
+            if type(obj) is not dict:
+                return b"data: " + payload + b"\n\n"
+        if obj.get("model") != self._relay_model:
+            obj["model"] = self._relay_model
+            payload = orjson.dumps(obj)
+        return b"data: " + payload + b"\n\n"
 
 
-def _buffered_lines(content: aiohttp.StreamReader) -> list[bytes]:
-    """The complete lines a failed stream still holds (a torn last line is dropped)."""
+def _folded(texts: list[str], raws: list[bytes] | None, finish: str | None) -> LLMChunk:
+    return LLMChunk(text="".join(texts) or None, finish_reason=finish, texts=texts, raw=raws)
+
+
+def _buffered(content: aiohttp.StreamReader) -> bytes:
+    """What a failed stream still holds (its torn last line stays unread)."""
     read_buffered = getattr(content, "_read_nowait", None)  # aiohttp's own, which skips the error check
     if read_buffered is None:
-        return []
+        return b""
     data: bytes = read_buffered(-1)
-    return [line + b"\n" for line in data.split(b"\n")[:-1]]
+    return data
 
 
 def _status_error(name: str, status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from app.errors import UpstreamError, UpstreamProtocolError
@@ -117,6 +118,36 @@ def parse_completion(raw: bytes | str) -> LLMChunk:
             for position, call in enumerate(message.tool_calls)
         ]
     return chunk
+
+
+def parse_text_event(payload: bytes) -> tuple[str, str | None, dict[str, Any]] | None:
+    """A streamed chunk of the common shape, read without the models: (text, finish_reason, the object).
+
+    The common shape is one choice of index 0 whose delta holds at most a string content (and a
+    role), perhaps with a string finish_reason, and no usage or error: a token. Anything else (tool
+    calls, the usage chunk, an error, malformed or odd JSON) is None: parse_completion's, which
+    validates it, and reads a chunk of the common shape the same way.
+    """
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if type(obj) is not dict or obj.get("usage") is not None or "error" in obj:
+        return None
+    choices = obj.get("choices")
+    if type(choices) is not list or len(choices) != 1:
+        return None
+    choice = choices[0]
+    if type(choice) is not dict or choice.get("index", 0) != 0 or type(choice.get("index", 0)) is not int:
+        return None
+    delta = choice.get("delta")
+    finish = choice.get("finish_reason")
+    if type(delta) is not dict or (finish is not None and type(finish) is not str):
+        return None
+    content = delta.get("content")
+    if delta.get("tool_calls") is not None or (content is not None and type(content) is not str):
+        return None
+    return content or "", finish, obj
 
 
 def error_message(raw: bytes) -> str:
