@@ -345,3 +345,31 @@ async def test_an_ipv6_client_is_counted_by_its_64_and_a_mapped_ipv4_address_as_
             assert metric(metrics, 'pacemaker_edge_refusals_total{reason="failed_auth"}') == 4
     finally:
         server.process.stop()
+
+
+async def test_with_redis_a_client_retrying_at_its_retry_after_is_served(tmp_path: Path) -> None:
+    # Redis's TTL is whole seconds, rounded to the nearest: a window with 2.25 s left was said to end in 2 s,
+    # so a client that waited its Retry-After came back while the window was still full, and was refused again.
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    server = edge_server(
+        tmp_path,
+        "retry-after",
+        {"rate": "2/3 seconds", "failed_auth": "10000/minute"},
+        limits={"redis_url": redis_server.url},
+    )
+    redis = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with client_from(server, "127.0.0.1") as http:
+            assert [(await http.get("/v1/tools")).status_code for _ in range(2)] == [401, 401]
+            left = await redis.pttl("pacemaker:edge:r:127.0.0.1") / 1000
+            await asyncio.sleep(max(left - 2.25, 0))  # over the rate with 2.25 s of the window left
+            refused = await http.get("/v1/tools")
+            assert_edge_refusal(refused)
+            await asyncio.sleep(int(refused.headers["retry-after"]))
+            retried = await http.get("/v1/tools")
+            assert retried.status_code == 401, (refused.headers["retry-after"], retried.text)
+    finally:
+        await redis.aclose()
+        server.process.stop()
+        redis_server.kill()

@@ -299,19 +299,13 @@ class EdgeLimiter:
 def build_edge(settings: EdgeSettings, redis_url: str | None, metrics: EdgeMetrics) -> tuple[EdgeLimiter, Redis | None]:
     """The edge limiter, counting in the Redis of `redis_url` (storage auto) or in process; and the client to close.
 
-    Redis through limits' RedisStorage on a pool of our own, built as the key limiter's is (calls time
-    out after 250 ms, one retry on a fresh connection): a slow Redis costs a request at most that.
+    Redis through limits' RedisStorage (app/edge/redis_storage.py) on a pool of our own, built as the
+    key limiter's is (calls time out after 250 ms, one retry on a fresh connection): a slow Redis costs
+    a request at most that.
     """
     if redis_url is None or settings.storage == "memory":
         return EdgeLimiter(settings, metrics), None
-    from limits.aio.storage import RedisStorage
+    from app.edge.redis_storage import RedisWindows
 
     client = build_redis(redis_url)
-    # The URL is the pool's; limits only needs to be told it is a Redis (redis-py's asyncio client).
-    shared = RedisStorage(
-        "async+redis://",
-        implementation="redispy",
-        key_prefix=settings.redis_prefix,
-        connection_pool=client.connection_pool,  # type: ignore[arg-type]  # limits types options as scalars only
-    )
-    return EdgeLimiter(settings, metrics, shared=shared), client
+    return EdgeLimiter(settings, metrics, shared=RedisWindows(client, settings.redis_prefix)), client
