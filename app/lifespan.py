@@ -9,12 +9,11 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 from fastapi import FastAPI
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.audit.ledger import AuditLedger
@@ -31,8 +30,6 @@ from app.enforcement.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from app.enforcement.ledger import SpendLedger
 from app.enforcement.limits import Limiter
 from app.enforcement.memory_limiter import MemoryLimiter
-from app.enforcement.redis_limiter import RedisLimiter, build_redis
-from app.enforcement.resilient_limiter import ResilientLimiter
 from app.enforcement.retry import RetryPolicy
 from app.enforcement.traced_limiter import TracedLimiter
 from app.errors import ShuttingDown
@@ -48,7 +45,7 @@ from app.sandbox.sandbox import Sandbox
 from app.sessions.conversation import start_conversations
 from app.tasks.background import BackgroundTasks
 from app.tasks.cancel_bus import CancelBus
-from app.tasks.events import EventLog, MemoryEventLog, RedisEventLog, build_reader_redis
+from app.tasks.events import EventLog, MemoryEventLog
 from app.tasks.leases import LeaseKeeper
 from app.tasks.service import TaskService
 from app.tasks.store import TaskStore
@@ -56,6 +53,11 @@ from app.tools.http import HttpTool, http_tool_session
 from app.tools.invoke import ToolInvoker
 from app.tools.python import PythonTool
 from app.tools.registry import ToolRegistry, builtin_tools
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+# What only a deployment with Redis needs (redis itself is 8 MB of modules) is imported where it is built.
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,15 @@ def upstream_http_session(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
+def _limits_redis(url: str | None) -> Redis | None:
+    """The client for limits (and what shares it), or None without limits.redis_url (redis is not imported then)."""
+    if url is None:
+        return None
+    from app.enforcement.redis_limiter import build_redis
+
+    return build_redis(url)
+
+
 def build_enforcer(
     settings: Settings, metrics: Metrics, redis: Redis | None, ledger: SpendLedger | None = None
 ) -> Enforcer:
@@ -82,6 +93,9 @@ def build_enforcer(
     if redis is None:
         limiter = MemoryLimiter()
     else:
+        from app.enforcement.redis_limiter import RedisLimiter
+        from app.enforcement.resilient_limiter import ResilientLimiter
+
         limiter = ResilientLimiter(
             RedisLimiter(redis),
             # When Redis is down and we fail open, each instance allows its share of the limit.
@@ -156,6 +170,9 @@ async def _start_tasks(
             retention_s=settings.events.retention_s,
         )
     else:
+        from app.enforcement.redis_limiter import build_redis
+        from app.tasks.events.redis_streams import RedisEventLog, build_reader_redis
+
         writers, readers = build_redis(events_url), build_reader_redis(events_url)
         stack.push_async_callback(writers.aclose)
         stack.push_async_callback(readers.aclose)
@@ -211,7 +228,7 @@ def build_lifespan(
             providers = ProviderRegistry(settings, http)
             stack.push_async_callback(providers.aclose)
             session_maker = create_session_maker(engine)
-            redis = build_redis(settings.limits.redis_url) if settings.limits.redis_url else None
+            redis = _limits_redis(settings.limits.redis_url)
             if redis is not None:
                 stack.push_async_callback(redis.aclose)
             # Clients for HTTP tools, apart from the upstreams' pool: one refusing private addresses.

@@ -6,9 +6,9 @@ Its own module so that routes depend on what they use, not on the code that buil
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.audit.sink import AuditSink
@@ -28,6 +28,9 @@ from app.providers.registry import ProviderRegistry
 from app.sandbox.sandbox import Sandbox
 from app.tasks.background import BackgroundTasks
 from app.tasks.service import TaskService
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 from app.tools.invoke import ToolInvoker
 from app.tools.registry import ToolRegistry
 

@@ -47,9 +47,11 @@ from benchmarks.harness import (
     HOST,
     ROOT,
     Child,
+    child_env,
     clean_up,
     exit_status,
     fmt,
+    free_port,
     log,
     new_loop,
     pacemaker_cli,
@@ -149,7 +151,7 @@ def label_mapping(path: str) -> str:
         return "the wasmtime library (_libwasmtime.so)"
     if "libpython" in path:
         return "libpython"
-    return path.replace(str(ROOT) + "/", "").replace(".venv/lib/python3.11/site-packages/", "")
+    return path.split("site-packages/", 1)[-1]
 
 
 async def call(
@@ -263,6 +265,60 @@ def child_app(config_path: str) -> None:
     print(json.dumps(asyncio.run(started())))
 
 
+# The floor: the libraries `pacemaker serve` cannot do without, imported, and uvicorn serving an
+# app of one route that answers "ok" (no Pacemaker module at all).
+FLOOR_MODULES = [
+    "uvloop",
+    "fastapi",
+    "sqlalchemy.ext.asyncio",
+    "sqlalchemy.dialects.postgresql",  # the tables' postgresql_where indexes import it on any database
+    "aiosqlite",
+    "sqlmodel",
+    "aiohttp",
+    "prometheus_client",
+    "yaml",
+    "orjson",
+    "psutil",
+    "pydantic_settings",
+    "limits.aio.storage",  # the edge limits, on by default
+    "uvicorn.protocols.http.httptools_impl",
+    "uvicorn.protocols.websockets.websockets_sansio_impl",
+]
+FLOOR_CHILD = """
+import sys
+for module in sys.argv[2].split(","):
+    __import__(module)
+import uvicorn
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="httptools", log_level="warning")
+"""
+
+
+def floor(workdir: Path, children: list[Child]) -> dict[str, float]:
+    """Idle memory of the floor server, after a few requests."""
+    port = free_port()
+    args = [sys.executable, "-c", FLOOR_CHILD, str(port), ",".join(FLOOR_MODULES)]
+    children.append(child := Child("floor", args, child_env(), workdir / "floor.log", port))
+    child.wait_for_port()
+
+    async def requests() -> None:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(20):
+                async with http.get(f"http://{HOST}:{port}/") as response:
+                    await response.read()
+
+    asyncio.run(requests())
+    figures = idle_memory(child.process)
+    child.stop()
+    return figures
+
+
 def run_child(*args: str) -> Any:
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.memory", "--child", *args], cwd=ROOT, capture_output=True, text=True
@@ -335,6 +391,16 @@ def render(figures: dict[str, Any], args: argparse.Namespace) -> str:
             lines.append(
                 f"| in process: create_app and its lifespan, started | {app['rss']:.1f} | | {app['modules']} | |"
             )
+    floor_figures: dict[str, float] = figures.get("floor", {})
+    if floor_figures:
+        lines += [
+            "",
+            "The floor: the libraries Pacemaker cannot do without, imported, and uvicorn serving one route that"
+            " answers `ok` (no Pacemaker module), idle after 20 requests:"
+            f" RSS {fmt(floor_figures['rss'], 1)} MB, USS {fmt(floor_figures['uss'], 1)} MB,"
+            f" PSS {fmt(floor_figures['pss'], 1)} MB.",
+        ]
+    floor_rss = figures.get("floor", {}).get("rss", float("nan"))
     idle = readings.get("after warm-up", {}).get("rss", float("nan"))
     used = readings.get("after sandbox calls", {}).get("rss", float("nan"))
     lines += [
@@ -345,6 +411,7 @@ def render(figures: dict[str, Any], args: argparse.Namespace) -> str:
         f" | <= {IDLE_TARGET_MB:g} MB | {verdict(idle <= IDLE_TARGET_MB)} |",
         f"| idle RSS after warm-up and sandbox calls | {fmt(used, 1)} MB | (info) | |",
         f"| first sandbox call | {fmt(first, 1)} ms | (info) | |",
+        f"| idle RSS of the floor (the libraries alone under uvicorn) | {fmt(floor_rss, 1)} MB | (info) | |",
     ]
     if figures["failures"]:
         lines += ["", f"**{len(figures['failures'])} requests failed** (see stderr): the figures are void."]
@@ -398,6 +465,8 @@ def measure(args: argparse.Namespace, workdir: Path, children: list[Child]) -> d
     own["tasks"]["spool_dir"] = str(workdir / "in-process-task-spool")
     write_config(workdir / "in-process.yaml", own)
     figures["app"] = run_child(str(workdir / "in-process.yaml"))
+    log("the floor: the libraries alone under uvicorn...")
+    figures["floor"] = floor(workdir, children)
     if server.popen.poll() is not None:
         failures.append(f"the server exited with {server.popen.returncode}")
     return figures
@@ -410,7 +479,7 @@ def problems(figures: dict[str, Any]) -> list[str]:
             found.append(f"no memory reading {state}")
     if not figures.get("warm_sandbox_ms"):
         found.append("no sandbox timings")
-    if not figures.get("imports") or not figures.get("app"):
+    if not figures.get("imports") or not figures.get("app") or not figures.get("floor"):
         found.append("no import-group figures")
     return found
 

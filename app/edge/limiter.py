@@ -30,16 +30,18 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from limits.aio.storage import Storage
-from redis.asyncio import Redis
 
 from app.edge.metrics import EdgeMetrics
 from app.edge.settings import EdgeSettings, rate_item
 from app.edge.storage import BoundedMemoryStorage
-from app.enforcement.redis_limiter import build_redis
-from app.enforcement.resilient_limiter import BACKEND_ERRORS
 from app.errors import EdgeRateLimited
+from app.redis_errors import backend_errors
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +239,7 @@ class EdgeLimiter:
             probe = self._start_probe()
             try:
                 count = await shared.incr(key, expiry)
-            except BACKEND_ERRORS as exc:
+            except backend_errors() as exc:
                 self._backend_failed(exc)
             else:
                 self._answered()
@@ -252,7 +254,7 @@ class EdgeLimiter:
             probe = self._start_probe()
             try:
                 ends = await shared.get_expiry(key)
-            except BACKEND_ERRORS as exc:
+            except backend_errors() as exc:
                 self._backend_failed(exc)
             else:
                 self._answered()
@@ -306,6 +308,7 @@ def build_edge(settings: EdgeSettings, redis_url: str | None, metrics: EdgeMetri
     if redis_url is None or settings.storage == "memory":
         return EdgeLimiter(settings, metrics), None
     from app.edge.redis_storage import RedisWindows
+    from app.enforcement.redis_limiter import build_redis  # redis: only when configured
 
     client = build_redis(redis_url)
     return EdgeLimiter(settings, metrics, shared=RedisWindows(client, settings.redis_prefix)), client

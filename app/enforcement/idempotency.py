@@ -14,12 +14,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
-from redis.asyncio import Redis
 
 from app.errors import IdempotencyConflict, IdempotencyInProgress
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 TTL_S = 24 * 3600
 # A claim outlives its request only by this much: an instance that dies mid-run does not block the

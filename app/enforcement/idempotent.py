@@ -6,18 +6,21 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from app.auth.principal import Principal
 from app.enforcement.idempotency import IdempotencyStore, StoredResponse, fingerprint
 from app.errors import AppError, IdempotencyUnavailable, InvalidRequest
+from app.redis_errors import redis_errors
 
 log = logging.getLogger(__name__)
 
+
 # A shared store (Redis) that fails: never a 500, and never an answer lost for lack of bookkeeping.
-STORE_ERRORS = (RedisError, OSError, TimeoutError)
+def store_errors() -> tuple[type[BaseException], ...]:
+    return redis_errors(OSError, TimeoutError)
+
 
 _WELL_FORMED = re.compile(r"^[\x21-\x7e]{1,255}$")
 # Headers worth replaying; the rest (date, request id, lengths) belong to the new response.
@@ -41,7 +44,7 @@ async def run_once(
             f"{principal.key_id}:{idempotency_key}",
             fingerprint(request.method, request.url.path, await request.body()),
         )
-    except STORE_ERRORS:
+    except store_errors():
         raise IdempotencyUnavailable("Idempotency keys cannot be checked right now.", retry_after=1.0) from None
     if isinstance(claimed, StoredResponse):
         headers = {**claimed.headers, "Idempotent-Replayed": "true"}
@@ -64,7 +67,7 @@ async def run_once(
     kept = {name: response.headers[name] for name in _REPLAYED if name in response.headers}
     try:
         await store.complete(claimed, StoredResponse(response.status_code, kept, bytes(response.body)))
-    except STORE_ERRORS:
+    except store_errors():
         # The answer was given; not keeping it only means a repeat would run again.
         log.warning("idempotency: could not keep the response for %s", idempotency_key)
         await _quietly(store.abandon(claimed))
@@ -74,5 +77,5 @@ async def run_once(
 async def _quietly(operation: Awaitable[None]) -> None:
     try:
         await operation
-    except STORE_ERRORS:
+    except store_errors():
         log.warning("idempotency: the store did not answer; the claim expires by itself")

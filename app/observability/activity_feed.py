@@ -13,14 +13,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from app.audit.repository import AuditRepository
 from app.observability.activity import Activity
 from app.observability.activity_merge import instance_report, merge
+from app.redis_errors import redis_errors
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
     from app.resources import Resources
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class ActivityFeed:
             self._runner = None
         if self._redis is not None:
             # Gone at once from the others' instance count, rather than after STALE_S.
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            with contextlib.suppress(*redis_errors(OSError, TimeoutError)):
                 async with asyncio.timeout(REDIS_TIMEOUT_S):
                     await self._redis.hdel(INSTANCES_KEY, self.activity.instance_id)
 
@@ -242,7 +243,7 @@ class ActivityFeed:
                 pipe.hgetall(INSTANCES_KEY)
                 pipe.hgetall(cost_key)
                 *_, instances, costs = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except redis_errors(OSError, TimeoutError) as exc:
             if not self._redis_down:
                 log.warning("activity feed: Redis unavailable (%s); snapshots show this instance only", exc)
                 self._redis_down = True
@@ -265,7 +266,7 @@ class ActivityFeed:
             elif age <= STALE_S:
                 reports.append(other)
         if forgotten:
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            with contextlib.suppress(*redis_errors(OSError, TimeoutError)):
                 async with asyncio.timeout(REDIS_TIMEOUT_S):
                     await self._redis.hdel(INSTANCES_KEY, *forgotten)
         cost_today = {_text(model): float(value) for model, value in costs.items()}

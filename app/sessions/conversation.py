@@ -9,11 +9,9 @@ from dataclasses import dataclass
 from app.agent.events import SessionOutcome
 from app.agent.runner import History, TaskSpec
 from app.config import Settings
-from app.enforcement.redis_limiter import build_redis
 from app.sessions.base import Appended, SessionKey, SessionStore, encode_turn, turn_messages, turn_tokens
 from app.sessions.memory import MemorySessionStore
 from app.sessions.metrics import SessionMetrics
-from app.sessions.redis_store import RedisSessionStore
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +107,9 @@ async def start_conversations(
     if url is None:
         store = MemorySessionStore(sessions, metrics)
     else:
+        from app.enforcement.redis_limiter import build_redis  # redis: only when configured
+        from app.sessions.redis_store import RedisSessionStore
+
         store = RedisSessionStore(build_redis(url, timeout_s=sessions.redis_timeout_s), sessions, metrics)
     await store.start()
     stack.push_async_callback(store.aclose)

@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from app.redis_errors import redis_errors
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class CancelBus:
                         if message is not None and isinstance(message.get("data"), bytes | str):
                             data = message["data"]
                             self._cancel_here(data.decode() if isinstance(data, bytes) else data)
-            except (RedisError, OSError) as exc:
+            except redis_errors(OSError) as exc:
                 if not down:
                     # Cancels sent meanwhile from other instances are lost; the lease sweep still ends
                     # tasks whose instance dies, and a cancel sent to this instance works regardless.

@@ -17,7 +17,6 @@ import aiohttp
 import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
-from jsonschema import Draft202012Validator
 
 from app.config import HttpToolSettings, env_value
 from app.middleware import request_id_var
@@ -35,6 +34,8 @@ class HttpTool(Tool):
         self.timeout_s = settings.timeout_s
         self._settings = settings
         self._session = session
+        from jsonschema import Draft202012Validator  # 3 MB of modules: only with an HTTP tool configured
+
         self._validator = Draft202012Validator(settings.parameters)
         self._origin = _origin(settings.url)
         # Secrets come from the environment, read once at startup, and never appear in the schema.
