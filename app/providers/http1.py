@@ -1,0 +1,266 @@
+"""A lean HTTP/1.1 client for one request and its whole answer: the non-streamed upstream call.
+
+aiohttp's ClientSession.request was a fifth of the chat route's CPU per request (py-spy, JSON at
+concurrency 64): URL and header objects, cookie jar, tracing hooks, timer contexts and a
+ClientRequest/ClientResponse pair for every call. A completion that is read whole needs much less:
+a pooled keep-alive connection, one write, and httptools (uvicorn's own C parser) reading the
+answer. Streams stay on aiohttp (app/providers/openai.py).
+
+The same contract as the aiohttp call it replaces: a connect timeout, a read timeout between bytes,
+the pool's size, keep-alive (an idle connection is reused, closed after `keepalive_s`), and a
+connection that did not end its answer (cancelled, timed out, failed) is closed, never reused, so
+the upstream stops. As aiohttp does for a POST, a request is never sent twice: a kept-alive
+connection the upstream closes as the request goes out fails the call (ModelCall's retry policy
+decides what happens next).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+import httptools
+
+
+class UpstreamConnectionError(ConnectionError):
+    """The connection was lost, or the answer malformed, before the answer was complete."""
+
+
+class ConnectTimeout(TimeoutError):
+    """No connection within the connect timeout."""
+
+
+class Answer:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+
+class _Connection(asyncio.Protocol):
+    __slots__ = (
+        "_body",
+        "_done",
+        "_header",
+        "_headers",
+        "_parser",
+        "_read_timeout",
+        "_timer",
+        "closed",
+        "idle_since",
+        "received",
+        "transport",
+    )
+
+    def __init__(self, read_timeout: float | None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.received = False
+        self._read_timeout = read_timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._done: asyncio.Future[Answer] | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self._body: list[bytes] = []
+        self._headers: dict[str, str] = {}
+        self._header = b""
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's is no asyncio.Transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        parser = self._parser
+        if parser is None:  # bytes nobody asked for: the connection cannot be trusted any more
+            self.close()
+            return
+        self._rearm()
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamConnectionError(f"malformed response: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(UpstreamConnectionError("the connection was closed before the response ended"))
+
+    # httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        parser, done = self._parser, self._done
+        assert parser is not None and done is not None
+        self._cancel_timer()
+        keep = parser.should_keep_alive()
+        self._parser = None
+        if not done.done():
+            done.set_result(Answer(parser.get_status_code(), self._headers, b"".join(self._body)))
+        if not keep:
+            self.close()
+
+    # requests
+
+    async def exchange(self, request: bytes) -> Answer:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Answer] = loop.create_future()
+        self._done = done
+        self._parser = httptools.HttpResponseParser(self)
+        self._body, self._headers, self.received = [], {}, False
+        self.transport.write(request)
+        self._rearm()
+        try:
+            return await done
+        finally:
+            self._done = None
+            if not done.done() or done.cancelled() or done.exception() is not None:
+                self.close()  # an answer not read to its end: the connection goes, the upstream stops
+
+    def _rearm(self) -> None:
+        if self._read_timeout is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(self._read_timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._fail(TimeoutError())
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(exc)
+        self.close()
+
+    def close(self) -> None:
+        self._cancel_timer()
+        self._parser = None
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+
+class Http1Pool:
+    """Keep-alive connections to one origin (scheme, host, port), at most `limit` at once."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        limit: int,
+        connect_timeout: float | None,
+        read_timeout: float | None,
+        keepalive_s: float = 30.0,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url}")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.base_path = parts.path.rstrip("/")
+        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        default_port = self.port == (443 if parts.scheme == "https" else 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self._host_header = (host if default_port else f"{host}:{self.port}").encode("latin-1")
+        self._limit = limit
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._keepalive_s = keepalive_s
+        self._idle: deque[_Connection] = deque()
+        self._open = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    def head(self, path: str, headers: Mapping[str, str], body: bytes) -> bytes:
+        lines = [b"POST ", (self.base_path + path).encode("latin-1"), b" HTTP/1.1\r\nHost: ", self._host_header]
+        for name, value in headers.items():
+            lines += (b"\r\n", name.encode("latin-1"), b": ", value.encode("latin-1"))
+        lines += (b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n\r\n", body)
+        return b"".join(lines)
+
+    async def post(self, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
+        """POST `body` and read the whole answer; UpstreamConnectionError or TimeoutError when it fails."""
+        request = self.head(path, headers, body)
+        connection = await self._acquire()
+        try:
+            return await connection.exchange(request)
+        finally:
+            self._release(connection)
+
+    async def _acquire(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._idle:
+            connection = self._idle.pop()  # the most recently used: the likeliest to be alive
+            if not connection.closed and now - connection.idle_since < self._keepalive_s:
+                return connection
+            connection.close()
+            self._open -= 1
+        while self._open >= self._limit:
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            if self._idle:
+                return await self._acquire()
+        self._open += 1
+        try:
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    _transport, connection = await loop.create_connection(
+                        lambda: _Connection(self._read_timeout),
+                        self.host,
+                        self.port,
+                        ssl=self._ssl,
+                        server_hostname=self.host if self._ssl is not None else None,
+                    )
+            except TimeoutError:
+                raise ConnectTimeout() from None
+        except BaseException:
+            self._open -= 1
+            self._wake()
+            raise
+        return connection
+
+    def _release(self, connection: _Connection) -> None:
+        if connection.closed or self._closed:
+            connection.close()
+            self._open -= 1
+        else:
+            connection.idle_since = asyncio.get_running_loop().time()
+            self._idle.append(connection)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+            self._open -= 1

@@ -1,0 +1,167 @@
+"""The lean HTTP/1.1 pool of non-streamed upstream calls (app/providers/http1.py), against small test servers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from app.providers.http1 import ConnectTimeout, Http1Pool, UpstreamConnectionError
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
+
+
+class Server:
+    def __init__(self) -> None:
+        self.connections = 0
+        self.closed = asyncio.Event()
+        self.requests: list[bytes] = []
+
+    async def start(self, handler: Handler) -> str:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await handler(reader, writer)
+            finally:
+                writer.close()
+                self.closed.set()
+
+        self._server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    started = Server()
+    yield started
+    if hasattr(started, "_server"):
+        started._server.close()
+
+
+def pool(url: str, **kwargs: float) -> Http1Pool:
+    return Http1Pool(url, limit=int(kwargs.pop("limit", 10)), connect_timeout=5, read_timeout=kwargs.pop("read", 10))
+
+
+async def test_keeps_the_connection_alive_and_sends_the_request_as_given(server: Server) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head, body = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            server.requests.append(head + body)
+            answer = b'{"n": %d}' % len(server.requests)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Thing: yes\r\n\r\n" % len(answer) + answer)
+
+    client = pool(await server.start(echo))
+    for n in (1, 2, 3):
+        answer = await client.post("/chat/completions", {"X-Request-ID": "abc"}, b'{"q": 1}')
+        assert (answer.status, answer.body, answer.headers["x-thing"]) == (200, b'{"n": %d}' % n, "yes")
+    assert server.connections == 1
+    first = server.requests[0]
+    assert first.startswith(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert b"\r\nX-Request-ID: abc\r\n" in first and b"\r\nContent-Length: 8\r\n" in first
+    assert first.endswith(b'\r\n\r\n{"q": 1}')
+    client.close()
+
+
+async def test_a_chunked_answer_and_connection_close(server: Server) -> None:
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\nConnection: close\r\nRetry-After: 2\r\n\r\n")
+        writer.write(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # until the client closes
+
+    client = pool(await server.start(chunked))
+    answer = await client.post("/chat/completions", {}, b"{}")
+    assert (answer.status, answer.body, answer.headers["retry-after"]) == (503, b"hello world", "2")
+    await server.closed.wait()  # the client closed it, as the answer asked
+    await client.post("/chat/completions", {}, b"{}")
+    assert server.connections == 2
+
+
+async def test_a_connection_lost_mid_answer_fails_and_is_not_reused(server: Server) -> None:
+    async def torn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{partial")
+        await writer.drain()
+
+    client = pool(await server.start(torn))
+    with pytest.raises(UpstreamConnectionError):
+        await client.post("/chat/completions", {}, b"{}")
+    with pytest.raises(UpstreamConnectionError):
+        await client.post("/chat/completions", {}, b"{}")
+    assert server.connections == 2
+
+
+async def test_silence_past_the_read_timeout_fails_and_closes_the_connection(server: Server) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await reader.read()  # never answers; returns when the client closes
+
+    client = pool(await server.start(silent), read=0.2)
+    with pytest.raises(TimeoutError) as caught:
+        await client.post("/chat/completions", {}, b"{}")
+    assert not isinstance(caught.value, ConnectTimeout)
+    await server.closed.wait()
+
+
+async def test_a_cancelled_call_closes_its_connection_so_the_upstream_stops(server: Server) -> None:
+    received = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        received.set()
+        await reader.read()
+
+    client = pool(await server.start(slow))
+    call = asyncio.create_task(client.post("/chat/completions", {}, b"{}"))
+    await received.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await server.closed.wait()
+    assert client._open == 0
+
+
+async def test_a_refused_connection_is_an_os_error() -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    with pytest.raises(ConnectionRefusedError):
+        await pool(f"http://127.0.0.1:{port}/v1").post("/chat/completions", {}, b"{}")
+
+
+async def test_the_pool_opens_no_more_connections_than_its_limit(server: Server) -> None:
+    gate = asyncio.Event()
+
+    async def gated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            await gate.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+    client = pool(await server.start(gated), limit=2)
+    calls = [asyncio.create_task(client.post("/chat/completions", {}, b"{}")) for _ in range(6)]
+    while server.connections < 2:
+        await asyncio.sleep(0.01)
+    gate.set()
+    answers = await asyncio.gather(*calls)
+    assert [a.status for a in answers] == [200] * 6
+    assert server.connections == 2
