@@ -5,10 +5,12 @@
 Starts the fake upstream (tests/fakes/upstream.py), a redis-server of its own and two Pacemaker
 servers on the same settings (SQLite in a temporary directory each, limits in that Redis, as more
 than one worker requires, and server.metrics off, which it requires too): one `serve --workers 1`,
-one `serve --workers 2`. Both run throughout; the closed-loop load (benchmarks/loadgen.py: asyncio
-+ aiohttp on uvloop, in this process) drives one at a time, POST /v1/chat/completions at
-concurrency 64, in paired rounds (1 worker then 2 workers, the order alternating each round), so
-that every ratio compares two runs close in time.
+one `serve --workers 2`; and, as the reference, the bare aiohttp proxy (benchmarks/bare_proxy.py)
+under uvicorn with 1 and with 2 workers: what a second worker costs any Python proxy here. All
+run throughout; the closed-loop load (benchmarks/loadgen.py: asyncio + aiohttp on uvloop, in this
+process) drives one at a time, POST /v1/chat/completions at concurrency 64, in paired rounds (1
+worker and 2 workers back to back, the order alternating each round), so that every ratio
+compares two runs close in time.
 
 Server CPU is the user+system time of every process of that server (uvicorn's supervisor and its
 workers, psutil children) over the measured window, divided by the requests completed in it. The
@@ -16,6 +18,9 @@ check: the median over rounds of each pair's ratio, CPU per request with 2 worke
 <= 1.10. Nothing is pinned: two workers need both of this machine's CPUs, which they share with
 the load generator and the fake upstream, so the req/s say what the machine does, not what two
 cores of server would.
+
+Before the rounds it waits for other benchmarks to finish (--no-wait: not), and measures each
+server's CPU while idle (its own timers, paid whatever the load; twice with two workers).
 
 --smoke runs one short round (seconds; figures mean nothing). Either way the exit status is 1 if a
 row is missing, had a failed request, or has a figure that could not be computed. Everything
@@ -27,10 +32,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +49,7 @@ import psutil
 from benchmarks.harness import (
     HOST,
     Child,
+    child_env,
     clean_up,
     exit_status,
     fmt,
@@ -53,6 +61,7 @@ from benchmarks.harness import (
     start_redis,
     terminate_on_sigterm,
     verdict,
+    wait_for_quiet_machine,
     write_config,
 )
 from benchmarks.loadgen import Window, closed_loop, first_request
@@ -61,6 +70,7 @@ PATH = "/v1/chat/completions"
 MODEL = "fake-model"
 CONCURRENCY = 64
 CPU_RATIO_TARGET = 1.10
+IDLE_S = 5.0  # idle CPU of each server (timers of its own: load shedder, feeds, leases) over this long
 BODY = orjson.dumps(
     {
         "model": MODEL,
@@ -144,15 +154,50 @@ def start_pacemaker(
     return server, key
 
 
+def bare_app() -> Any:
+    """`uvicorn --factory benchmarks.workers:bare_app`: the bare proxy (benchmarks/bare_proxy.py) on $BARE_UPSTREAM."""
+    from benchmarks.bare_proxy import create_app
+
+    return create_app(os.environ["BARE_UPSTREAM"])
+
+
+def start_bare(workdir: Path, workers: int, upstream_port: int, children: list[Child]) -> Server:
+    """The bare aiohttp proxy under uvicorn with N workers: how much a second worker costs any Python proxy here."""
+    port = free_port()
+    args = [sys.executable, "-m", "uvicorn", "--factory", "benchmarks.workers:bare_app", "--host", HOST]
+    args += ["--port", str(port), "--workers", str(workers), "--loop", "uvloop", "--http", "httptools"]
+    args += ["--no-access-log", "--log-level", "warning"]
+    env = child_env(BARE_UPSTREAM=f"http://{HOST}:{upstream_port}/v1")
+    name = f"bare proxy, {workers} worker{'s' if workers > 1 else ''}"
+    server = Server(name, args, env, workdir / f"bare-{workers}.log", port)
+    server.workers = workers
+    children.append(server)
+    server.wait_for_port()
+    return server
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str  # "pacemaker" or "bare"
+    label: str
+    server: Server
+    headers: dict[str, str]
+
+    @property
+    def workers(self) -> int:
+        return self.server.workers
+
+
 @dataclass(kw_only=True)
 class Result(Window):
-    workers: int
+    target: Target
     round_no: int
 
 
-async def wait_for_workers(server: Server, key: str) -> None:
+async def wait_for_workers(target: Target) -> None:
     """Until every worker has started (uvicorn opens the port before they all serve) and answers."""
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    server = target.server
+    headers = {"Content-Type": "application/json", **target.headers}
     url = f"http://{HOST}:{server.port}{PATH}"
     for _ in range(600):
         if len(server.worker_pids()) >= server.workers or server.workers == 1:
@@ -163,73 +208,102 @@ async def wait_for_workers(server: Server, key: str) -> None:
         await first_request(server.name, url, BODY, headers, valid, server)
 
 
-async def run_load(
-    server: Server, key: str, round_no: int, warmup_s: float, seconds: float, children: Sequence[Child]
-) -> Result:
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    run = Result(workers=server.workers, round_no=round_no)
-    url = f"http://{HOST}:{server.port}{PATH}"
-    return await closed_loop(run, url, BODY, headers, valid, CONCURRENCY, warmup_s, seconds, server, children)
+async def run_load(target: Target, round_no: int, warmup_s: float, seconds: float, children: Sequence[Child]) -> Result:
+    headers = {"Content-Type": "application/json", **target.headers}
+    run = Result(target=target, round_no=round_no)
+    url = f"http://{HOST}:{target.server.port}{PATH}"
+    return await closed_loop(run, url, BODY, headers, valid, CONCURRENCY, warmup_s, seconds, target.server, children)
 
 
-def render(results: Sequence[Result], args: argparse.Namespace) -> tuple[str, float]:
+def idle_cpu(targets: Sequence[Target], seconds: float) -> dict[tuple[str, int], float]:
+    """Each server's CPU while nothing is sent, in ms per second, measured side by side."""
+    before = {(t.key, t.workers): t.server.cpu_seconds() for t in targets}
+    time.sleep(seconds)
+    return {(t.key, t.workers): (t.server.cpu_seconds() - before[(t.key, t.workers)]) * 1000 / seconds for t in targets}
+
+
+def ratios_of(results: Sequence[Result], key: str) -> list[float]:
+    """Per round: CPU per request with 2 workers / with 1, for one target."""
     by_round: dict[int, dict[int, Result]] = {}
     for r in results:
-        by_round.setdefault(r.round_no, {})[r.workers] = r
+        if r.target.key == key:
+            by_round.setdefault(r.round_no, {})[r.target.workers] = r
+    ratios = []
+    for _round_no, pair in sorted(by_round.items()):
+        one, two = pair.get(1), pair.get(2)
+        if one and two and one.server_cpu_ms_per_request:
+            ratios.append(two.server_cpu_ms_per_request / one.server_cpu_ms_per_request)
+        else:
+            ratios.append(float("nan"))
+    return ratios
+
+
+def median(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else float("nan")
+
+
+def render(
+    results: Sequence[Result], args: argparse.Namespace, idle: dict[tuple[str, int], float], idle_s: float
+) -> tuple[str, float]:
     cpus = len(os.sched_getaffinity(0))
     lines = [
         f"### `pacemaker serve --workers 2` vs one worker: POST {PATH}, JSON c={CONCURRENCY}",
         "",
         f"{cpus} CPUs for the servers, the load generator and the fake upstream together (nothing pinned);"
-        f" limits in Redis and /metrics off for both (what more than one worker needs); {args.warmup:g} s warm-up"
-        f" + {args.seconds:g} s measured per row, {args.rounds} paired round{'s' if args.rounds > 1 else ''}.",
+        " Pacemaker with limits in Redis and /metrics off for both (what more than one worker needs), and the bare"
+        f" aiohttp proxy under uvicorn as the reference; {args.warmup:g} s warm-up + {args.seconds:g} s measured per"
+        f" row, {args.rounds} round{'s' if args.rounds > 1 else ''} (each: every row once, 1 and 2 workers"
+        " back to back, the order alternating).",
         "",
-        "| round | workers | req/s | p50 ms | p99 ms | server CPU ms/req | server CPU % | loadgen CPU % |"
+        "| round | target | workers | req/s | p50 ms | p99 ms | server CPU ms/req | server CPU % | loadgen CPU % |"
         " other CPU % | errors | CPU/req 2w / 1w |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    ratios: list[float] = []
-    for round_no, pair in sorted(by_round.items()):
-        one, two = pair.get(1), pair.get(2)
-        ratio = (
-            two.server_cpu_ms_per_request / one.server_cpu_ms_per_request
-            if one and two and one.server_cpu_ms_per_request
-            else float("nan")
+    ratios = {key: ratios_of(results, key) for key in ("pacemaker", "bare")}
+    for r in sorted(results, key=lambda r: (r.round_no, r.target.key != "pacemaker", r.target.workers)):
+        per_round = ratios[r.target.key]
+        ratio = per_round[r.round_no - 1] if r.target.workers == 2 and r.round_no <= len(per_round) else None
+        lines.append(
+            f"| {r.round_no} | {r.target.label} | {r.target.workers} | {fmt(r.rps, 0)} | {fmt(r.percentile(50))}"
+            f" | {fmt(r.percentile(99))} | {fmt(r.server_cpu_ms_per_request, 3)}"
+            f" | {fmt(100 * r.server_cpu_s / r.window_s, 0)} | {fmt(100 * r.loadgen_cpu_s / r.window_s, 0)}"
+            f" | {fmt(100 * r.other_cpu_s / r.window_s, 0)} | {sum(r.errors.values())}"
+            f" | {'' if ratio is None else fmt(ratio, 3)} |"
         )
-        ratios.append(ratio)
-        for r in (one, two):
-            if r is None:
-                continue
-            lines.append(
-                f"| {round_no} | {r.workers} | {fmt(r.rps, 0)} | {fmt(r.percentile(50))} | {fmt(r.percentile(99))}"
-                f" | {fmt(r.server_cpu_ms_per_request, 3)} | {fmt(100 * r.server_cpu_s / r.window_s, 0)}"
-                f" | {fmt(100 * r.loadgen_cpu_s / r.window_s, 0)} | {fmt(100 * r.other_cpu_s / r.window_s, 0)}"
-                f" | {sum(r.errors.values())} | {fmt(ratio, 3) if r is two else ''} |"
-            )
 
-    def median_of(workers: int, figure: str) -> float:
-        values = [getattr(pair[workers], figure) for pair in by_round.values() if workers in pair]
-        return statistics.median(values) if values else float("nan")
+    def median_of(key: str, workers: int, figure: str) -> float:
+        return median([getattr(r, figure) for r in results if r.target.key == key and r.target.workers == workers])
 
-    finite = [r for r in ratios if r == r]
-    ratio = statistics.median(finite) if finite else float("nan")
-    spread = f"{min(finite):.3f}-{max(finite):.3f}" if finite else "n/a"
-    rps1, rps2 = median_of(1, "rps"), median_of(2, "rps")
-    cpu1, cpu2 = median_of(1, "server_cpu_ms_per_request"), median_of(2, "server_cpu_ms_per_request")
-    other = statistics.median(100 * r.other_cpu_s / r.window_s for r in results) if results else float("nan")
+    def spread(values: Sequence[float]) -> str:
+        finite = [v for v in values if math.isfinite(v)]
+        return f"{min(finite):.3f}-{max(finite):.3f}" if finite else "n/a"
+
+    ratio, bare_ratio = median(ratios["pacemaker"]), median(ratios["bare"])
+    rps = {(k, w): median_of(k, w, "rps") for k in ("pacemaker", "bare") for w in (1, 2)}
+    cpu = {(k, w): median_of(k, w, "server_cpu_ms_per_request") for k in ("pacemaker", "bare") for w in (1, 2)}
+    other = median([100 * r.other_cpu_s / r.window_s for r in results])
+    nan = float("nan")
     lines += [
         "",
-        "Server CPU % is of one core, summed over the server's processes. Other CPU % is busy time of the machine"
-        " outside this benchmark during the row (other benchmarks): rows with much of it are noise.",
+        "Server CPU % is of one core, summed over the server's processes (uvicorn's supervisor and its workers)."
+        " Other CPU % is busy time of the machine outside this benchmark during the row (other benchmarks): rows"
+        " with much of it are noise.",
         "",
         "| check | measured | target | verdict |",
         "|---|---:|---|---|",
-        f"| CPU per request, 2 workers / 1 worker (median of the rounds' ratios; rounds {spread}) | {fmt(ratio, 3)}"
-        f" | <= {CPU_RATIO_TARGET:.2f} | {verdict(ratio <= CPU_RATIO_TARGET)} |",
-        f"| server CPU per request, 1 worker / 2 workers (medians) | {fmt(cpu1, 3)} / {fmt(cpu2, 3)} ms | (info) | |",
-        f"| req/s, 1 worker / 2 workers (medians) | {fmt(rps1, 0)} / {fmt(rps2, 0)} | (info) | |",
-        f"| req/s, 2 workers / 1 worker | {fmt(rps2 / rps1 if rps1 else float('nan'))} | (info) | |",
+        f"| CPU per request, 2 workers / 1 worker (median of the rounds' ratios; rounds {spread(ratios['pacemaker'])})"
+        f" | {fmt(ratio, 3)} | <= {CPU_RATIO_TARGET:.2f} | {verdict(ratio <= CPU_RATIO_TARGET)} |",
+        f"| the same for the bare proxy (rounds {spread(ratios['bare'])}) | {fmt(bare_ratio, 3)} | (info) | |",
+        f"| Pacemaker's server CPU per request, 1 worker / 2 workers (medians) | {fmt(cpu['pacemaker', 1], 3)}"
+        f" / {fmt(cpu['pacemaker', 2], 3)} ms | (info) | |",
+        f"| Pacemaker's req/s, 1 worker / 2 workers (medians) | {fmt(rps['pacemaker', 1], 0)}"
+        f" / {fmt(rps['pacemaker', 2], 0)} | (info) | |",
+        f"| bare proxy's req/s, 1 worker / 2 workers (medians) | {fmt(rps['bare', 1], 0)}"
+        f" / {fmt(rps['bare', 2], 0)} | (info) | |",
         f"| other CPU on the machine during the rows (median) | {fmt(other, 0)} % | (info) | |",
+        f"| Pacemaker's idle CPU, 1 worker / 2 workers ({idle_s:g} s, nothing sent)"
+        f" | {fmt(idle.get(('pacemaker', 1), nan))} / {fmt(idle.get(('pacemaker', 2), nan))} ms/s | (info) | |",
     ]
     failed = sum(sum(r.errors.values()) for r in results)
     if failed:
@@ -238,12 +312,16 @@ def render(results: Sequence[Result], args: argparse.Namespace) -> tuple[str, fl
 
 
 def problems(results: Sequence[Result], args: argparse.Namespace, ratio: float) -> list[str]:
-    found = [p for r in results for p in r.problems(f"round {r.round_no}, {r.workers} workers")]
-    seen = {(r.round_no, r.workers) for r in results}
+    found = [p for r in results for p in r.problems(f"round {r.round_no}, {r.target.label}")]
+    seen = {(r.round_no, r.target.key, r.target.workers) for r in results}
     found += [
-        f"round {n}, {w} workers: no figures" for n in range(1, args.rounds + 1) for w in (1, 2) if (n, w) not in seen
+        f"round {n}, {key}, {w} workers: no figures"
+        for n in range(1, args.rounds + 1)
+        for key in ("pacemaker", "bare")
+        for w in (1, 2)
+        if (n, key, w) not in seen
     ]
-    if ratio != ratio:
+    if not math.isfinite(ratio):
         found.append("the CPU-per-request ratio could not be computed")
     return found
 
@@ -254,6 +332,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each row (default 1)")
     parser.add_argument("--rounds", type=int, default=5, help="paired rounds (default 5)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
+    parser.add_argument("--no-wait", action="store_true", help="do not wait for other benchmarks to finish first")
     parser.add_argument("--smoke", action="store_true", help="seconds: one short round")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -268,30 +347,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pacemaker-workers-"))
     children: list[Child] = []
     results: list[Result] = []
+    ratio = float("nan")
     try:
         with terminate_on_sigterm(), asyncio.Runner(loop_factory=new_loop) as runner:
             log(f"starting servers in {workdir}")
             fake = start_fake_upstream(workdir, children)
             redis = start_redis(workdir, children)
-            servers = {n: start_pacemaker(workdir, n, fake.port, redis.port, children) for n in (1, 2)}
-            for server, key in servers.values():
-                runner.run(wait_for_workers(server, key))
-            log(f"2-worker server: supervisor {servers[2][0].popen.pid}, workers {servers[2][0].worker_pids()}")
+            targets: list[Target] = []
+            for workers in (1, 2):
+                server, key = start_pacemaker(workdir, workers, fake.port, redis.port, children)
+                targets.append(Target("pacemaker", "Pacemaker", server, {"Authorization": f"Bearer {key}"}))
+            for workers in (1, 2):
+                targets.append(Target("bare", "bare proxy", start_bare(workdir, workers, fake.port, children), {}))
+            for target in targets:
+                runner.run(wait_for_workers(target))
+            if not (args.smoke or args.no_wait):
+                wait_for_quiet_machine()
+            idle_s = 1.0 if args.smoke else IDLE_S
+            log(f"idle CPU over {idle_s:g} s...")
+            idle = idle_cpu(targets, idle_s)
             for round_no in range(1, args.rounds + 1):
-                order = (1, 2) if round_no % 2 else (2, 1)
-                for workers in order:
-                    server, key = servers[workers]
-                    log(f"round {round_no}/{args.rounds}  {workers} worker(s) ...")
-                    result = runner.run(run_load(server, key, round_no, args.warmup, args.seconds, children))
-                    results.append(result)
-                    log(
-                        f"{'':20} {result.rps:,.0f} req/s, p50 {result.percentile(50):.2f} ms,"
-                        f" {result.server_cpu_ms_per_request:.3f} server CPU ms/req,"
-                        f" other CPU {100 * result.other_cpu_s / result.window_s:.0f} %"
-                    )
-                    for error, count in result.errors.most_common(3):
-                        log(f"{'':20} {count} x {error}")
-            table, ratio = render(results, args)
+                for key in ("pacemaker", "bare"):
+                    pair = [t for t in targets if t.key == key]
+                    for target in pair if round_no % 2 else reversed(pair):
+                        log(f"round {round_no}/{args.rounds}  {target.label}, {target.workers} worker(s) ...")
+                        result = runner.run(run_load(target, round_no, args.warmup, args.seconds, children))
+                        results.append(result)
+                        log(
+                            f"{'':20} {result.rps:,.0f} req/s, p50 {result.percentile(50):.2f} ms,"
+                            f" {result.server_cpu_ms_per_request:.3f} server CPU ms/req,"
+                            f" other CPU {100 * result.other_cpu_s / result.window_s:.0f} %"
+                        )
+                        for error, count in result.errors.most_common(3):
+                            log(f"{'':20} {count} x {error}")
+            table, ratio = render(results, args, idle, idle_s)
             print(table)
     except KeyboardInterrupt:
         log("interrupted")
