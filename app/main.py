@@ -44,6 +44,8 @@ class PacemakerApp(FastAPI):
 
     def build_middleware_stack(self) -> ASGIApp:
         stack = super().build_middleware_stack()
+        if not self.settings.server.chat_fast_path:
+            return stack
         # The route object the router puts in scope["route"] (its template names the audit row and the metrics).
         chat = next(
             route

@@ -17,7 +17,7 @@ from decimal import Decimal
 from starlette.types import Scope
 
 from app.audit.context import AuditContext
-from app.auth.principal import Principal
+from app.auth.principal import KeyLimits, Principal
 from app.config import LimitSettings
 from app.drain import new_work_refused
 from app.enforcement.breaker import BreakerRegistry, CircuitBreaker
@@ -43,6 +43,7 @@ Sleep = Callable[[float], Awaitable[None]]
 # A state seeded, then gone again before the admit that follows (evicted, a period just ended):
 # seeding is tried this many times before the request is refused as retryable.
 SEED_ATTEMPTS = 2
+_SPECS_CACHED = 4096  # distinct key limits whose spec is kept
 
 
 class Enforcer:
@@ -70,9 +71,20 @@ class Enforcer:
         self.draining: Callable[[], bool] | None = None
         # Set by the lifespan: load shedding's refusal while the instance is overloaded (app/overload.py).
         self.overloaded: Callable[[], AppError | None] | None = None
+        self._specs: dict[KeyLimits, LimitSpec] = {}
 
     def spec_for(self, principal: Principal) -> LimitSpec:
-        own, default = principal.limits, self.defaults
+        # Keys' limits are frozen and few: each one's spec is made once (a hot route asks twice per request).
+        own = principal.limits
+        spec = self._specs.get(own)
+        if spec is None:
+            if len(self._specs) >= _SPECS_CACHED:
+                self._specs.clear()
+            spec = self._specs[own] = self._spec_of(own)
+        return spec
+
+    def _spec_of(self, own: KeyLimits) -> LimitSpec:
+        default = self.defaults
         period = own.budget_period if own.budget_usd is not None else default.budget_period
         return LimitSpec(
             rpm=own.rpm if own.rpm is not None else default.rpm,

@@ -33,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from prometheus_client.metrics import Counter
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.audit.context import AuditContext, audit_var
@@ -205,7 +205,7 @@ class ChatFastPath:
             scope["endpoint"] = chat_completions
             scope["path_params"] = {}
             try:
-                response = await _handle(Request(scope, counting_receive))
+                response = await _handle(_Request(scope, counting_receive))
                 await response(scope, counting_receive, send_fused)
             except _BodyTooLarge:
                 if started:
@@ -239,6 +239,28 @@ class ChatFastPath:
             counter = self._by_class[status // 100] = self._requests.labels("POST", self.route.path, status_class)
         counter.inc()
         self._seconds.observe(seconds)
+
+
+class _Request(Request):
+    """Starlette's Request, its body read by a plain loop (its stream() is an async generator, which the
+    event loop registers and forgets for every request)."""
+
+    async def body(self) -> bytes:
+        if not hasattr(self, "_body"):
+            if self._stream_consumed:
+                raise RuntimeError("Stream consumed")
+            chunks: list[bytes] = []
+            while not self._stream_consumed:
+                message = await self._receive()
+                if message["type"] == "http.request":
+                    chunks.append(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        self._stream_consumed = True
+                elif message["type"] == "http.disconnect":
+                    self._is_disconnected = True
+                    raise ClientDisconnect()
+            self._body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return self._body
 
 
 async def _handle(request: Request) -> Any:
