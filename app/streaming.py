@@ -72,15 +72,13 @@ class EventStreamResponse(Response):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         queue: asyncio.Queue[bytes | object] = asyncio.Queue(maxsize=64)
         producer = asyncio.create_task(_produce(self.frames, queue))
+        # One timer for the pings, not a timeout around every wait for a frame (that was a timer
+        # armed and cancelled per write).
+        pinger = _Pinger(queue, self.ping_seconds)
         try:
             ended = False
             while not ended:
-                try:
-                    async with asyncio.timeout(self.ping_seconds):
-                        frame = await queue.get()
-                except TimeoutError:
-                    await send({"type": "http.response.body", "body": PING, "more_body": True})
-                    continue
+                frame = await queue.get()
                 # Whatever else is already waiting goes out in the same write: one ASGI message
                 # (and one pass through every middleware's send) for a burst of tokens.
                 batch: list[bytes] = []
@@ -92,13 +90,47 @@ class EventStreamResponse(Response):
                     frame = queue.get_nowait()
                 ended = frame is _END
                 if batch:
-                    await send({"type": "http.response.body", "body": b"".join(batch), "more_body": True})
+                    pinger.sent()
+                    body = batch[0] if len(batch) == 1 else b"".join(batch)
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
             producer.result()  # surface a producer failure, if any
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            pinger.stop()
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await producer
+
+
+class _Pinger:
+    """Queues a ping when nothing was sent for `seconds` (checked by one timer, re-armed as it fires)."""
+
+    __slots__ = ("_handle", "_last", "_loop", "_queue", "_seconds")
+
+    def __init__(self, queue: asyncio.Queue[bytes | object], seconds: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = queue
+        self._seconds = seconds
+        self._last = self._loop.time()
+        self._handle: asyncio.TimerHandle | None = self._loop.call_at(self._last + seconds, self._fire)
+
+    def sent(self) -> None:
+        self._last = self._loop.time()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        due = self._last + self._seconds
+        if now >= due:
+            if self._queue.empty():  # frames waiting are about to be sent: no ping needed
+                self._queue.put_nowait(PING)
+            self._last = now  # the ping is as good as sent: the next one after another quiet interval
+            due = now + self._seconds
+        self._handle = self._loop.call_at(due, self._fire)
 
 
 async def _produce(frames: AsyncGenerator[bytes, None], queue: asyncio.Queue[bytes | object]) -> None:

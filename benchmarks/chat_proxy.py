@@ -49,6 +49,7 @@ import platform
 import secrets
 import shutil
 import socket
+import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -338,7 +339,7 @@ def render(results: Sequence[Result], args: argparse.Namespace, pinning: bool) -
 
     checks: list[tuple[str, str, str, str]] = []
     for backend in args.backends:
-        checks += _checks(get, backend, args.tokens)
+        checks += _checks(get, backend, args.tokens, results)
     if checks:
         lines += ["| check | measured | target | verdict |", "|---|---:|---|---|"]
         lines += [f"| {name} | {value} | {target} | {outcome} |" for name, value, target, outcome in checks]
@@ -352,7 +353,21 @@ def render(results: Sequence[Result], args: argparse.Namespace, pinning: bool) -
     return "\n".join(lines) + "\n"
 
 
-def _checks(get: Any, backend: str, tokens: int) -> list[tuple[str, str, str, str]]:
+def paired_ratios(results: Sequence[Result], pm: tuple[str, str], bare: tuple[str, str]) -> list[float]:
+    """Per round, Pacemaker's CPU per event over the bare proxy's (rows of one round run minutes apart
+    at most, so a ratio within a round is steadier than one between the median rows)."""
+    by_round: dict[int, dict[tuple[str, str], Result]] = {}
+    for r in results:
+        by_round.setdefault(r.round_no, {})[(r.target.key, r.scenario.key)] = r
+    ratios = []
+    for rows in by_round.values():
+        a, b = rows.get(pm), rows.get(bare)
+        if a is not None and b is not None:
+            ratios.append(a.server_cpu_us_per_event / b.server_cpu_us_per_event)
+    return ratios
+
+
+def _checks(get: Any, backend: str, tokens: int, results: Sequence[Result]) -> list[tuple[str, str, str, str]]:
     """The checks of one Pacemaker backend against the bare proxy (and the upstream) of the same run."""
     key = pacemaker_key(backend)
     on = f" ({BACKENDS[backend]})" if BACKENDS[backend] else ""
@@ -379,13 +394,15 @@ def _checks(get: Any, backend: str, tokens: int) -> list[tuple[str, str, str, st
     bare = get("bare", "sse_long_c64")
     for scenario, route in (("sse_long_c64", "chat"), ("tasks_sse_c64", "tasks")):
         pm = get(key, scenario)
-        if pm and bare:
-            ratio = pm.server_cpu_us_per_event / bare.server_cpu_us_per_event
+        ratios = paired_ratios(results, (key, scenario), ("bare", "sse_long_c64"))
+        if pm and bare and ratios:
+            ratio = statistics.median(ratios)
+            spread = f" (rounds: {' / '.join(fmt(x) for x in ratios)})" if len(ratios) > 1 else ""
             checks.append(
                 (
                     f"server CPU per relayed event, {route} SSE c=64, {tokens} tokens: Pacemaker{on}"
-                    f" / bare proxy's chat SSE ({fmt(pm.server_cpu_us_per_event, 1)}"
-                    f" / {fmt(bare.server_cpu_us_per_event, 1)} us)",
+                    f" / bare proxy's chat SSE, median of the rounds' ratios{spread}; median rows"
+                    f" {fmt(pm.server_cpu_us_per_event, 1)} / {fmt(bare.server_cpu_us_per_event, 1)} us",
                     fmt(ratio),
                     f"<= {limit}x",
                     verdict(ratio <= limit),

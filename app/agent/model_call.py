@@ -10,6 +10,7 @@ client leaves.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
@@ -26,6 +27,12 @@ from app.observability.metrics import Metrics
 from app.providers.base import LLMChunk, LLMRequest, LLMResponse, ResponseBuilder, Usage
 from app.providers.registry import ModelRoute
 from app.providers.tokens import count_message_tokens, count_text_tokens
+
+
+@functools.lru_cache(maxsize=4096)
+def _event_tokens(text: str) -> int:
+    """The estimated tokens of one streamed event's text (at least one): the same few pieces recur."""
+    return max(1, count_text_tokens(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +117,14 @@ class ModelCall:
             last = len(chunk.texts) - 1
             for n, text in enumerate(chunk.texts):
                 if text:
-                    self._completion_seen += max(1, count_text_tokens(text))
+                    self._completion_seen += _event_tokens(text)
                 if self._completion_seen > max_tokens and not (n == last and chunk.finish_reason is not None):
                     if n < last:
                         chunk.truncate(n + 1)
                     self.cut_off = True
                     return
             return
-        seen = max(1, count_text_tokens(chunk.text)) if chunk.text else 0
+        seen = _event_tokens(chunk.text) if chunk.text else 0
         for delta in chunk.tool_calls or ():
             seen += count_text_tokens(delta.arguments)
         self._completion_seen += seen

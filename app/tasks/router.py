@@ -11,7 +11,7 @@ import orjson
 from fastapi import APIRouter, Header, Path, Query, Request
 from starlette.responses import Response
 
-from app.agent.events import TaskCompleted, TaskFailed, TaskResult
+from app.agent.events import TaskCompleted, TaskFailed, TaskResult, TokenDelta
 from app.agent.runner import Event
 from app.agent.schemas import TaskCreate
 from app.audit.context import AuditContext
@@ -219,6 +219,20 @@ async def _result(events: AsyncGenerator[Event, None]) -> Response:
 
 
 async def _sse(events: AsyncGenerator[Event, None]) -> AsyncGenerator[bytes, None]:
+    task_id: str | None = None
+    token_frame = b""  # the task's token.delta frame with its id filled in: seq, seq, delta to go
     async with aclosing(events):
         async for event in events:
-            yield sse_frame(event)
+            if type(event) is TokenDelta:  # most of a stream's events: rendered from a template
+                if event.task_id != task_id:
+                    task_id = event.task_id
+                    token_frame = _token_frame(task_id)
+                yield token_frame % (event.seq, event.seq, orjson.dumps(event.delta))
+            else:
+                yield sse_frame(event)
+
+
+def _token_frame(task_id: str) -> bytes:
+    """sse_frame(TokenDelta(...)) as a %-template: the same bytes model_dump_json makes (tested)."""
+    quoted = orjson.dumps(task_id).replace(b"%", b"%%")
+    return b'id: %%d\nevent: token.delta\ndata: {"type":"token.delta","task_id":%s,"seq":%%d,"delta":%%s}\n\n' % quoted
