@@ -1,10 +1,11 @@
 """POST /v1/chat/completions as one pure-ASGI function: the hottest route without the framework's layers.
 
-Everything else goes through the whole stack (app/main.py): FastAPI's error middlewares, our six
-middlewares, the router and its dependency solving. For this route that stack was more than a third
-of the server's CPU per request (py-spy, JSON at concurrency 64), against work of its own that is
-the same every time. So this app, outermost, does what those layers do for this one route, in one
-frame and one `send` wrapper, with the same objects and functions they use:
+Everything else goes through the whole stack (app/main.py): FastAPI's entry (its native telemetry)
+and error middlewares, our six middlewares, the router and its dependency solving. For this route
+that stack was more than a third of the server's CPU per request (py-spy, JSON at concurrency 64),
+against work of its own that is the same every time. So this app, outermost, does what those
+layers do for this one route, in one frame and one `send` wrapper, with the same objects and
+functions they use:
 
 - the request id (the client's when well-formed), the traffic counters (RequestContextMiddleware);
 - the per-address edge limits, and their refusals (app/edge/middleware.py, the same function);
@@ -69,6 +70,7 @@ class ChatFastPath:
         self,
         app: ASGIApp,
         *,
+        owner: ASGIApp,
         route: APIRoute,
         metrics: Metrics,
         counters: TrafficCounters,
@@ -76,6 +78,7 @@ class ChatFastPath:
         cors_on: bool,
     ) -> None:
         self.app = app
+        self.owner = owner  # the application, scope["app"] as Starlette sets it
         self.route = route
         self.counters = counters
         self.max_body_bytes = max_body_bytes
@@ -201,6 +204,7 @@ class ChatFastPath:
 
             # HttpMetricsMiddleware, then the router's match and the route
             began = time.perf_counter()
+            scope["app"] = self.owner
             scope["route"] = self.route
             scope["endpoint"] = chat_completions
             scope["path_params"] = {}
