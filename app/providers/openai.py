@@ -19,7 +19,7 @@ from app.errors import (
 )
 from app.middleware import request_id_var
 from app.observability import tracing
-from app.providers.base import LLMChunk, LLMRequest
+from app.providers.base import LLMChunk, LLMRequest, Usage
 from app.providers.http1 import ConnectTimeout, Http1Pool, UpstreamConnectionError
 from app.providers.openai_wire import error_message, parse_completion, parse_text_event, request_body
 
@@ -65,7 +65,7 @@ class OpenAICompatibleProvider:
             raise UpstreamUnavailable(f"{self.name}: {type(exc).__name__}: {exc}") from None
         if answer.status >= 400:
             raise _status_error(self.name, answer.status, answer.body, CIMultiDict(answer.headers))
-        return parse_completion(answer.body)
+        return _plain_completion(answer.body) or parse_completion(answer.body)
 
     async def generate(self, request: LLMRequest) -> AsyncGenerator[LLMChunk, None]:
         if not request.stream:
@@ -255,3 +255,46 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def _plain_completion(raw: bytes) -> LLMChunk | None:
+    """A whole completion of the common shape, read with orjson alone: one choice, a message whose
+    content is a string or null and no tool calls, integer usage, no error. Anything else (or
+    anything odd) is None: parse_completion's, whose models validate it (4.8 % of the chat route's
+    CPU at concurrency 1); for what it takes, the same chunk as parse_completion's."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(value) is not dict or value.get("error") is not None:
+        return None
+    choices = value.get("choices")
+    if type(choices) is not list or len(choices) != 1:
+        return None
+    choice = choices[0]
+    if type(choice) is not dict or choice.get("delta") is not None or type(choice.get("index", 0)) is not int:
+        return None
+    message, finish_reason = choice.get("message"), choice.get("finish_reason")
+    if type(message) is not dict or message.get("tool_calls") is not None:
+        return None
+    content = message.get("content")
+    if (content is not None and type(content) is not str) or (
+        finish_reason is not None and type(finish_reason) is not str
+    ):
+        return None
+    chunk = LLMChunk(text=content or None, finish_reason=finish_reason)
+    usage = value.get("usage")
+    if usage is not None:
+        if type(usage) is not dict:
+            return None
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        details = usage.get("prompt_tokens_details")
+        cached = 0
+        if details is not None:
+            if type(details) is not dict:
+                return None
+            cached = details.get("cached_tokens", 0)
+        if type(prompt) is not int or type(completion) is not int or type(cached) is not int:
+            return None
+        chunk.usage = Usage(prompt, completion, cached)
+    return chunk
