@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from wasmtime import Engine, InstancePre, Linker, Module
@@ -36,6 +38,11 @@ class WasmRuntime:
         self._longest_deadline = 0  # in ticks, for interrupt_all; updated from worker threads
         self._longest_lock = threading.Lock()
         self._ticker_stop = threading.Event()
+        # The ticker only ticks while a guest runs: deadlines are set relative to the epoch when a run
+        # starts, so an epoch that stands still in between changes none (and an idle server sleeps).
+        self._running = 0
+        self._running_lock = threading.Lock()
+        self._guests = threading.Event()  # set while _running > 0, or to let the ticker out at close
         self._ticker = threading.Thread(target=self._tick, name="sandbox-epoch-ticker", daemon=True)
 
     def start(self) -> None:
@@ -48,10 +55,25 @@ class WasmRuntime:
         for _ in range(self._longest_deadline + 1):
             self.engine.increment_epoch()
 
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Around one guest's run: the epoch ticks while any guest runs."""
+        with self._running_lock:
+            self._running += 1
+            self._guests.set()
+        try:
+            yield
+        finally:
+            with self._running_lock:
+                self._running -= 1
+                if self._running == 0 and not self._ticker_stop.is_set():
+                    self._guests.clear()
+
     def close(self) -> None:
         """Stop the ticker; call after the workers are done, or a late run would never time out."""
         self.stopping.set()
         self._ticker_stop.set()
+        self._guests.set()
         if self._ticker.is_alive():
             self._ticker.join()
 
@@ -65,5 +87,8 @@ class WasmRuntime:
 
     def _tick(self) -> None:
         # One global ticker: epochs are per Engine, so a per-run timer would cut every run short.
-        while not self._ticker_stop.wait(self.tick_s):
+        while True:
+            self._guests.wait()
+            if self._ticker_stop.wait(self.tick_s):
+                return
             self.engine.increment_epoch()

@@ -86,7 +86,8 @@ def run_execution(
     workdir = Path(tempfile.mkdtemp(prefix="pacemaker-sandbox-"))
     try:
         (workdir / "main.py").write_bytes(source)
-        outcome = _run_guest(runtime, workdir, limits, ledger, stdout, stderr)
+        with runtime.running():
+            outcome = _run_guest(runtime, workdir, limits, ledger, stdout, stderr)
     finally:
         _remove_workdir(workdir)
     workspace_exceeded = False
