@@ -98,7 +98,7 @@ class ModelCall:
         if not self._first_seen and (chunk.text or chunk.tool_calls):
             self._first_seen = True
             if self.request.stream:  # a whole body at once says nothing of the first token
-                self._metrics.llm_first_token_seconds.labels(self.route.name).observe(
+                self._metrics.model(self.route.name, self.route.provider.name).first_token().observe(
                     time.perf_counter() - self._started
                 )
         if chunk.text:
@@ -226,8 +226,9 @@ class ModelCall:
         if self._breaker is not None:
             self._breaker.record_success()
         model = self.route.name
-        self._metrics.tokens.labels(model, "prompt").inc(response.usage.prompt_tokens)
-        self._metrics.tokens.labels(model, "completion").inc(response.usage.completion_tokens)
+        series = self._metrics.model(model, self.route.provider.name)
+        series.tokens("prompt").inc(response.usage.prompt_tokens)
+        series.tokens("completion").inc(response.usage.completion_tokens)
         await self._settle(response.usage, estimated=response.usage_estimated)
 
     async def _fail(self, exc: AppError) -> None:
@@ -264,8 +265,9 @@ class ModelCall:
     def _record(self, outcome: str) -> None:
         self._recorded = True
         self._attempt_done()
-        self._metrics.llm_calls.labels(self.route.name, outcome).inc()
-        self._metrics.llm_seconds.labels(self.route.name).observe(time.perf_counter() - self._started)
+        series = self._metrics.model(self.route.name, self.route.provider.name)
+        series.calls(outcome).inc()
+        series.seconds().observe(time.perf_counter() - self._started)
         if self._span is not None:
             response = self._response
             usage = response.usage if response is not None else self._usage_so_far()
@@ -276,4 +278,4 @@ class ModelCall:
         if self._attempt_started is not None:
             elapsed = time.perf_counter() - self._attempt_started
             self._attempt_started = None
-            self._metrics.upstream_seconds.labels(self.route.provider.name).observe(elapsed)
+            self._metrics.model(self.route.name, self.route.provider.name).upstream().observe(elapsed)
