@@ -36,8 +36,12 @@ class EventStreamResponse(Response):
         active: Gauge | None = None,
         headers: dict[str, str] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        direct: bool = False,
     ) -> None:
         self.frames = frames
+        # Frames that already come a read's worth at a time (a relay): each is sent as it comes, by the
+        # task that makes it, without a producer task and a queue between them (a hand-off per frame).
+        self.direct = direct
         # Runs however the response ends, even if the frames never started (a client gone before
         # the headers were out): what the request holds (a concurrency slot, an upstream call).
         self.on_close = on_close
@@ -50,7 +54,7 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.active is not None:
             self.active.inc()
-        writer = asyncio.create_task(self._write(send))
+        writer = asyncio.create_task(self._write_direct(send) if self.direct else self._write(send))
         watcher = asyncio.create_task(_wait_for_disconnect(receive))
         try:
             done, _ = await asyncio.wait({writer, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -100,6 +104,67 @@ class EventStreamResponse(Response):
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await producer
+
+    async def _write_direct(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        pinger = _DirectPinger(send, self.ping_seconds)
+        frames = self.frames
+        try:
+            async for frame in frames:
+                if pinger.task is not None:  # never two sends at once
+                    await pinger.task
+                pinger.busy = True
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+                pinger.sent()
+            if pinger.task is not None:
+                await pinger.task
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            pinger.stop()
+            await frames.aclose()
+
+
+class _DirectPinger:
+    """For a direct writer: sends a ping (in a task of its own) when nothing was sent for `seconds`."""
+
+    __slots__ = ("_handle", "_last", "_loop", "_seconds", "_send", "busy", "task")
+
+    def __init__(self, send: Send, seconds: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._send = send
+        self._seconds = seconds
+        self._last = self._loop.time()
+        self.busy = False  # a frame is being sent
+        self.task: asyncio.Task[None] | None = None  # a ping being sent
+        self._handle: asyncio.TimerHandle | None = self._loop.call_at(self._last + seconds, self._fire)
+
+    def sent(self) -> None:
+        self.busy = False
+        self._last = self._loop.time()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self.task is not None:
+            self.task.cancel()
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        due = self._last + self._seconds
+        if now >= due:
+            if not self.busy and self.task is None:
+                self.task = self._loop.create_task(self._ping())
+            self._last = now
+            due = now + self._seconds
+        self._handle = self._loop.call_at(due, self._fire)
+
+    async def _ping(self) -> None:
+        try:
+            with contextlib.suppress(OSError):  # a client gone: the disconnect watcher ends the stream
+                await self._send({"type": "http.response.body", "body": PING, "more_body": True})
+        finally:
+            self.task = None
 
 
 class _Pinger:

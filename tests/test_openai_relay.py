@@ -147,14 +147,26 @@ def event(content: str | None = None, finish: str | None = None, model: str = "u
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
-def test_a_read_of_many_tokens_is_one_chunk_with_one_text_and_frame_per_event() -> None:
+def test_a_read_of_many_tokens_is_one_chunk_with_a_text_per_event_and_the_bytes_as_they_came() -> None:
     events = _EventStream("up")
     last = event(" c")
     [chunk] = events.feed(event("") + event("a") + event(" b") + last[:-30])  # the last event torn
     assert chunk.texts == ["", "a", " b"] and chunk.text == "a b" and chunk.pieces == ["a", " b"]
-    assert chunk.raw == [event(""), event("a"), event(" b")]  # the public name is the upstream's: unchanged
+    assert chunk.raw == [event("") + event("a") + event(" b")]  # the public name is the upstream's: unchanged
     [rest] = events.feed(last[-30:])
     assert rest.texts == [" c"] and rest.raw == [last]
+    chunk.truncate(2)  # max_tokens passed at the second event: the third is never relayed
+    assert chunk.texts == ["", "a"] and chunk.text == "a" and chunk.raw == [event(""), event("a")]
+
+
+def test_a_different_upstream_name_is_replaced_in_the_bytes() -> None:
+    [chunk] = _EventStream("public").feed(event("a", model="up") + event(" b", model="up"))
+    assert chunk.raw == [event("a", model="public") + event(" b", model="public")]
+    # A name that also appears elsewhere: each event re-serialised with the public name.
+    [chunk] = _EventStream("public").feed(event("model", model="up") + event(" up", model="up"))
+    frames = [f for f in (chunk.raw or [])]
+    assert [orjson.loads(f[6:])["model"] for f in frames] == ["public", "public"]
+    assert "".join(orjson.loads(f[6:])["choices"][0]["delta"]["content"] for f in frames) == "model up"
 
 
 def test_events_torn_across_reads_and_the_finish_chunk() -> None:

@@ -157,6 +157,7 @@ async def chat_completions(request: Request) -> Response:
         ping_seconds=resources.settings.server.sse_ping_seconds,
         active=resources.metrics.active_streams.labels("openai"),
         on_close=close,
+        direct=True,  # a read's worth per frame already (the provider folds what each read brought)
     )
 
 
@@ -206,6 +207,7 @@ async def _stream(
     # are rendered here. Our own chunks then take the upstream's id.
     relayed: bytes | None = None  # the first relayed event
     usage_frame: list[bytes] | None = None  # the upstream's usage chunk, relayed if the client asked
+    bound = _Deadline(deadline)
     try:
         if first is None or first.raw is None:
             yield meta.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
@@ -224,7 +226,7 @@ async def _stream(
                         yield b"".join(raw)
                 else:
                     yield raw[0] if len(raw) == 1 else b"".join(raw)
-            chunk = await _next_before(call, deadline)
+            chunk = await bound.next(call)
         if relayed is not None:
             meta.adopt(relayed)
         if call.cut_off:  # stopped at max_tokens: the upstream never sent its own finish_reason
@@ -243,18 +245,56 @@ async def _stream(
         error = {"message": exc.detail, "type": "api_error", "code": exc.code, "request_id": request_id_var.get()}
         yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
     finally:
+        bound.stop()
         await call.aclose()
         await ticket.close()
         audit.status, audit.error_code = outcome_status(outcome)
 
 
-async def _next_before(call: ModelCall, deadline: float) -> LLMChunk | None:
-    # Bounded per await, never around a yield (a suspended generator would carry the scope away).
-    try:
-        async with asyncio.timeout_at(deadline):
-            return await anext(call, None)
-    except TimeoutError:
-        raise RequestTimeout("The completion did not finish within its time limit.") from None
+class _Deadline:
+    """Bounds each wait for the next chunk by the stream's deadline, never a yield (a suspended
+    generator would carry a timeout scope into its consumer), with one timer for the whole stream
+    instead of a timeout scope per chunk: when it fires during a wait, it cancels the waiting task,
+    and the wait ends with RequestTimeout (a cancellation from elsewhere stays one); when it fired
+    between waits, the next one fails at once."""
+
+    __slots__ = ("_expired", "_fired", "_handle", "_waiting")
+
+    def __init__(self, deadline: float) -> None:
+        self._expired = False
+        self._fired = False  # the timer cancelled the waiting task
+        self._waiting: asyncio.Task[object] | None = None
+        self._handle = asyncio.get_running_loop().call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._expired = True
+        if self._waiting is not None:
+            self._fired = True
+            self._waiting.cancel()
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+    async def next(self, call: ModelCall) -> LLMChunk | None:
+        if self._expired:
+            raise RequestTimeout("The completion did not finish within its time limit.")
+        self._waiting = task = asyncio.current_task()
+        try:
+            chunk = await anext(call, None)
+        except asyncio.CancelledError:
+            if self._fired:
+                self._fired = False
+                if task is not None and task.uncancel() == 0:
+                    raise RequestTimeout("The completion did not finish within its time limit.") from None
+            raise
+        finally:
+            self._waiting = None
+        if self._fired:  # it fired as the chunk came: the deadline has passed all the same
+            self._fired = False
+            if task is not None:
+                task.uncancel()
+            raise RequestTimeout("The completion did not finish within its time limit.")
+        return chunk
 
 
 def _frames(meta: _Meta, chunk: LLMChunk) -> list[bytes]:

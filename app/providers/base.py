@@ -63,8 +63,8 @@ class LLMChunk:
     # perhaps with the finish_reason): `texts` has each event's text ("" for none), `text` their
     # concatenation. None: the chunk is one event.
     texts: list[str] | None = None
-    # With LLMRequest.relay_model: the upstream's SSE events this chunk was read from, one frame
-    # (b"data: ...\n\n") per event, the JSON as it came but for the model name; the same events as `texts`.
+    # With LLMRequest.relay_model: the upstream's SSE events this chunk was read from, the JSON as it
+    # came but for the model name: a frame (b"data: ...\n\n") per event, or one for all of them.
     raw: list[bytes] | None = None
 
     @property
@@ -80,6 +80,9 @@ class LLMChunk:
         self.texts = self.texts[:events]
         self.text = "".join(self.texts) or None
         if self.raw is not None:
+            if len(self.raw) == 1 and events < len(self.raw[0].split(b"\n\n")) - 1:
+                # One frame for all the events of a read (each a `data: ` line and a blank line).
+                self.raw = [event + b"\n\n" for event in self.raw[0].split(b"\n\n")[:-1]]
             self.raw = self.raw[:events]
         self.finish_reason = None
 

@@ -21,9 +21,10 @@ from app.middleware import request_id_var
 from app.observability import tracing
 from app.providers.base import LLMChunk, LLMRequest, Usage
 from app.providers.http1 import ConnectTimeout, Http1Pool, UpstreamConnectionError
-from app.providers.openai_wire import error_message, parse_completion, parse_text_event, request_body
+from app.providers.openai_wire import error_message, parse_completion, parse_text_event, request_body, text_event
 
 _DATA = b"data:"
+_DATA_SP = b"data: "
 _DONE = b"[DONE]"
 
 
@@ -127,8 +128,8 @@ async def _read_event_stream(
             yield chunk
         events.raise_failure()
         raise
-    if events.pending:  # a last line without its newline
-        for chunk in events.feed(b"\n"):
+    if events.pending:  # a last event without its blank line
+        for chunk in events.feed(b"\n\n"):
             yield chunk
         events.raise_failure()
     if not events.complete:
@@ -171,16 +172,77 @@ class _EventStream:
             return []
         if self._tail:
             data = self._tail + data
-        lines = data.split(b"\n")
-        self._tail = lines.pop()
+        if b"\r" in data:  # CRLF line ends: line by line
+            lines = data.split(b"\n")
+            self._tail = lines.pop()
+            return self._chunks([line[len(_DATA) :].strip() for line in lines if line.startswith(_DATA)])
+        end = data.rfind(b"\n\n") + 2
+        if end < 2:
+            self._tail = data
+            return []
+        events, self._tail = (data, b"") if end == len(data) else (data[:end], data[end:])
+        if not self.done:
+            folded = self._tokens(events)
+            if folded is not None:
+                return [folded]
+        return self._chunks(self._payloads(events))
+
+    def _tokens(self, events: bytes) -> LLMChunk | None:
+        """Events that are all tokens, each one `data: ` line (what a read brings most of the time), as
+        one chunk, with one parse for them all and the bytes relayed as they came; else None."""
+        if not events.startswith(b"data: {") or not events.endswith(b"}\n\n"):
+            return None
+        count = events.count(b"\n\ndata: ") + 1
+        if events.count(b"\n") != 2 * count:
+            return None  # other fields, comments, multi-line events
+        try:
+            parsed = orjson.loads(b"[" + events[6:-2].replace(b"\n\ndata: ", b",") + b"]")
+        except orjson.JSONDecodeError:
+            return None
+        if type(parsed) is not list or len(parsed) != count:
+            return None
+        texts: list[str] = []
+        finish: str | None = None
+        relay_model, renamed = self._relay_model, False
+        for obj in parsed:
+            common = text_event(obj)
+            if common is None or finish is not None:  # not a token, or one after a finish_reason
+                return None
+            texts.append(common[0])
+            finish = common[1]
+            if relay_model is not None and obj.get("model") != relay_model:
+                renamed = True
+        raw: list[bytes] | None = None
+        if relay_model is not None:
+            frame = self._renamed(events, parsed) if renamed else events
+            if frame is None:
+                return None
+            raw = [frame]  # one frame for all of them (LLMChunk.truncate splits it if it must)
+        if finish is not None:
+            self.finished = True
+        return LLMChunk(text="".join(texts) or None, finish_reason=finish, texts=texts, raw=raw)
+
+    def _renamed(self, events: bytes, parsed: list[dict[str, object]]) -> bytes | None:
+        """The events with their one model name replaced by the public one, in the bytes; None if
+        they do not all carry the same one once as `"model":` (the events are then re-serialised)."""
+        model = parsed[0].get("model")
+        if type(model) is not str or any(obj.get("model") != model for obj in parsed):
+            return None
+        name, public = orjson.dumps(model), orjson.dumps(self._relay_model)
+        for key in (b'"model":', b'"model": '):
+            if events.count(key + name) == len(parsed) and events.count(b'"model"') == len(parsed):
+                return events.replace(key + name, key + public)
+        return None
+
+    def _chunks(self, payloads: list[bytes]) -> list[LLMChunk]:
+        """One event at a time: runs of tokens folded, any other event a chunk of its own."""
         out: list[LLMChunk] = []
         texts: list[str] = []
         raws: list[bytes] | None = [] if self._relay_model is not None else None
         try:
-            for line in lines:
-                if self.done or not line.startswith(_DATA):
-                    continue  # blank separators, comments, event:/id: fields, anything after [DONE]
-                payload = line[len(_DATA) :].strip()
+            for payload in payloads:
+                if self.done:
+                    break  # anything after [DONE]
                 if payload == _DONE:
                     self.done = True  # read on to the end of the body, so the connection can be reused
                     continue
@@ -208,6 +270,19 @@ class _EventStream:
         if texts:
             out.append(_folded(texts, raws, None))
         return out
+
+    def _payloads(self, events: bytes) -> list[bytes]:
+        """The `data:` fields of whole events (blank separators, comments, event:/id: fields are not
+        events' data)."""
+        payloads: list[bytes] = []
+        for event in events.split(b"\n\n"):
+            if event.startswith(_DATA_SP) and b"\n" not in event:  # one `data: ` line: the common case
+                payloads.append(event[len(_DATA_SP) :])
+                continue
+            for line in event.split(b"\n"):
+                if line.startswith(_DATA):
+                    payloads.append(line[len(_DATA) :].strip())
+        return payloads
 
     def _frame(self, payload: bytes, obj: dict[str, object] | None) -> bytes:
         """The event as the client gets it: the upstream's JSON, but for a model name not the public one."""

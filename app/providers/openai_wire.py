@@ -132,22 +132,35 @@ def parse_text_event(payload: bytes) -> tuple[str, str | None, dict[str, Any]] |
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
-    if type(obj) is not dict or obj.get("usage") is not None or "error" in obj:
+    common = text_event(obj)
+    return None if common is None else (common[0], common[1], obj)
+
+
+def text_event(obj: Any) -> tuple[str, str | None] | None:
+    """(text, finish_reason) of a parsed chunk of parse_text_event's common shape, else None."""
+    if type(obj) is not dict:
         return None
     choices = obj.get("choices")
-    if type(choices) is not list or len(choices) != 1:
+    if type(choices) is not list or len(choices) != 1 or "error" in obj or obj.get("usage") is not None:
         return None
     choice = choices[0]
-    if type(choice) is not dict or choice.get("index", 0) != 0 or type(choice.get("index", 0)) is not int:
+    if type(choice) is not dict:
         return None
     delta = choice.get("delta")
-    finish = choice.get("finish_reason")
-    if type(delta) is not dict or (finish is not None and type(finish) is not str):
+    if type(delta) is not dict:
         return None
     content = delta.get("content")
-    if delta.get("tool_calls") is not None or (content is not None and type(content) is not str):
+    finish = choice.get("finish_reason")
+    index = choice.get("index", 0)
+    if (
+        (content is not None and type(content) is not str)
+        or (finish is not None and type(finish) is not str)
+        or type(index) is not int
+        or index != 0
+        or delta.get("tool_calls") is not None
+    ):
         return None
-    return content or "", finish, obj
+    return content or "", finish
 
 
 def error_message(raw: bytes) -> str:
