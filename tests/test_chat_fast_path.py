@@ -7,7 +7,7 @@ import asyncio
 import json
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +64,19 @@ def _requests() -> list[tuple[str, dict[str, Any]]]:
         ("invalid", {"json": {"model": "fake-model", "messages": []}}),
         ("unknown model", {"json": {**good, "model": "no-such-model"}}),
         ("too large", {"content": b" " * 1_100_000 + raw, "headers": {"Content-Type": "application/json"}}),
+        (
+            "too large chunked",
+            {"content": _chunked(b" " * 1_100_000 + raw), "headers": {"Content-Type": "application/json"}},
+        ),
         ("streamed", {"json": {**good, "stream": True}}),
         ("upstream fails", {"json": {**good, "messages": [{"role": "user", "content": "#status=500"}]}}),
     ]
+
+
+async def _chunked(data: bytes) -> AsyncIterator[bytes]:
+    """A body without Content-Length (httpx sends it chunked): the limit applies while it comes in."""
+    for start in range(0, len(data), 65_536):
+        yield data[start : start + 65_536]
 
 
 def _shape(value: Any) -> Any:
