@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -64,7 +65,7 @@ from benchmarks.harness import (
 
 MIB = 1024 * 1024
 IDLE_TARGET_MB = 80.0
-SETTLE_S = 2.0  # idle time before each memory reading
+SETTLE_S = 4.0  # idle time before each memory reading (and the idle CPU over it)
 MODEL = "fake-model"
 # Import groups in the order `pacemaker serve` needs them; each is measured on top of the ones before.
 IMPORT_GROUPS: dict[str, list[str]] = {
@@ -79,6 +80,7 @@ IMPORT_GROUPS: dict[str, list[str]] = {
     "limits": ["limits.aio.strategies", "limits.aio.storage"],
     "opentelemetry sdk": ["opentelemetry.sdk.trace"],
     "jsonschema": ["jsonschema"],
+    "pydantic.v1 (FastAPI's check that no response model is one)": ["pydantic.v1"],
     "wasmtime": ["wasmtime"],
     "app.cli (settings, the CLI)": ["app.cli"],
     "app.server": ["app.server"],
@@ -90,6 +92,7 @@ GROUP_MARKERS = {
     "limits": "limits",
     "opentelemetry sdk": "opentelemetry.sdk",
     "jsonschema": "jsonschema",
+    "pydantic.v1 (FastAPI's check that no response model is one)": "pydantic.v1",
     "wasmtime": "wasmtime",
 }
 
@@ -124,8 +127,12 @@ def memory(process: psutil.Process) -> dict[str, float]:
 
 
 def idle_memory(process: psutil.Process) -> dict[str, float]:
+    """Memory after SETTLE_S idle, and the process's CPU over that time (ms per second: its own timers)."""
+    before = process.cpu_times()
     time.sleep(SETTLE_S)
-    return memory(process)
+    after = process.cpu_times()
+    cpu = (after.user + after.system - before.user - before.system) * 1000 / SETTLE_S
+    return memory(process) | {"idle_cpu_ms_per_s": cpu}
 
 
 def mappings(pid: int) -> list[tuple[str, float]]:
@@ -340,13 +347,16 @@ def render(figures: dict[str, Any], args: argparse.Namespace) -> str:
         f"SQLite, the simulated models and one on the fake upstream; {SETTLE_S:g} s idle before each reading."
         f" Warm-up: {', '.join(f'{n} {what}' for what, n in figures['warm_up'].items())}.",
         "",
-        "| state | sandbox used | RSS MB | USS MB | PSS MB |",
-        "|---|---|---:|---:|---:|",
+        "| state | sandbox used | RSS MB | USS MB | PSS MB | idle CPU ms/s |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for state, used in (("after start", "no"), ("after warm-up", "no"), ("after sandbox calls", "yes")):
         if state in readings:
             r = readings[state]
-            lines.append(f"| {state} | {used} | {fmt(r['rss'], 1)} | {fmt(r['uss'], 1)} | {fmt(r['pss'], 1)} |")
+            lines.append(
+                f"| {state} | {used} | {fmt(r['rss'], 1)} | {fmt(r['uss'], 1)} | {fmt(r['pss'], 1)}"
+                f" | {fmt(r['idle_cpu_ms_per_s'], 0)} |"
+            )
     first, warm = figures.get("first_sandbox_ms", float("nan")), figures.get("warm_sandbox_ms", [])
     if warm:
         lines += [
@@ -354,6 +364,7 @@ def render(figures: dict[str, Any], args: argparse.Namespace) -> str:
             "| python tool, `print(1+1)` over HTTP | ms |",
             "|---|---:|",
             f"| first call (loads what the sandbox left for its first use) | {fmt(first, 1)} |",
+            f"| of which loading the runtime, as the server logs it | {fmt(figures.get('load_ms', float('nan')), 0)} |",
             f"| warm calls, median of {len(warm)} | {fmt(statistics.median(warm), 1)} |",
             f"| warm calls, max | {fmt(max(warm), 1)} |",
         ]
@@ -457,6 +468,9 @@ def measure(args: argparse.Namespace, workdir: Path, children: list[Child]) -> d
         figures["readings"]["after sandbox calls"] = idle_memory(server.process)
         figures["mappings"]["after sandbox calls"] = mappings(server.popen.pid)
         log(f"first call {first:.1f} ms, warm median {statistics.median(warm):.1f} ms")
+        # What the server says the load took (app/sandbox/sandbox.py logs it once).
+        loaded = re.search(r"sandbox runtime loaded on first use in (\d+) ms", server.output())
+        figures["load_ms"] = float(loaded.group(1)) if loaded else float("nan")
     log("import groups, in fresh interpreters...")
     figures["imports"] = import_groups()
     # The same settings, with spools of its own: the server still runs.
