@@ -187,6 +187,17 @@ def test_events_torn_across_reads_and_the_finish_chunk() -> None:
     assert len(frames) == 4 and all(orjson.loads(f[6:])["model"] == "pub" for f in frames)
 
 
+def test_a_whole_stream_in_one_read() -> None:
+    usage = b'data: {"model": "up", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n'
+    body = event("") + event("a") + event(" b") + event(None, "stop")
+    events = _EventStream("up")
+    chunks = events.feed(b": stream open\n\n" + body + usage + b"data: [DONE]\n\n")
+    assert [c.texts for c in chunks] == [["", "a", " b", ""], None]
+    assert chunks[0].finish_reason == "stop" and chunks[0].raw == [body]
+    assert chunks[1].usage is not None and chunks[1].usage.completion_tokens == 2 and chunks[1].raw == [usage]
+    assert events.done and events.complete
+
+
 def test_a_malformed_event_fails_only_after_the_tokens_before_it() -> None:
     events = _EventStream(None)
     chunks = events.feed(event("a") + event(" b") + b'data: {"choices": [{"delta": {"content": 7}}]}\n\n' + event(" c"))

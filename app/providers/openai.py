@@ -184,19 +184,26 @@ class _EventStream:
         if not self.done:
             folded = self._tokens(events)
             if folded is not None:
-                return [folded]
+                return folded
         return self._chunks(self._payloads(events))
 
-    def _tokens(self, events: bytes) -> LLMChunk | None:
-        """Events that are all tokens, each one `data: ` line (what a read brings most of the time), as
-        one chunk, with one parse for them all and the bytes relayed as they came; else None."""
-        if not events.startswith(b"data: {") or not events.endswith(b"}\n\n"):
+    def _tokens(self, events: bytes) -> list[LLMChunk] | None:
+        """Whole events read at once, when they begin with a run of tokens, each one `data: ` line (what
+        a read brings most of the time): the run as one chunk, with one parse for the events and the
+        bytes relayed as they came; the events after the run (the usage chunk, say) one by one, and
+        comments before it and a last [DONE] skipped. None: one by one from the start."""
+        start = 0
+        while events.startswith(b":", start):  # comments (": stream open", keep-alives)
+            start = events.index(b"\n\n", start) + 2
+        done = events.endswith(b"\n\ndata: [DONE]\n\n") or events[start:] == b"data: [DONE]\n\n"
+        body = events[start : len(events) - len(b"data: [DONE]\n\n")] if done else events[start:]
+        if not body.startswith(b"data: {") or not body.endswith(b"}\n\n"):
             return None
-        count = events.count(b"\n\ndata: ") + 1
-        if events.count(b"\n") != 2 * count:
+        count = body.count(b"\n\ndata: ") + 1
+        if body.count(b"\n") != 2 * count:
             return None  # other fields, comments, multi-line events
         try:
-            parsed = orjson.loads(b"[" + events[6:-2].replace(b"\n\ndata: ", b",") + b"]")
+            parsed = orjson.loads(b"[" + body[6:-2].replace(b"\n\ndata: ", b",") + b"]")
         except orjson.JSONDecodeError:
             return None
         if type(parsed) is not list or len(parsed) != count:
@@ -205,22 +212,34 @@ class _EventStream:
         finish: str | None = None
         relay_model, renamed = self._relay_model, False
         for obj in parsed:
-            common = text_event(obj)
-            if common is None or finish is not None:  # not a token, or one after a finish_reason
-                return None
+            common = None if finish is not None else text_event(obj)  # nothing after a finish_reason
+            if common is None:
+                break
             texts.append(common[0])
             finish = common[1]
             if relay_model is not None and obj.get("model") != relay_model:
                 renamed = True
+        run = len(texts)
+        if not run:
+            return None
+        rest = b""
+        if run < count:
+            events_of = body.split(b"\n\n")
+            body, rest = b"\n\n".join(events_of[:run]) + b"\n\n", b"\n\n".join(events_of[run:])
         raw: list[bytes] | None = None
         if relay_model is not None:
-            frame = self._renamed(events, parsed) if renamed else events
+            frame = self._renamed(body, parsed[:run]) if renamed else body
             if frame is None:
                 return None
             raw = [frame]  # one frame for all of them (LLMChunk.truncate splits it if it must)
         if finish is not None:
             self.finished = True
-        return LLMChunk(text="".join(texts) or None, finish_reason=finish, texts=texts, raw=raw)
+        out = [LLMChunk(text="".join(texts) or None, finish_reason=finish, texts=texts, raw=raw)]
+        if rest:
+            out += self._chunks(self._payloads(rest))
+        if done and self._failure is None:
+            self.done = True  # read on to the end of the body, so the connection can be reused
+        return out
 
     def _renamed(self, events: bytes, parsed: list[dict[str, object]]) -> bytes | None:
         """The events with their one model name replaced by the public one, in the bytes; None if
