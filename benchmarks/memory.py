@@ -7,18 +7,21 @@ directory, one worker, the sandbox enabled (tools.python, the default; the modul
 default var/sandbox-cache, compiled on a clean checkout's first start), the simulated models and
 one model on the fake upstream. Then:
 
-1. idle after start: RSS, USS and PSS (psutil's memory_full_info) 2 s after the port answers;
+1. idle after start: RSS, USS and PSS (psutil's memory_full_info) after 4 s idle, and the CPU
+   the server spent over those 4 s (its own timers);
 2. warm-up without the sandbox: chat completions (JSON and SSE) on the fake upstream, tasks on the
    simulated model (which calls the calculator), a direct calculator call; idle again, measured;
 3. the first python-tool call (`print(1+1)` through POST /v1/tools/python/invoke), timed from the
-   client: it pays whatever the sandbox left for its first use; then warm calls, timed;
+   client: it pays whatever the sandbox left for its first use (the server logs how long loading
+   the runtime took, which is shown too); then warm calls, timed;
 4. idle again, measured: the sandbox used.
 
 The breakdown: the server's mappings by kind (/proc/PID/smaps: anonymous memory, which is mostly
 Python objects, and each file-backed mapping: libpython, the wasmtime library, the compiled
-module, ...), and the cost of each import group, measured in fresh interpreters (--child):
+module, ...); the cost of each import group, measured in a fresh interpreter (`python -c`):
 cumulative RSS after importing each group in the order the server needs them, and which groups an
-app started in process (create_app plus its lifespan, the same settings) has loaded.
+app started in process (--child: create_app plus its lifespan, the same settings) has loaded; and
+the floor: the libraries Pacemaker cannot do without, imported, under uvicorn serving one route.
 
 Memory figures are robust to other work on the machine; latencies are not (say so when it was busy).
 --smoke does every step with the fewest requests (seconds). Either way the exit status is 1 if a
