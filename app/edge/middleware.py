@@ -56,10 +56,17 @@ class EdgeMiddleware:
         await self.app(scope, receive, send)
 
 
-async def refused(scope: Scope, receive: Receive, send: Send, resources: Resources) -> bool:
+async def refused(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    resources: Resources,
+    key_headers: tuple[bytes | None, bytes | None] | None = None,
+) -> bool:
     """Count the request of its client's address; True when it was refused here (its 429 sent).
 
-    The middleware's work, also for the chat route's fast path (app/openai_compat/fast_path.py)."""
+    The middleware's work, also for the chat route's fast path (app/openai_compat/fast_path.py), which
+    hands over the Authorization and X-API-Key headers it has already found (`key_headers`)."""
     edge = resources.edge
     client = scope.get("client")
     if edge is None or client is None:
@@ -67,7 +74,12 @@ async def refused(scope: Scope, receive: Receive, send: Send, resources: Resourc
     block = await edge.admit(client[0])
     if block is None:
         return False
-    if not resources.authenticator.knows(_presented(scope, receive, send)):
+    if key_headers is None:
+        presented = _presented(scope, receive, send)
+    else:
+        authorization, x_api_key = (None if value is None else value.decode("latin-1") for value in key_headers)
+        presented = key_from_headers(authorization, x_api_key)
+    if not resources.authenticator.knows(presented):
         await _refuse(scope, send, resources, edge, block, client[0])
         return True
     edge.metrics.known_key.inc()

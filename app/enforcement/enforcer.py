@@ -71,16 +71,19 @@ class Enforcer:
         self.draining: Callable[[], bool] | None = None
         # Set by the lifespan: load shedding's refusal while the instance is overloaded (app/overload.py).
         self.overloaded: Callable[[], AppError | None] | None = None
-        self._specs: dict[KeyLimits, LimitSpec] = {}
+        self._specs: dict[int, tuple[KeyLimits, LimitSpec]] = {}
 
     def spec_for(self, principal: Principal) -> LimitSpec:
         # Keys' limits are frozen and few: each one's spec is made once (a hot route asks twice per request).
+        # By identity (a key's limits object lives as long as its cached principal): no dataclass hash.
         own = principal.limits
-        spec = self._specs.get(own)
-        if spec is None:
-            if len(self._specs) >= _SPECS_CACHED:
-                self._specs.clear()
-            spec = self._specs[own] = self._spec_of(own)
+        known = self._specs.get(id(own))
+        if known is not None and known[0] is own:
+            return known[1]
+        if len(self._specs) >= _SPECS_CACHED:
+            self._specs.clear()
+        spec = self._spec_of(own)
+        self._specs[id(own)] = (own, spec)  # holding `own`, so that its id is not reused meanwhile
         return spec
 
     def _spec_of(self, own: KeyLimits) -> LimitSpec:

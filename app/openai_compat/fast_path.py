@@ -100,21 +100,32 @@ class ChatFastPath:
             return
         content_length: bytes | None = None
         user_agent: bytes | None = None
+        authorization: bytes | None = None
+        x_api_key: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"origin":
                 if self.cors_on:
                     await self.app(scope, receive, send)
                     return
             elif name == b"content-length":
-                content_length = value
+                if content_length is None:  # the first, as the body limit reads it
+                    content_length = value
             elif name == b"user-agent":
-                user_agent = value
+                if user_agent is None:
+                    user_agent = value
+            elif name == b"authorization":
+                if authorization is None:
+                    authorization = value
+            elif name == b"x-api-key" and x_api_key is None:
+                x_api_key = value
         state: dict[str, Any] = scope.setdefault("state", {})
         resources: Resources | None = state.get("resources")
         if resources is None:  # no lifespan ran: nothing here to serve it with
             await self.app(scope, receive, send)
             return
-        await self._serve(scope, receive, send, state, resources, content_length, user_agent)
+        await self._serve(
+            scope, receive, send, state, resources, content_length, user_agent, (authorization, x_api_key)
+        )
 
     async def _serve(
         self,
@@ -125,6 +136,7 @@ class ChatFastPath:
         resources: Resources,
         content_length: bytes | None,
         user_agent: bytes | None,
+        key_headers: tuple[bytes | None, bytes | None],
     ) -> None:
         # RequestContextMiddleware
         request_id = _request_id(scope)
@@ -170,7 +182,7 @@ class ChatFastPath:
         audit_token = None
         try:
             # EdgeMiddleware (CorsMiddleware let it through: no Origin, or CORS off)
-            if await refused(scope, receive, send_fused, resources):
+            if await refused(scope, receive, send_fused, resources, key_headers):
                 return
             # AuditMiddleware
             client = scope.get("client")
