@@ -166,6 +166,18 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
     arrives in one read costs no timer.
     """
 
+    # In slots: uvicorn's protocol sets about 30 attributes already, and five more in its __dict__ would
+    # take it past the size at which instances share their keys (1.6 KB more per connection).
+    __slots__ = (
+        "_discarding",
+        "_head_bytes",
+        "_head_timer",
+        "_head_too_large",
+        "_in_head",
+        "header_timeout_s",
+        "max_header_bytes",
+    )
+
     def __init__(
         self,
         config: Config,
