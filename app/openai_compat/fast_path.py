@@ -33,6 +33,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from prometheus_client.metrics import Counter
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -257,9 +258,29 @@ class ChatFastPath:
         self._seconds.observe(seconds)
 
 
+class _Headers(Headers):
+    """Starlette's Headers, whose get() found a header by a scan and a missing one by a KeyError raised and
+    caught: here a dict of the first value of each name, made once (the route asks for four)."""
+
+    _first: dict[bytes, bytes] | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        first = self._first
+        if first is None:
+            first = self._first = {name: value for name, value in reversed(self._list)}
+        value = first.get(key.lower().encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
+
+
 class _Request(Request):
     """Starlette's Request, its body read by a plain loop (its stream() is an async generator, which the
-    event loop registers and forgets for every request)."""
+    event loop registers and forgets for every request), its headers a _Headers."""
+
+    @property
+    def headers(self) -> Headers:
+        if not hasattr(self, "_headers"):
+            self._headers = _Headers(scope=self.scope)
+        return self._headers
 
     async def body(self) -> bytes:
         if not hasattr(self, "_body"):
