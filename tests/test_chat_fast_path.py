@@ -163,3 +163,34 @@ async def test_fast_path_answers_audits_and_counts_as_the_whole_stack(servers: d
         grown = {series: value - before[name].get(series, 0.0) for series, value in after.items()}
         before[name] = {series: value for series, value in grown.items() if value}
     assert before["fast"] == before["stack"]
+
+
+async def test_an_address_over_the_edge_limit_is_refused_unless_its_key_is_known(
+    tmp_path_factory: pytest.TempPathFactory, fake_upstream: str
+) -> None:
+    """The fast path counts the chat route at the edge as the middleware does, and reads the presented key
+    (Authorization or X-API-Key) from the headers it scanned itself."""
+    workdir = tmp_path_factory.mktemp("pacemaker-edge")
+    config = server_config(workdir, fake_upstream, breakers={"min_calls": 1_000_000}, retries={"max_retries": 0})
+    config["server"]["edge"] = {"rate": "3/minute", "failed_auth": "10000/minute"}
+    server = start_pacemaker(workdir, config)
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "Say something"}]}
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+            good = {"Authorization": f"Bearer {server.key}"}
+            statuses = [
+                (await http.post("/v1/chat/completions", json=body, headers=good)).status_code for _ in range(3)
+            ]
+            assert statuses == [200, 200, 200]
+            unknown = await http.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer pk_nope"})
+            assert unknown.status_code == 429
+            assert unknown.headers["content-type"] == "application/problem+json"
+            assert unknown.headers.get("retry-after") and unknown.headers.get("x-request-id")
+            known = await http.post("/v1/chat/completions", json=body, headers=good)
+            assert known.status_code == 200  # known good here: served from the blocked address
+            by_x_api_key = await http.post("/v1/chat/completions", json=body, headers={"X-API-Key": server.key})
+            assert by_x_api_key.status_code == 200
+            nothing = await http.post("/v1/chat/completions", json=body)
+            assert nothing.status_code == 429
+    finally:
+        server.process.stop()
