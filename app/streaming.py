@@ -54,19 +54,33 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.active is not None:
             self.active.inc()
-        writer = asyncio.create_task(self._write_direct(send) if self.direct else self._write(send))
-        watcher = asyncio.create_task(_wait_for_disconnect(receive))
-        try:
-            done, _ = await asyncio.wait({writer, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if writer in done:
-                writer.result()  # re-raise a failure of the stream itself
-        finally:
-            for task in (writer, watcher):
+        # The stream is written by this task; the watcher, when the client leaves, cancels it where it
+        # waits (for the upstream, say), and the cleanup (closing the upstream call) runs here before
+        # we return. One task per stream, not a writer task and asyncio.wait besides.
+        task = asyncio.current_task()
+        assert task is not None
+        state = {"writing": True, "left": False}
+
+        def client_left(watcher: asyncio.Task[None]) -> None:
+            if state["writing"] and not watcher.cancelled():
+                state["left"] = True
                 task.cancel()
-            # Let the producer's cleanup (closing the upstream call) finish before we return.
-            for task in (writer, watcher):
-                with contextlib.suppress(asyncio.CancelledError, OSError):
-                    await task
+
+        watcher = asyncio.create_task(_wait_for_disconnect(receive))
+        watcher.add_done_callback(client_left)
+        try:
+            try:
+                await (self._write_direct(send) if self.direct else self._write(send))
+            except asyncio.CancelledError:
+                if not state["left"] or task.uncancel() > 0:
+                    raise  # a cancellation not the watcher's
+            finally:
+                state["writing"] = False
+        finally:
+            watcher.remove_done_callback(client_left)
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await watcher
             if self.on_close is not None:
                 await self.on_close()
             if self.active is not None:

@@ -227,9 +227,9 @@ async def _stream(
                 else:
                     yield raw[0] if len(raw) == 1 else b"".join(raw)
             chunk = await bound.next(call)
-        if relayed is not None:
-            meta.adopt(relayed)
         if call.cut_off:  # stopped at max_tokens: the upstream never sent its own finish_reason
+            if relayed is not None:
+                meta.adopt(relayed)
             yield meta.chunk([{"index": 0, "delta": {}, "finish_reason": "length"}])
         outcome = "completed"
         if include_usage:
@@ -237,6 +237,8 @@ async def _stream(
             if usage_frame is not None and not response.usage_estimated:
                 yield b"".join(usage_frame)
             else:
+                if relayed is not None:
+                    meta.adopt(relayed)
                 yield meta.chunk([], usage=_usage(response))
         yield _DONE
     except AppError as exc:
