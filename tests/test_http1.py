@@ -165,3 +165,15 @@ async def test_the_pool_opens_no_more_connections_than_its_limit(server: Server)
     answers = await asyncio.gather(*calls)
     assert [a.status for a in answers] == [200] * 6
     assert server.connections == 2
+
+
+async def test_a_body_without_length_ends_with_the_connection(server: Server) -> None:
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"whole": true}')
+        await writer.drain()
+
+    client = pool(await server.start(until_close))
+    answer = await client.post("/chat/completions", {}, b"{}")
+    assert (answer.status, answer.body) == (200, b'{"whole": true}')
+    assert client._open == 0  # not kept: it is closed

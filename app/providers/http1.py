@@ -50,6 +50,7 @@ class _Connection(asyncio.Protocol):
         "_body",
         "_done",
         "_headers",
+        "_headers_done",
         "_heard",
         "_loop",
         "_parser",
@@ -74,6 +75,7 @@ class _Connection(asyncio.Protocol):
         self._parser: httptools.HttpResponseParser | None = None
         self._body: list[bytes] = []
         self._headers: list[tuple[bytes, bytes]] = []
+        self._headers_done = False
 
     # asyncio.Protocol
 
@@ -95,13 +97,28 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._cancel_timer()
-        if self._done is not None and not self._done.done():
-            self._done.set_exception(UpstreamConnectionError("the connection was closed before the response ended"))
+        done, parser = self._done, self._parser
+        if done is None or done.done():
+            return
+        if parser is not None and self._until_close():
+            # A body without Content-Length or chunking ends where the connection does (HTTP/1.0 style).
+            done.set_result(Answer(parser.get_status_code(), self._headers, b"".join(self._body)))
+            return
+        done.set_exception(UpstreamConnectionError("the connection was closed before the response ended"))
+
+    def _until_close(self) -> bool:
+        if not self._headers_done:
+            return False
+        names = {name.lower() for name, _value in self._headers}
+        return b"content-length" not in names and b"transfer-encoding" not in names
 
     # httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -124,7 +141,7 @@ class _Connection(asyncio.Protocol):
         done: asyncio.Future[Answer] = self._loop.create_future()
         self._done = done
         self._parser = httptools.HttpResponseParser(self)
-        self._body, self._headers, self.received = [], [], False
+        self._body, self._headers, self.received, self._headers_done = [], [], False, False
         self.transport.write(request)
         self._arm()
         try:
@@ -230,6 +247,10 @@ class Http1Pool:
             self._waiters.append(waiter)
             try:
                 await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled: the wake-up goes to the next in line
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
