@@ -126,7 +126,7 @@ def start_pacemaker(name: str, workdir: Path, config: dict[str, Any], children: 
     child = Child(name, [*launcher, "serve", "--port", str(port)], environment, workdir / "server.log", port)
     children.append(child)
     child.wait_for_port()
-    return Target(name, LABELS[name], f"http://{HOST}:{port}{PATH}", {"Authorization": f"Bearer {key}"}, child)
+    return Target(name, LABELS[name], f"http://{HOST}:{port}", {"Authorization": f"Bearer {key}"}, child)
 
 
 def baseline_tree(ref: str, into: Path) -> Path:

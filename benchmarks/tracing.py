@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import pyspy
-from benchmarks.chat_proxy import MODEL, PATH, SCENARIOS, Result, Target, medians, probe, run_load
+from benchmarks.chat_proxy import MODEL, SCENARIOS, Result, Target, medians, probe, run_load
 from benchmarks.harness import (
     HOST,
     ROOT,
@@ -311,9 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "sampled": "on, 10 % sampled",
             }
             targets = {
-                key: Target(
-                    key, labels[key], f"http://{HOST}:{child.port}{PATH}", {"Authorization": f"Bearer {k}"}, child
-                )
+                key: Target(key, labels[key], f"http://{HOST}:{child.port}", {"Authorization": f"Bearer {k}"}, child)
                 for key, (child, k) in servers.items()
             }
             for target in targets.values():
