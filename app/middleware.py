@@ -59,7 +59,8 @@ class RequestContextMiddleware:
         async def send_with_id(message: Message) -> None:
             if message["type"] in ("http.response.start", "websocket.http.response.start"):
                 # Headers decided along the way (rate-limit state, cost) reach every kind of response.
-                extra = state.get(RESPONSE_HEADERS_KEY, ())
+                # Popped: a held stream would keep them (about 1 KB) as long as it lasts.
+                extra = state.pop(RESPONSE_HEADERS_KEY, ())
                 message["headers"] = [*message.get("headers", ()), header, *extra]
             await send(message)
 

@@ -172,7 +172,7 @@ class ChatFastPath:
                 if context is not None:
                     context.http_status = status
                 # Headers decided along the way (rate-limit state, cost) reach every kind of response.
-                message["headers"] = [*message.get("headers", ()), id_header, *state.get(RESPONSE_HEADERS_KEY, ())]
+                message["headers"] = [*message.get("headers", ()), id_header, *state.pop(RESPONSE_HEADERS_KEY, ())]
             elif kind == "http.response.body" and not message.get("more_body", False):
                 # Journaled before the last byte goes out: a crash after the client has its
                 # whole answer cannot lose the row.
