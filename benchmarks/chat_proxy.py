@@ -64,6 +64,7 @@ import psutil
 from benchmarks import pyspy
 from benchmarks.harness import (
     HOST,
+    ROOT,
     Child,
     can_pin,
     child_env,
@@ -121,6 +122,7 @@ def start_pacemaker(
     name: str = "pacemaker",
     database_url: str | None = None,
     redis_url: str | None = None,
+    code: Path = ROOT,
 ) -> tuple[Child, str]:
     """Pacemaker as `make run` would serve it, on a fresh database (SQLite unless given); it and an API key."""
     home = workdir / name
@@ -147,9 +149,9 @@ def start_pacemaker(
         },
     }
     env = write_config(home / "pacemaker.yaml", config)
-    pacemaker_cli(env, "migrate")
-    key: str = json.loads(pacemaker_cli(env, "keys", "create", "--name", "bench", "--json"))["key"]
-    return serve_pacemaker(name, env, home / "pacemaker.log", children), key
+    pacemaker_cli(env, "migrate", cwd=code)
+    key: str = json.loads(pacemaker_cli(env, "keys", "create", "--name", "bench", "--json", cwd=code))["key"]
+    return serve_pacemaker(name, env, home / "pacemaker.log", children, cwd=code), key
 
 
 class Databases:
@@ -340,6 +342,22 @@ def render(results: Sequence[Result], args: argparse.Namespace, pinning: bool) -
     checks: list[tuple[str, str, str, str]] = []
     for backend in args.backends:
         checks += _checks(get, backend, args.tokens, results)
+    for label, _ in args.compare:
+        for scenario in ("sse_long_c64", "tasks_sse_c64", "sse_c64"):
+            ratios = paired_ratios(
+                results, (f"compare_{label}", scenario), ("bare", scenario.replace("tasks_sse", "sse_long"))
+            )
+            if ratios:
+                spread = " / ".join(fmt(x) for x in ratios)
+                checks.append(
+                    (
+                        f"server CPU per relayed event, {SCENARIOS[scenario].label}: Pacemaker ({label}) / bare proxy's"
+                        f" chat SSE, median of the rounds' ratios (rounds: {spread})",
+                        fmt(statistics.median(ratios)),
+                        "(info)",
+                        "",
+                    )
+                )
     if checks:
         lines += ["| check | measured | target | verdict |", "|---|---:|---|---|"]
         lines += [f"| {name} | {value} | {target} | {outcome} |" for name, value, target, outcome in checks]
@@ -432,7 +450,7 @@ def problems(results: Sequence[Result], args: argparse.Namespace) -> list[str]:
     found = [p for r in results for p in r.problems(f"round {r.round_no}, {r.scenario.label}, {r.target.label}")]
     seen = {(r.round_no, r.scenario.key, r.target.key) for r in results}
     for round_no, scenario, target in itertools.product(range(1, args.rounds + 1), args.scenarios, target_keys(args)):
-        if (SCENARIOS[scenario].route == "chat" or target.startswith("pacemaker")) and (
+        if (SCENARIOS[scenario].route == "chat" or target.startswith(("pacemaker", "compare_"))) and (
             round_no,
             scenario,
             target,
@@ -444,6 +462,7 @@ def problems(results: Sequence[Result], args: argparse.Namespace) -> list[str]:
 def target_keys(args: argparse.Namespace) -> list[str]:
     keys = [t for t in args.targets if t != "pacemaker"]
     if "pacemaker" in args.targets:
+        keys += [f"compare_{label}" for label, _ in args.compare]
         keys += [pacemaker_key(b) for b in args.backends]
     return keys
 
@@ -495,6 +514,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="also measure Pacemaker (embedded) from another checkout's code, e.g. a `git worktree` of an earlier"
+        " commit, in the same rounds (repeatable): before/after figures from one run",
+    )
+    parser.add_argument(
         "--profile",
         type=float,
         default=0.0,
@@ -539,6 +566,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     if not args.backends:
         parser.error("--backends names no backend")
+    args.compare = [tuple(c.split("=", 1)) for c in args.compare]
+    if any(len(c) != 2 or not (Path(c[1]) / "app").is_dir() for c in args.compare):
+        parser.error("--compare takes LABEL=DIR, DIR a checkout (with app/)")
     if unknown:
         parser.error(f"unknown scenario or target: {', '.join(unknown)}")
     return args
@@ -574,6 +604,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 headers = {"Authorization": f"Bearer {api_key}"}
                 url = f"http://{HOST}:{pacemaker.port}"
                 targets[key] = Target(key, label, url, headers, pacemaker, backend)
+            for label, directory in args.compare:
+                key = f"compare_{label}"
+                pacemaker, api_key = start_pacemaker(workdir, fake.port, children, name=key, code=Path(directory))
+                url = f"http://{HOST}:{pacemaker.port}"
+                targets[key] = Target(
+                    key, f"Pacemaker ({label})", url, {"Authorization": f"Bearer {api_key}"}, pacemaker, "embedded"
+                )
             for target in targets.values():
                 for scenario in SCENARIOS.values():
                     if scenario.runs_on(target):

@@ -49,10 +49,10 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def pacemaker_cli(env: dict[str, str], *args: str) -> str:
+def pacemaker_cli(env: dict[str, str], *args: str, cwd: Path = ROOT) -> str:
     """Run `pacemaker ARGS` (migrate, keys create, ...) in its own process; its stdout."""
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "app.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
     )
     if done.returncode != 0:
         raise RuntimeError(f"pacemaker {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
@@ -62,13 +62,15 @@ def pacemaker_cli(env: dict[str, str], *args: str) -> str:
 class Child:
     """A server process in its own session, its output in a log file; stop() ends and reaps it."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path, port: int) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], log_path: Path, port: int, cwd: Path = ROOT
+    ) -> None:
         self.name = name
         self.port = port
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.popen = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            args, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.process = psutil.Process(self.popen.pid)
 
@@ -115,11 +117,12 @@ def write_config(path: Path, config: dict[str, Any]) -> dict[str, str]:
     return child_env(PACEMAKER_CONFIG=str(path))
 
 
-def serve_pacemaker(name: str, env: dict[str, str], log_path: Path, children: list[Child]) -> Child:
-    """`pacemaker serve` on a free port, listed in `children` before it is waited for (so it is always stopped)."""
+def serve_pacemaker(name: str, env: dict[str, str], log_path: Path, children: list[Child], cwd: Path = ROOT) -> Child:
+    """`pacemaker serve` on a free port, listed in `children` before it is waited for (so it is always stopped);
+    `cwd`: another checkout's code (a `git worktree` of an earlier commit), to compare within one run."""
     port = free_port()
     args = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
-    children.append(child := Child(name, args, env, log_path, port))
+    children.append(child := Child(name, args, env, log_path, port, cwd))
     child.wait_for_port()
     return child
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -54,3 +55,21 @@ async def test_token_frames_are_the_bytes_the_event_model_renders(delta: str, ta
     frames = [frame async for frame in _sse(run())]  # type: ignore[arg-type]
     assert frames == [sse_frame(event) for event in events]
     assert orjson.loads(frames[1].split(b"data: ", 1)[1]) == events[1].model_dump()
+
+
+async def test_the_token_deltas_of_one_read_are_one_frame() -> None:
+    spec = SimpleNamespace(burst=0)
+    tokens = [TokenDelta(task_id="t", seq=n, delta=f" w{n}") for n in range(2, 7)]
+
+    async def run() -> object:
+        yield TaskStarted(task_id="t", seq=1, model="m", provider="p", tier=None)
+        for left, event in zip((2, 1, 0, 0, 1), tokens, strict=True):  # a read of three, one of one, ...
+            spec.burst = left
+            yield event
+        spec.burst = 0
+        yield TaskStarted(task_id="t", seq=7, model="m", provider="p", tier=None)
+
+    frames = [frame async for frame in _sse(run(), spec)]  # type: ignore[arg-type]
+    rendered = [sse_frame(event) for event in tokens]
+    assert frames[1:4] == [b"".join(rendered[:3]), rendered[3], rendered[4]]
+    assert len(frames) == 5  # the last read was cut short by another event: flushed before it

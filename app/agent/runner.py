@@ -89,6 +89,9 @@ class TaskSpec:
     # with tool calls and each tool result, then the answer.
     turn: list[Message] = field(default_factory=list)
     control: RunControl = field(init=False)  # its deadline, and cancel()
+    # While a token.delta is out: how many more the runner yields right after it, with no wait between
+    # (the rest of one upstream read). A renderer may write them in one go.
+    burst: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.control = RunControl(self.timeout_s)
@@ -179,7 +182,9 @@ async def _loop(
                     yield fallback
                 told = len(call.fallbacks)
                 if chunk.texts is not None:  # several upstream events read at once: one delta each
-                    for piece in chunk.pieces:
+                    pieces = chunk.pieces
+                    for left, piece in enumerate(pieces, 1 - len(pieces)):
+                        spec.burst = -left
                         yield TokenDelta(task_id=spec.id, seq=progress.next_seq(), delta=piece)
                 elif chunk.text:
                     yield TokenDelta(task_id=spec.id, seq=progress.next_seq(), delta=chunk.text)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from starlette.responses import Response
 
 from app.agent.events import TaskCompleted, TaskFailed, TaskResult, TokenDelta
-from app.agent.runner import Event
+from app.agent.runner import Event, TaskSpec
 from app.agent.schemas import TaskCreate
 from app.audit.context import AuditContext
 from app.audit.router import instant
@@ -94,11 +94,12 @@ async def create_task(
     if stream:
         task = await admit()
         return EventStreamResponse(
-            _sse(service.run(task)),
+            _sse(service.run(task), task.spec),
             ping_seconds=resources.settings.server.sse_ping_seconds,
             active=resources.metrics.active_streams.labels("sse"),
             # Also when the events never started (a client gone before the headers were out).
             on_close=lambda: service.close(task),
+            direct=True,  # the token deltas of one upstream read come as one frame (TaskSpec.burst)
         )
 
     async def run() -> Response:
@@ -218,18 +219,32 @@ async def _result(events: AsyncGenerator[Event, None]) -> Response:
     raise last.error
 
 
-async def _sse(events: AsyncGenerator[Event, None]) -> AsyncGenerator[bytes, None]:
+async def _sse(events: AsyncGenerator[Event, None], spec: TaskSpec | None = None) -> AsyncGenerator[bytes, None]:
+    """The events as SSE frames; with the task's spec, the token deltas of one upstream read as one."""
     task_id: str | None = None
     token_frame = b""  # the task's token.delta frame with its id filled in: seq, seq, delta to go
+    burst: list[bytes] = []  # token frames the runner has more of right behind
     async with aclosing(events):
         async for event in events:
             if type(event) is TokenDelta:  # most of a stream's events: rendered from a template
                 if event.task_id != task_id:
                     task_id = event.task_id
                     token_frame = _token_frame(task_id)
-                yield token_frame % (event.seq, event.seq, orjson.dumps(event.delta))
+                frame = token_frame % (event.seq, event.seq, orjson.dumps(event.delta))
+                if spec is not None and spec.burst > 0:
+                    burst.append(frame)
+                    continue
+                if burst:
+                    burst.append(frame)
+                    frame, burst = b"".join(burst), []
+                yield frame
             else:
+                if burst:
+                    yield b"".join(burst)
+                    burst = []
                 yield sse_frame(event)
+        if burst:
+            yield b"".join(burst)
 
 
 def _token_frame(task_id: str) -> bytes:
