@@ -1,7 +1,7 @@
 """Benchmark POST /v1/chat/completions: the fake upstream alone, a bare aiohttp proxy, and Pacemaker.
 
     .venv/bin/python -m benchmarks.chat_proxy [--seconds 5] [--warmup 1] [--profile 10] [--smoke]
-        [--backends embedded,postgres-redis] [--tokens 100]
+        [--backends embedded,postgres-redis] [--tokens 100] [--compare LABEL=DIR]
 
 Starts these servers on 127.0.0.1, one uvicorn (or aiohttp) worker each:
 
@@ -32,6 +32,10 @@ time over the measured window (psutil), divided by the requests completed in it.
 --profile N adds, after the measurements, an N-second py-spy recording (--gil: Python CPU time) of
 Pacemaker under the JSON c=64 load, or --profile-scenario's, not counted in the table, and prints
 where its CPU goes. py-spy is not a project dependency: `.venv/bin/pip install py-spy` first.
+
+--compare LABEL=DIR (repeatable) adds a Pacemaker (embedded) served from another checkout's code, e.g.
+`git worktree add --detach /tmp/wt/base <commit>`, measured in the same rounds: before/after figures
+from one run, each as the median of its rounds' paired ratios to the bare proxy.
 
 --smoke runs every row once for a fraction of a second, unpinned (seconds; figures mean nothing).
 Either way the exit status is 1 if a row is missing, had a failed request, or has a figure that
