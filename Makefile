@@ -68,9 +68,10 @@ openapi: install
 migrate: install
 	$(BIN)/pacemaker migrate
 
-## bench: the chat-completions benchmark (figures in the README)
+## bench: every performance target but the held streams, with verdicts (benchmarks/targets.py: chat on both
+## backends against the bare proxy, idle memory, two workers; about 15 minutes; figures in the README)
 bench: install
-	$(BIN)/python -m benchmarks.chat_proxy
+	$(BIN)/python -m benchmarks.targets $(BENCH_ARGS)
 
 ## bench-held: issue 13's held streams (1,000/5,000/9,000 at 1 event/s, 1,000 at 10 events/s) on the upstream,
 ## the bare proxy and Pacemaker, one worker each; about 10 minutes. HELD_ARGS='--counts 1000,5000' for fewer rows

@@ -102,7 +102,9 @@ MESSAGES = [
     {"role": "user", "content": "Name twelve Greek letters, please."},
 ]
 QUERY = "Name twelve Greek letters, please."
-TARGET_CHECKS = {"pacemaker_vs_bare_rps_c64": 0.6, "pacemaker_added_p50_ms_c1": 2.0, "cpu_per_event_vs_bare": 1.3}
+# Issue 13's targets. The c=1 added p50 here compares rows seconds apart; benchmarks.latency_ab
+# interleaves the targets request by request, which a shared machine's noise cannot tilt.
+TARGET_CHECKS = {"pacemaker_vs_bare_rps_c64": 0.75, "pacemaker_added_p50_ms_c1": 0.2, "cpu_per_event_vs_bare": 1.3}
 
 
 # ---------------------------------------------------------------------------------------------
