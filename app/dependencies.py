@@ -7,7 +7,6 @@ from typing import Annotated
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
-from app import fastapi_compat as _fastapi_compat  # noqa: F401  # before any route: no pydantic.v1
 from app.audit.context import AuditContext
 from app.auth.authenticator import key_from_headers
 from app.auth.principal import Principal
