@@ -242,10 +242,11 @@ def build_lifespan(
             tools = [*builtin_tools(), *(HttpTool(cfg, tool_http[cfg.allow_private]) for cfg in settings.tools.http)]
             sandbox = Sandbox(settings.sandbox) if settings.tools.python else None
             if sandbox is not None:
-                # Compiles the guest in a subprocess on first start (seconds); later starts map the cache.
+                # Compiles the guest in a subprocess on first start (seconds); the runtime loads on first use.
                 startup = await sandbox.start()
                 stack.push_async_callback(sandbox.close)
-                log.info("sandbox ready (%s)", "compiled the module" if startup.compiled else "module cache hit")
+                made = "compiled the module" if startup.compiled else "module cache found"
+                log.info("sandbox ready (%s; the runtime loads on the first run)", made)
                 tools.append(PythonTool(sandbox, settings.sandbox))
             audit = AuditSink(engine, settings.audit, metrics) if settings.audit.enabled else None
             if audit is not None:
