@@ -25,6 +25,15 @@ async def wait_for_disconnect(upstream: httpx.AsyncClient, tag: str, timeout: fl
     raise AssertionError(f"the fake upstream never saw request {tag} disconnect")
 
 
+async def wait_for_request(upstream: httpx.AsyncClient, tag: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (await upstream.get("/_control/stats")).json()["by_tag"].get(tag):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the fake upstream never received request {tag}")
+
+
 @pytest.mark.parametrize("route", ["tasks", "chat"])
 async def test_client_leaving_mid_stream_closes_the_upstream_connection_within_a_second(
     client: httpx.AsyncClient, upstream_stats: httpx.AsyncClient, route: str
@@ -59,6 +68,10 @@ async def test_client_leaving_while_the_upstream_is_silent_still_cancels_it(
     async with client.stream("POST", "/v1/tasks", json=body) as response:
         async for event in read_sse(response):
             assert event.event == "task.started"
+            # task.started comes before the model call: leave once the upstream has the request (and
+            # is silent), or there is no upstream connection yet to see closed (a call never made).
+            # Inside the loop: leaving it closes the event reader and with it the connection.
+            await wait_for_request(upstream_stats, tag)
             break
     left_at = time.time()
     seen = await wait_for_disconnect(upstream_stats, tag)
