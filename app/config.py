@@ -107,7 +107,7 @@ class ProviderSettings(_Section):
     read_timeout_s: float = Field(120.0, gt=0, description="Longest silence allowed between bytes.")
     # Upstream connections open at once (the session's pool, sized by the largest of these): each held
     # stream is one, so this caps the streams an instance holds (past it, new calls wait for a connection).
-    max_connections: int = Field(4096, ge=1)
+    max_connections: int = Field(16_384, ge=1)
     # simulated: how fast tokens are streamed; 0 streams without delay.
     tokens_per_second: float = Field(60.0, ge=0)
 
