@@ -106,19 +106,7 @@ class BodyLimitMiddleware:
                     return
                 break
 
-        received = 0
         response_started = False
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    if message.get("more_body", False):
-                        await _drain(receive, received)
-                    raise _BodyTooLarge
-            return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal response_started
@@ -127,10 +115,28 @@ class BodyLimitMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, limited_receive(receive, limit), tracking_send)
         except _BodyTooLarge:
             if not response_started:
                 await _send_too_large(send, limit)
+
+
+def limited_receive(receive: Receive, limit: int) -> Receive:
+    """`receive`, counting body bytes: past `limit` it reads the rest away and raises _BodyTooLarge."""
+    received = 0
+
+    async def counting_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                if message.get("more_body", False):
+                    await _drain(receive, received)
+                raise _BodyTooLarge
+        return message
+
+    return counting_receive
 
 
 class _BodyTooLarge(HTTPException):

@@ -49,6 +49,7 @@ from app.middleware import (
     _drain,
     _request_id,
     _send_too_large,
+    limited_receive,
     request_id_var,
 )
 from app.observability import tracing
@@ -202,18 +203,7 @@ class ChatFastPath:
                 await _drain(receive, int(content_length))
                 await _send_too_large(send_fused, limit)
                 return
-            received = 0
-
-            async def counting_receive() -> Message:
-                nonlocal received
-                message = await receive()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > limit:
-                        if message.get("more_body", False):
-                            await _drain(receive, received)
-                        raise _BodyTooLarge
-                return message
+            counting_receive = limited_receive(receive, limit)
 
             # HttpMetricsMiddleware, then the router's match and the route
             began = time.perf_counter()
