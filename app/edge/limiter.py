@@ -37,6 +37,7 @@ from limits.aio.storage import Storage
 from app.edge.metrics import EdgeMetrics
 from app.edge.settings import EdgeSettings, rate_item
 from app.edge.storage import BoundedMemoryStorage
+from app.enforcement.outage import Outage
 from app.errors import EdgeRateLimited
 from app.redis_errors import backend_errors
 
@@ -115,10 +116,7 @@ class EdgeLimiter:
         # Both counters of an address, in process: the only ones without Redis, the fallback with it.
         self._local = BoundedMemoryStorage(2 * settings.max_addresses, clock=wall)
         self._shared = shared
-        self._cooldown_s = cooldown_s
-        self._down = False
-        self._skip_until = 0.0
-        self._probing = False
+        self._outage = Outage(clock, cooldown_s)
         self._blocked: OrderedDict[str, Block] = OrderedDict()
         # Failed authentications of an address in its current window, as last counted: (count, window end).
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
@@ -131,7 +129,7 @@ class EdgeLimiter:
     @property
     def degraded(self) -> bool:
         """True while Redis is considered down and the edge counts in process."""
-        return self._down
+        return self._outage.down
 
     # ---- every request
 
@@ -235,8 +233,8 @@ class EdgeLimiter:
 
     async def _incr(self, key: str, expiry: int) -> int:
         shared = self._shared
-        if shared is not None and self._use_shared():
-            probe = self._start_probe()
+        if shared is not None and self._outage.may_try():
+            probe = self._outage.start_probe()
             try:
                 count = await shared.incr(key, expiry)
             except backend_errors() as exc:
@@ -245,13 +243,13 @@ class EdgeLimiter:
                 self._answered()
                 return count
             finally:
-                self._end_probe(probe)
+                self._outage.end_probe(probe)
         return self._local.incr_now(key, expiry)
 
     async def _window_end(self, key: str) -> float:
         shared = self._shared
-        if shared is not None and self._use_shared():
-            probe = self._start_probe()
+        if shared is not None and self._outage.may_try():
+            probe = self._outage.start_probe()
             try:
                 ends = await shared.get_expiry(key)
             except backend_errors() as exc:
@@ -260,30 +258,12 @@ class EdgeLimiter:
                 self._answered()
                 return ends
             finally:
-                self._end_probe(probe)
+                self._outage.end_probe(probe)
         return self._local.expiry_now(key)
-
-    def _use_shared(self) -> bool:
-        if not self._down:
-            return True
-        # One probe at a time: the others keep counting in process instead of each waiting on a timeout.
-        return not self._probing and self.clock() >= self._skip_until
-
-    def _start_probe(self) -> bool:
-        probe = self._down
-        if probe:
-            self._probing = True
-        return probe
-
-    def _end_probe(self, probe: bool) -> None:
-        if probe:
-            self._probing = False
 
     def _backend_failed(self, exc: BaseException) -> None:
         self.metrics.backend_errors.inc()
-        self._skip_until = self.clock() + self._cooldown_s
-        if not self._down:
-            self._down = True
+        if self._outage.failed():
             log.warning(
                 "edge limits: Redis unavailable (%s: %s); counting per address in process until it answers",
                 type(exc).__name__,
@@ -291,8 +271,7 @@ class EdgeLimiter:
             )
 
     def _answered(self) -> None:
-        if self._down:
-            self._down = False
+        if self._outage.answered():
             # The outage's counts were this instance's alone; Redis has everyone's again.
             self._local = BoundedMemoryStorage(2 * self._max, clock=self._wall)
             log.info("edge limits: Redis is answering again")

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 
 from app.enforcement.limits import Admission, Limiter, LimitSpec, PeriodSpend, Reservation
 from app.enforcement.memory_limiter import MemoryLimiter
+from app.enforcement.outage import Outage
 from app.errors import LimiterUnavailable
 
 log = logging.getLogger(__name__)
@@ -57,21 +58,17 @@ class ResilientLimiter:
         self._fallback = fallback
         self._policy = policy
         self._on_error = on_error
-        self._clock = clock
         self._retry_after_s = retry_after_s
-        self._cooldown_s = cooldown_s
-        self._down = False
-        self._skip_until = 0.0
-        self._probing = False
+        self._outage = Outage(clock, cooldown_s)
 
     @property
     def degraded(self) -> bool:
         """True while the primary is considered down (for a health check)."""
-        return self._down
+        return self._outage.down
 
     async def admit(self, key_id: int, spec: LimitSpec, *, tokens: int, cost_usd: Decimal) -> Admission:
-        if self._use_primary():
-            probe = self._start_probe()
+        if self._outage.may_try():
+            probe = self._outage.start_probe()
             try:
                 admission = await self._primary.admit(key_id, spec, tokens=tokens, cost_usd=cost_usd)
             except BACKEND_ERRORS as exc:
@@ -80,7 +77,7 @@ class ResilientLimiter:
                 self._answered()
                 return admission
             finally:
-                self._end_probe(probe)
+                self._outage.end_probe(probe)
         if self._policy == "fail_closed":
             raise LimiterUnavailable(
                 "The rate limiter's backend is unreachable; try again shortly.", retry_after=self._retry_after_s
@@ -100,8 +97,8 @@ class ResilientLimiter:
                 key_id, spec, reservation, actual_tokens=actual_tokens, actual_cost_usd=actual_cost_usd
             )
             return
-        if self._use_primary():
-            probe = self._start_probe()
+        if self._outage.may_try():
+            probe = self._outage.start_probe()
             try:
                 await self._primary.settle(
                     key_id, spec, reservation, actual_tokens=actual_tokens, actual_cost_usd=actual_cost_usd
@@ -112,15 +109,15 @@ class ResilientLimiter:
                 self._answered()
                 return
             finally:
-                self._end_probe(probe)
+                self._outage.end_probe(probe)
         # Redis took the reservation and is away now: the reservation stands there (the strict
         # side: the key is charged the estimate), and the buckets refill on their own.
         log.debug("limiter backend down: settle for key %s dropped", key_id)
 
     async def seed(self, key_id: int, spec: LimitSpec, spend: PeriodSpend) -> None:
         """Seed the backend the next admit will ask: the primary, or the fallback while it is down."""
-        if self._use_primary():
-            probe = self._start_probe()
+        if self._outage.may_try():
+            probe = self._outage.start_probe()
             try:
                 await self._primary.seed(key_id, spec, spend)
             except BACKEND_ERRORS as exc:
@@ -129,7 +126,7 @@ class ResilientLimiter:
                 self._answered()
                 return
             finally:
-                self._end_probe(probe)
+                self._outage.end_probe(probe)
         if self._policy == "fail_closed":
             raise LimiterUnavailable(
                 "The rate limiter's backend is unreachable; try again shortly.", retry_after=self._retry_after_s
@@ -140,34 +137,15 @@ class ResilientLimiter:
         await self._primary.aclose()
         await self._fallback.aclose()
 
-    def _use_primary(self) -> bool:
-        if not self._down:
-            return True
-        # One probe at a time: concurrent requests keep using the fallback instead of each timing out.
-        return not self._probing and self._clock() >= self._skip_until
-
-    def _start_probe(self) -> bool:
-        probe = self._down
-        if probe:
-            self._probing = True
-        return probe
-
-    def _end_probe(self, probe: bool) -> None:
-        if probe:
-            self._probing = False
-
     def _failed(self, exc: BaseException) -> None:
         if self._on_error is not None:
             self._on_error()
-        self._skip_until = self._clock() + self._cooldown_s
-        if not self._down:
-            self._down = True
+        if self._outage.failed():
             action = "answering from the local share" if self._policy == "fail_open" else "refusing with 503"
             log.warning("rate limiter backend unavailable (%s: %s); %s", type(exc).__name__, exc, action)
 
     def _answered(self) -> None:
-        if self._down:
-            self._down = False
+        if self._outage.answered():
             # What the fallback spent meanwhile is in the audit log; a later outage seeds from there,
             # not from this outage's state, which knows nothing of the spend on the primary since.
             self._fallback.forget()
