@@ -70,9 +70,10 @@ class ServerSettings(_Section):
     cors: CorsSettings = CorsSettings()
     # Per client address, before authentication: requests, and failed authentications (app/edge/).
     edge: EdgeSettings = EdgeSettings()
-    # POST /v1/chat/completions on its pure-ASGI fast path (app/openai_compat/fast_path.py), the same
-    # guarantees without the framework's layers; off: through the whole stack, as every other route.
+    # POST /v1/chat/completions and POST /v1/tasks on the pure-ASGI fast path (app/fast_path.py), the
+    # same guarantees without the framework's layers; off: through the whole stack, as every other route.
     chat_fast_path: bool = True
+    tasks_fast_path: bool = True
 
 
 class DatabaseSettings(_Section):

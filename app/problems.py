@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -69,6 +70,23 @@ def http_error(exc: StarletteHTTPException) -> AppError:
     error = AppError(str(exc.detail), headers=dict(exc.headers or {}))
     error.status = exc.status_code
     return error
+
+
+def with_problem_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """`handler`, its errors rendered as the handlers installed below render them, for a route served
+    outside FastAPI's exception middleware (app/fast_path.py). Unexpected errors are the caller's."""
+
+    async def handle(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except AppError as exc:
+            return problem_response(exc)
+        except RequestValidationError as exc:
+            return problem_response(validation_error(exc))
+        except StarletteHTTPException as exc:  # also a body over the limit while it was read
+            return problem_response(http_error(exc))
+
+    return handle
 
 
 async def _on_app_error(_request: Request, exc: Exception) -> Response:

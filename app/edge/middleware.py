@@ -65,7 +65,7 @@ async def refused(
 ) -> bool:
     """Count the request of its client's address; True when it was refused here (its 429 sent).
 
-    The middleware's work, also for the chat route's fast path (app/openai_compat/fast_path.py), which
+    The middleware's work, also for the fast path (app/fast_path.py), which
     hands over the Authorization and X-API-Key headers it has already found (`key_headers`)."""
     edge = resources.edge
     client = scope.get("client")

@@ -37,20 +37,27 @@ def openai_error_response(error: AppError) -> Response:
     )
 
 
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
 class OpenAIErrorRoute(APIRoute):
     """A route whose errors (auth, validation, limits, upstream) render in OpenAI's error format."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
+    def get_route_handler(self) -> Handler:
+        return with_openai_errors(super().get_route_handler())
 
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except AppError as exc:
-                return openai_error_response(exc)
-            except RequestValidationError as exc:
-                return openai_error_response(validation_error(exc))
-            except HTTPException as exc:
-                return openai_error_response(http_error(exc))
 
-        return handle
+def with_openai_errors(handler: Handler) -> Handler:
+    """`handler`, its errors in OpenAI's envelope (also on the fast path, app/fast_path.py)."""
+
+    async def handle(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except AppError as exc:
+            return openai_error_response(exc)
+        except RequestValidationError as exc:
+            return openai_error_response(validation_error(exc))
+        except HTTPException as exc:  # also a body over the limit while it was read (app/middleware.py)
+            return openai_error_response(http_error(exc))
+
+    return handle

@@ -1,5 +1,6 @@
-"""POST /v1/chat/completions on its fast path answers as the whole stack does: statuses, headers, bodies,
-audit rows and HTTP metrics, compared request by request with a server that has the fast path off."""
+"""POST /v1/chat/completions and POST /v1/tasks on the fast path answer as the whole stack does: statuses,
+headers, bodies, audit rows and HTTP metrics, compared request by request with a server that has the fast
+path off."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Ite
             config = server_config(
                 workdir, fake_upstream, breakers={"min_calls": 1_000_000}, retries={"max_retries": 0}
             )
-            config["server"]["chat_fast_path"] = on
+            config["server"]["chat_fast_path"] = config["server"]["tasks_fast_path"] = on
             started[name] = start_pacemaker(workdir, config)
         yield started
     finally:
@@ -52,7 +53,43 @@ def servers(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Ite
             server.process.stop()
 
 
+CHAT = "/v1/chat/completions"
+TASKS = "/v1/tasks"
+
+
 def _requests() -> list[tuple[str, dict[str, Any]]]:
+    return [(f"chat {label}", {"path": CHAT, **kwargs}) for label, kwargs in _chat_requests()] + [
+        (f"task {label}", {"path": TASKS, **kwargs}) for label, kwargs in _task_requests()
+    ]
+
+
+def _task_requests() -> list[tuple[str, dict[str, Any]]]:
+    good = {"query": "Say something", "model": "fake-model"}
+    raw = json.dumps(good).encode()
+    return [
+        ("result", {"json": good}),
+        ("simulated", {"json": {"query": "What is 17 * 23 + 4?"}}),
+        ("streamed", {"json": {**good, "stream": True}}),
+        ("streamed by Accept", {"json": good, "headers": {"Accept": "text/event-stream"}}),
+        ("background", {"json": {**good, "background": True}}),
+        ("idempotent", {"json": good, "headers": {"Idempotency-Key": f"parity-{uuid.uuid4().hex}"}}),
+        ("idempotent stream", {"json": {**good, "stream": True}, "headers": {"Idempotency-Key": "parity-stream"}}),
+        ("no key", {"json": good, "headers": {"Authorization": ""}}),
+        ("bad key", {"json": good, "headers": {"Authorization": "Bearer pm_nope"}}),
+        ("malformed", {"content": b"{not json", "headers": {"Content-Type": "application/json"}}),
+        ("invalid", {"json": {"model": "fake-model"}}),
+        ("unknown model", {"json": {**good, "model": "no-such-model"}}),
+        ("too large", {"content": b" " * 1_100_000 + raw, "headers": {"Content-Type": "application/json"}}),
+        (
+            "too large chunked",
+            {"content": _chunked(b" " * 1_100_000 + raw), "headers": {"Content-Type": "application/json"}},
+        ),
+        ("upstream fails", {"json": {**good, "query": "boom #status=500"}}),
+        ("upstream fails streamed", {"json": {**good, "query": "boom #status=503", "stream": True}}),
+    ]
+
+
+def _chat_requests() -> list[tuple[str, dict[str, Any]]]:
     good = {"model": "fake-model", "messages": [{"role": "user", "content": "Say something"}]}
     raw = json.dumps(good).encode()
     return [
@@ -81,8 +118,9 @@ async def _chunked(data: bytes) -> AsyncIterator[bytes]:
 
 def _shape(value: Any) -> Any:
     """The JSON's structure and stable values: ids, times and free text left out."""
+    varying = ("id", "created", "request_id", "message", "created_at", "started_at", "duration_ms", "task_id")
     if isinstance(value, dict):
-        return {k: _shape(v) for k, v in value.items() if k not in ("id", "created", "request_id", "message")}
+        return {k: _shape(v) for k, v in value.items() if k not in varying}
     if isinstance(value, list):
         return [_shape(v) for v in value]
     return value
@@ -91,8 +129,9 @@ def _shape(value: Any) -> Any:
 async def _send(server: PacemakerServer, label: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     request_id = f"fast-{label.replace(' ', '-')}-{uuid.uuid4().hex[:8]}"
     headers = {"X-Request-ID": request_id, "User-Agent": "parity-test", **kwargs.pop("headers", {})}
+    path = kwargs.pop("path")
     async with server.client() as http:
-        response = await http.post("/v1/chat/completions", headers=headers, **kwargs)
+        response = await http.post(path, headers=headers, **kwargs)
     body: Any = response.text
     if response.headers.get("content-type", "").startswith(("application/json", "application/problem+json")):
         body = _shape(response.json())
@@ -127,7 +166,9 @@ async def _wait_for_rows(server: PacemakerServer, request_ids: set[str]) -> dict
 def _route_metrics(text: str) -> dict[str, float]:
     lines = {}
     for line in text.splitlines():
-        if line.startswith("pacemaker_http_requests_total{") and 'handler="/v1/chat/completions"' in line:
+        if line.startswith("pacemaker_http_requests_total{") and (
+            f'handler="{CHAT}"' in line or f'handler="{TASKS}"' in line
+        ):
             name, value = line.rsplit(" ", 1)
             lines[name] = float(value)
     return lines

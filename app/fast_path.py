@@ -1,46 +1,50 @@
-"""POST /v1/chat/completions as one pure-ASGI function: the hottest route without the framework's layers.
+"""The hottest routes as one pure-ASGI function: POST /v1/chat/completions and POST /v1/tasks without the
+framework's layers.
 
 Everything else goes through the whole stack (app/main.py): FastAPI's entry (its native telemetry)
-and error middlewares, our six middlewares, the router and its dependency solving. For this route
-that stack was more than a third of the server's CPU per request (py-spy, JSON at concurrency 64),
-against work of its own that is the same every time. So this app, outermost, does what those
-layers do for this one route, in one frame and one `send` wrapper, with the same objects and
-functions they use:
+and error middlewares, our six middlewares, the router and its dependency solving. For these routes
+that stack was more than a third of the server's CPU per request (py-spy, chat JSON at concurrency
+64), and on a streamed task every event passed six `send` wrappers (14 % of its CPU with 9,000 streams
+held), against work of its own that is the same every time. So this app, outermost, does what those
+layers do for these routes, in one frame and one `send` wrapper, with the same objects and functions
+they use:
 
 - the request id (the client's when well-formed), the traffic counters (RequestContextMiddleware);
 - the per-address edge limits, and their refusals (app/edge/middleware.py, the same function);
 - the audit context, its row submitted before the last byte or when the request ends without one
   (AuditMiddleware), with the route's template;
 - the body limit, by Content-Length (413 problem+json before anything else) or while the body comes
-  in (the route's 413, in OpenAI's envelope) (BodyLimitMiddleware);
+  in (the route's own 413) (BodyLimitMiddleware);
 - the HTTP metrics by route template and status class (HttpMetricsMiddleware);
-- the route's errors in OpenAI's envelope (OpenAIErrorRoute), and anything unexpected logged and
-  answered 500 problem+json, then raised to the server, as Starlette's ServerErrorMiddleware does.
+- the route's errors as its handler renders them (OpenAI's envelope on the chat route, problem+json on
+  the tasks route), and anything unexpected logged and answered 500 problem+json, then raised to the
+  server, as Starlette's ServerErrorMiddleware does.
 
-The route's own work is the very handler FastAPI would call (`chat_completions`), so auth, limits,
-budgets, breakers and fallback, idempotency, drain and load shedding (the enforcer's), usage and the
-cost header are the same code. The route stays registered with FastAPI, which documents it in the
-OpenAPI schema. Requests this path does not take go to the whole stack, unchanged: other routes and
-methods, a request with an Origin while CORS is on, and every request while tracing is on (the
-request span is the request-id middleware's).
+Each route's own work is the very handler FastAPI calls (`chat_completions`, `create_task`), so auth,
+limits, budgets, breakers and fallback, idempotency, drain and load shedding (the enforcer's), usage
+and the cost header are the same code. The routes stay registered with FastAPI, which documents them
+in the OpenAPI schema. Requests this path does not take go to the whole stack, unchanged: other
+routes and methods, a request with an Origin while CORS is on, and every request while tracing is
+on (the request span is the request-id middleware's).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from prometheus_client.metrics import Counter
+from prometheus_client.metrics import Counter, Histogram
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.audit.context import AuditContext, audit_var
+from app.audit.middleware import transport_for
 from app.edge.middleware import refused
-from app.errors import AppError
 from app.middleware import (
     REQUEST_ID_HEADER,
     RESPONSE_HEADERS_KEY,
@@ -54,26 +58,37 @@ from app.middleware import (
 )
 from app.observability import tracing
 from app.observability.metrics import Metrics
-from app.openai_compat.errors import openai_error_response
-from app.openai_compat.router import chat_completions
-from app.problems import http_error, unexpected_error_response, validation_error
+from app.problems import unexpected_error_response
 from app.resources import Resources
 
-PATH = "/v1/chat/completions"
 _STATUS_CLASSES = {n: f"{n}xx" for n in range(1, 6)}
 
+Handler = Callable[[Request], Awaitable[Response]]
 
-class ChatFastPath:
-    """Takes POST /v1/chat/completions before `app` (the whole stack) would, when nothing calls for the stack."""
 
-    PATH = PATH
+@dataclass(slots=True)
+class FastRoute:
+    """A POST route this path serves: FastAPI's route object (its template names the audit row and the
+    metrics; scope["route"] and scope["endpoint"] are set from it) and its handler, which does the
+    route's work and renders its errors as the route's own error handling does."""
+
+    route: APIRoute
+    handler: Handler
+    transport: str = ""  # the audit row's until the route names its own (transport_for)
+    # The route's series, looked up once rather than by labels on every request.
+    seconds: Histogram | None = None
+    by_class: dict[int, Counter] = field(default_factory=dict)
+
+
+class FastPath:
+    """Takes its routes' POSTs before `app` (the whole stack) would, when nothing calls for the stack."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
         owner: ASGIApp,
-        route: APIRoute,
+        routes: list[FastRoute],
         metrics: Metrics,
         counters: TrafficCounters,
         max_body_bytes: int,
@@ -81,23 +96,18 @@ class ChatFastPath:
     ) -> None:
         self.app = app
         self.owner = owner  # the application, scope["app"] as Starlette sets it
-        self.route = route
+        self.routes = {entry.route.path: entry for entry in routes}
+        for entry in routes:
+            entry.transport = transport_for(entry.route.path)
+            entry.seconds = metrics.http_seconds.labels("POST", entry.route.path)
         self.counters = counters
         self.max_body_bytes = max_body_bytes
         self.cors_on = cors_on
-        # The route's series, looked up once rather than by labels on every request.
-        self._seconds = metrics.http_seconds.labels("POST", route.path)
         self._requests = metrics.http_requests
-        self._by_class: dict[int, Counter] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["path"] != PATH
-            or scope["method"] != "POST"
-            or scope.get("root_path")
-            or tracing.TRACER is not None
-        ):
+        entry = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if entry is None or scope["method"] != "POST" or scope.get("root_path") or tracing.TRACER is not None:
             await self.app(scope, receive, send)
             return
         content_length: bytes | None = None
@@ -126,11 +136,12 @@ class ChatFastPath:
             await self.app(scope, receive, send)
             return
         await self._serve(
-            scope, receive, send, state, resources, content_length, user_agent, (authorization, x_api_key)
+            entry, scope, receive, send, state, resources, content_length, user_agent, (authorization, x_api_key)
         )
 
     async def _serve(
         self,
+        entry: FastRoute,
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -188,10 +199,11 @@ class ChatFastPath:
                 return
             # AuditMiddleware
             client = scope.get("client")
+            route = entry.route
             context = AuditContext(
                 request_id=request_id,
-                route=PATH,
-                transport="openai",
+                route=route.path,
+                transport=entry.transport,
                 client_ip=client[0] if client else None,
                 user_agent=user_agent.decode("latin-1") if user_agent is not None else None,
             )
@@ -208,24 +220,24 @@ class ChatFastPath:
             # HttpMetricsMiddleware, then the router's match and the route
             began = time.perf_counter()
             scope["app"] = self.owner
-            scope["route"] = self.route
-            scope["endpoint"] = chat_completions
+            scope["route"] = route
+            scope["endpoint"] = route.endpoint
             scope["path_params"] = {}
             try:
-                response = await _handle(_Request(scope, counting_receive))
+                response = await entry.handler(_Request(scope, counting_receive))
                 await response(scope, counting_receive, send_fused)
             except _BodyTooLarge:
                 if started:
                     raise
                 await _send_too_large(send_fused, limit)
             finally:
-                self._observe(status, time.perf_counter() - began)
+                self._observe(entry, status, time.perf_counter() - began)
         except Exception as exc:
             if context is not None and context.http_status is None:
                 context.http_status = 500
             # ServerErrorMiddleware: a 500 if nothing was sent yet, then raised for the server to log.
             if not started:
-                response = unexpected_error_response("POST", PATH, exc)
+                response = unexpected_error_response("POST", scope["path"], exc)
                 await response(scope, receive, send)
             raise
         except BaseException:
@@ -239,13 +251,14 @@ class ChatFastPath:
             counters.active_requests -= 1
             request_id_var.reset(id_token)
 
-    def _observe(self, status: int, seconds: float) -> None:
-        counter = self._by_class.get(status // 100)
+    def _observe(self, entry: FastRoute, status: int, seconds: float) -> None:
+        counter = entry.by_class.get(status // 100)
         if counter is None:
             status_class = _STATUS_CLASSES.get(status // 100, "5xx")
-            counter = self._by_class[status // 100] = self._requests.labels("POST", self.route.path, status_class)
+            counter = entry.by_class[status // 100] = self._requests.labels("POST", entry.route.path, status_class)
         counter.inc()
-        self._seconds.observe(seconds)
+        assert entry.seconds is not None
+        entry.seconds.observe(seconds)
 
 
 class _Headers(Headers):
@@ -288,15 +301,3 @@ class _Request(Request):
                     raise ClientDisconnect()
             self._body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return self._body
-
-
-async def _handle(request: Request) -> Any:
-    """chat_completions with its errors in OpenAI's envelope (OpenAIErrorRoute's handler)."""
-    try:
-        return await chat_completions(request)
-    except AppError as exc:
-        return openai_error_response(exc)
-    except RequestValidationError as exc:
-        return openai_error_response(validation_error(exc))
-    except HTTPException as exc:  # also a body over the limit while it was read (BodyLimitMiddleware's)
-        return openai_error_response(http_error(exc))
