@@ -118,34 +118,37 @@ async def run_agent(spec: TaskSpec, metrics: Metrics, tools: ToolInvoker) -> Asy
     progress = _Progress()
     started = time.perf_counter()
     spec.control.start()
-    yield TaskStarted(
-        task_id=spec.id,
-        seq=progress.next_seq(),
-        model=spec.route.name,
-        provider=spec.route.provider.name,
-        tier=spec.tier,
-    )
-    history = spec.history
-    if history is not None and history.left_out:
-        yield SessionTruncated(
+    try:
+        yield TaskStarted(
             task_id=spec.id,
             seq=progress.next_seq(),
-            session_id=history.session_id,
-            turns_left_out=history.left_out,
-            turns_sent=history.turns,
+            model=spec.route.name,
+            provider=spec.route.provider.name,
+            tier=spec.tier,
         )
-    try:
-        # aclosing: if our consumer goes away, the inner loop (and its upstream call) closes now.
-        async with aclosing(_loop(spec, progress, metrics, tools, started)) as events:
-            async for event in events:
-                yield event
-    except TimeoutError:
-        yield _failed(spec, progress, RequestTimeout(f"The task did not finish within {spec.timeout_s:g} s."))
-    except AppError as exc:
-        yield _failed(spec, progress, exc)
-    except Exception:
-        log.exception("task %s failed unexpectedly", spec.id)
-        yield _failed(spec, progress, AppError("The task failed on an internal error."))
+        history = spec.history
+        if history is not None and history.left_out:
+            yield SessionTruncated(
+                task_id=spec.id,
+                seq=progress.next_seq(),
+                session_id=history.session_id,
+                turns_left_out=history.left_out,
+                turns_sent=history.turns,
+            )
+        try:
+            # aclosing: if our consumer goes away, the inner loop (and its upstream call) closes now.
+            async with aclosing(_loop(spec, progress, metrics, tools, started)) as events:
+                async for event in events:
+                    yield event
+        except TimeoutError:
+            yield _failed(spec, progress, RequestTimeout(f"The task did not finish within {spec.timeout_s:g} s."))
+        except AppError as exc:
+            yield _failed(spec, progress, exc)
+        except Exception:
+            log.exception("task %s failed unexpectedly", spec.id)
+            yield _failed(spec, progress, AppError("The task failed on an internal error."))
+    finally:
+        spec.control.stop()
 
 
 async def _loop(
