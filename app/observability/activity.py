@@ -92,7 +92,7 @@ class Activity:
         self._slots = [_Second() for _ in range(SLOTS)]
         self.cost_total: dict[str, float] = {}  # per model since start, to the last complete second reported
         self._costed_until = 0  # the seconds before this one are in cost_total
-        self._tasks: OrderedDict[str, dict[str, Any]] = OrderedDict()  # newest last
+        self._tasks: OrderedDict[str, _RecentTask] = OrderedDict()  # newest last
         self._prefixes: dict[str, str] = {}  # key prefix of the tasks running here
         self.listeners: list[TaskListener] = []
 
@@ -147,13 +147,15 @@ class Activity:
         self._task(record, self._prefixes.pop(record.id, None), transport)
 
     def _task(self, record: TaskRecord, key_prefix: str | None, transport: str) -> None:
-        summary = task_summary(record, key_prefix, transport, self.instance_id)
-        self._tasks[record.id] = summary
+        recent = _RecentTask(record, key_prefix, transport, self.instance_id)
+        self._tasks[record.id] = recent
         self._tasks.move_to_end(record.id)
         while len(self._tasks) > RECENT_TASKS:
             self._tasks.popitem(last=False)
-        for listener in self.listeners:
-            listener(summary)
+        if self.listeners:
+            summary = recent.summary()
+            for listener in self.listeners:
+                listener(summary)
 
     # --- once a second -------------------------------------------------------------------------
 
@@ -197,12 +199,29 @@ class Activity:
             "statuses": statuses,
             "codes": codes,
             "models": models,
-            "recent_tasks": list(reversed(self._tasks.values())),
+            "recent_tasks": [recent.summary() for recent in reversed(self._tasks.values())],
         }
 
     def _seconds(self, now: int, count: int) -> Iterable[_Second]:
         oldest = now - count
         return [slot for slot in self._slots if oldest <= slot.at < now]
+
+
+class _RecentTask:
+    """A task as the dashboard lists it, summarised when first read: most records are replaced by the
+    task's next one (or pushed out) before anyone reads them, and a summary cost more than the rest of
+    this bookkeeping (the record is immutable, so a later summary says the same)."""
+
+    __slots__ = ("_summary", "instance_id", "key_prefix", "record", "transport")
+
+    def __init__(self, record: TaskRecord, key_prefix: str | None, transport: str, instance_id: str) -> None:
+        self.record, self.key_prefix, self.transport, self.instance_id = record, key_prefix, transport, instance_id
+        self._summary: dict[str, Any] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        if self._summary is None:
+            self._summary = task_summary(self.record, self.key_prefix, self.transport, self.instance_id)
+        return self._summary
 
 
 def task_summary(record: TaskRecord, key_prefix: str | None, transport: str, instance_id: str) -> dict[str, Any]:
