@@ -94,11 +94,11 @@ def build_enforcer(
     if redis is None:
         limiter = MemoryLimiter()
     else:
-        from app.enforcement.redis_limiter import RedisLimiter
+        from app.enforcement.redis_limiter import RedisLimiter, limiter_scripts
         from app.enforcement.resilient_limiter import ResilientLimiter
 
         limiter = ResilientLimiter(
-            RedisLimiter(redis),
+            RedisLimiter(redis, scripts=limiter_scripts(limits.redis_url)),
             # When Redis is down and we fail open, each instance allows its share of the limit.
             MemoryLimiter(scale=1 / limits.expected_instances),
             policy=limits.redis_failure_policy,

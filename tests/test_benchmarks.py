@@ -15,7 +15,7 @@ SMOKE_TIMEOUT_S = 240
 POSTGRES, REDIS = ("PostgreSQL", 5432), ("Redis", 6379)
 # Modules of benchmarks/ that are not benchmarks themselves; every other one must have a --smoke.
 HELPERS = {"__init__", "bare_proxy", "harness", "held_client", "loadgen", "pyspy"}
-SERVICES = {"audit": (POSTGRES,), "enforcement": (REDIS,), "events": (REDIS,)}
+SERVICES = {"audit": (POSTGRES,), "enforcement": (REDIS,), "events": (REDIS,), "redis_client": (REDIS,)}
 BENCHMARKS = sorted(path.stem for path in (ROOT / "benchmarks").glob("*.py") if path.stem not in HELPERS)
 
 

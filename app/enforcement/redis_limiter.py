@@ -27,6 +27,7 @@ from app.enforcement.limits import (
     refill_wait,
     usd_to_nanos,
 )
+from app.enforcement.redis_wire import RespScripts, supports
 
 # Shared by every script. Every time comes from the server (TIME), so instances whose clocks
 # disagree still share one bucket; budget periods are UTC days and months of that same clock.
@@ -219,19 +220,29 @@ def build_redis(url: str, *, timeout_s: float = 0.25) -> Redis:
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
 
 
+def limiter_scripts(url: str | None, *, timeout_s: float = 0.25) -> RespScripts | None:
+    """The limiter's script client for `url` (its own connections, the same fail-fast timeout as
+    build_redis), or None where only redis-py can serve the URL (TLS, a Unix socket, options)."""
+    return RespScripts(url, timeout_s=timeout_s) if url is not None and supports(url) else None
+
+
 class RedisLimiter:
     """Keys live under `{prefix}:{{key_id}}:...`; the hash tag keeps one key's state in one cluster slot.
 
-    The client is not owned: whoever built it (the lifespan) closes it.
+    The client is not owned: whoever built it (the lifespan) closes it. `scripts`, when given, runs the
+    scripts instead (app/enforcement/redis_wire.py, a seventh of redis-py's CPU a call), and is owned:
+    aclose() closes it.
     """
 
-    def __init__(self, redis: Redis, prefix: str = "pacemaker:limits") -> None:
+    def __init__(self, redis: Redis, prefix: str = "pacemaker:limits", scripts: RespScripts | None = None) -> None:
         self._redis = redis
         self._prefix = prefix
-        # register_script sends EVALSHA and loads the script only when the server lacks it.
-        self._admit = redis.register_script(ADMIT_LUA)
-        self._settle = redis.register_script(SETTLE_LUA)
-        self._seed = redis.register_script(SEED_LUA)
+        self._scripts = scripts
+        # Either sends EVALSHA and the script itself only when the server lacks it.
+        register: Any = redis.register_script if scripts is None else scripts.script
+        self._admit = register(ADMIT_LUA)
+        self._settle = register(SETTLE_LUA)
+        self._seed = register(SEED_LUA)
 
     def keys_for(self, key_id: int) -> tuple[str, str, str]:
         """The request bucket, token bucket and budget keys of one API key."""
@@ -315,7 +326,9 @@ class RedisLimiter:
         await self._seed(keys=[self.keys_for(key_id)[2]], args=args)
 
     async def aclose(self) -> None:
-        """Nothing to release: the Redis client belongs to whoever built it."""
+        """The scripts' own connections, if any; the Redis client belongs to whoever built it."""
+        if self._scripts is not None:
+            await self._scripts.aclose()
 
 
 def _optional(value: int | None) -> int | str:
