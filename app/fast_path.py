@@ -31,7 +31,6 @@ on (the request span is the request-id middleware's).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +38,6 @@ from fastapi.routing import APIRoute
 from prometheus_client.metrics import Counter, Histogram
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.audit.context import AuditContext, audit_var
@@ -58,12 +56,10 @@ from app.middleware import (
 )
 from app.observability import tracing
 from app.observability.metrics import Metrics
-from app.problems import unexpected_error_response
+from app.problems import Handler, unexpected_error_response
 from app.resources import Resources
 
 _STATUS_CLASSES = {n: f"{n}xx" for n in range(1, 6)}
-
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 @dataclass(slots=True)

@@ -21,9 +21,9 @@ from app.observability.http_metrics import HttpMetricsMiddleware
 from app.observability.logging import configure_logging
 from app.observability.metrics import Metrics
 from app.openai_compat import router as openai_compat
-from app.openai_compat.errors import with_openai_errors
+from app.openai_compat.errors import openai_error_response
 from app.openapi import install_openapi
-from app.problems import install_problem_handlers, with_problem_errors
+from app.problems import install_problem_handlers, problem_response, rendering_errors
 from app.sessions import router as sessions
 from app.tasks import router as tasks
 from app.tasks import websocket
@@ -58,10 +58,13 @@ class PacemakerApp(FastAPI):
         routes = []
         if server.chat_fast_path:
             chat = _post_route(openai_compat.router, "/v1/chat/completions")
-            routes.append(FastRoute(chat, with_openai_errors(openai_compat.chat_completions)))
+            routes.append(FastRoute(chat, rendering_errors(openai_compat.chat_completions, openai_error_response)))
         if server.tasks_fast_path:
             routes.append(
-                FastRoute(_post_route(tasks.router, "/v1/tasks"), with_problem_errors(tasks.create_task_directly))
+                FastRoute(
+                    _post_route(tasks.router, "/v1/tasks"),
+                    rendering_errors(tasks.create_task_directly, problem_response),
+                )
             )
         if not routes or self.root_path:
             return rest

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -72,19 +72,24 @@ def http_error(exc: StarletteHTTPException) -> AppError:
     return error
 
 
-def with_problem_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    """`handler`, its errors rendered as the handlers installed below render them, for a route served
-    outside FastAPI's exception middleware (app/fast_path.py). Unexpected errors are the caller's."""
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+def rendering_errors(handler: Handler, render: Callable[[AppError], Response]) -> Handler:
+    """`handler`, its errors (refusals, validation, HTTP errors such as a body over the limit while it
+    was read) rendered by `render`: problem_response as the handlers installed below do, or a route's
+    own envelope (OpenAI's). For a route served outside FastAPI's exception middleware (app/fast_path.py)
+    or with its own envelope; unexpected errors are the caller's."""
 
     async def handle(request: Request) -> Response:
         try:
             return await handler(request)
         except AppError as exc:
-            return problem_response(exc)
+            return render(exc)
         except RequestValidationError as exc:
-            return problem_response(validation_error(exc))
-        except StarletteHTTPException as exc:  # also a body over the limit while it was read
-            return problem_response(http_error(exc))
+            return render(validation_error(exc))
+        except StarletteHTTPException as exc:
+            return render(http_error(exc))
 
     return handle
 

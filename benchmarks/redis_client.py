@@ -10,7 +10,7 @@ that every call is admitted) at concurrency 64 and 1 on a client from `build_red
 client, its blocking pool, retry and timeouts, which the limiter used before), on the limiter's own
 script client (`limiter_scripts`, app/enforcement/redis_wire.py, what the lifespan builds now), and
 the same EVALSHA, with the keys and arguments the limiter sent, through the least a Python client
-can do: one asyncio protocol per connection, the command packed by hand, the reply parsed by hand, a
+can do: one asyncio protocol per connection, the command packed and the reply parsed by the script client's own codec, a
 timer per command for its timeout. It prints this process's CPU per call (the server's is not
 counted) and calls/s. The bare client is not a client to use (no reconnect, no failure policy): it measures what
 the floor is.
@@ -30,39 +30,10 @@ from typing import Any, cast
 
 from app.enforcement.limits import LimitSpec
 from app.enforcement.redis_limiter import ADMIT_LUA, RedisLimiter, build_redis, limiter_scripts
+from app.enforcement.redis_wire import pack, parse
 from benchmarks.harness import fmt, log, new_loop
 
 CONCURRENCY = (64, 1)
-
-
-def _pack(*parts: bytes) -> bytes:
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
-
-
-def _parse(data: bytes, at: int) -> tuple[Any, int]:
-    """One RESP2 reply from `at`: (value, where it ends), or (None, -1) when it is not all here yet."""
-    end = data.find(b"\r\n", at)
-    if end < 0:
-        return None, -1
-    kind, line = data[at : at + 1], data[at + 1 : end]
-    if kind in (b":", b"+"):
-        return (int(line) if kind == b":" else line), end + 2
-    if kind == b"-":
-        raise RuntimeError(line.decode())
-    if kind == b"$":
-        size = int(line)
-        if size < 0:
-            return None, end + 2
-        if len(data) < end + 4 + size:
-            return None, -1
-        return data[end + 2 : end + 2 + size], end + 4 + size
-    items, position = [], end + 2
-    for _ in range(int(line)):
-        item, position = _parse(data, position)
-        if position < 0:
-            return None, -1
-        items.append(item)
-    return items, position
 
 
 class _Bare(asyncio.Protocol):
@@ -77,7 +48,7 @@ class _Bare(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         while self.waiting:
-            value, end = _parse(self.buffer, 0)
+            value, end = parse(self.buffer, 0)
             if end < 0:
                 return
             self.buffer = self.buffer[end:]
@@ -147,8 +118,8 @@ async def _bare(url: str, sent: list[bytes], commands: int, concurrency: int) ->
         connections.append(protocol)
     try:
         sha = hashlib.sha1(ADMIT_LUA.encode()).hexdigest().encode()  # noqa: S324 (Redis names scripts so)
-        command = _pack(b"EVALSHA", sha, *sent)
-        await connections[0].call(_pack(b"SCRIPT", b"LOAD", ADMIT_LUA.encode()), 1.0)
+        command = pack([b"EVALSHA", sha, *sent])
+        await connections[0].call(pack([b"SCRIPT", b"LOAD", ADMIT_LUA.encode()]), 1.0)
         free = list(connections)
 
         async def one() -> None:

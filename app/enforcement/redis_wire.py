@@ -66,7 +66,7 @@ class _Connection(asyncio.Protocol):
         waiting = self.waiting
         while buffer:
             try:
-                value, end = _parse(buffer, 0)
+                value, end = parse(buffer, 0)
             except (ValueError, IndexError):
                 self.fail(ConnectionError("Redis sent a reply this client cannot read"))
                 return
@@ -112,10 +112,10 @@ class RespScripts:
         self._setup: list[bytes] = []  # sent on every new connection, before any script
         if parts.password is not None:
             credentials = [unquote(parts.username)] if parts.username else []
-            self._setup.append(_pack([b"AUTH", *(_arg(part) for part in (*credentials, unquote(parts.password)))]))
+            self._setup.append(pack([b"AUTH", *(_arg(part) for part in (*credentials, unquote(parts.password)))]))
         database = parts.path.strip("/")
         if database not in ("", "0"):
-            self._setup.append(_pack([b"SELECT", database.encode()]))
+            self._setup.append(pack([b"SELECT", database.encode()]))
         self._timeout_s = timeout_s
         self._size = connections
         self._open: list[_Connection] = []
@@ -221,9 +221,9 @@ class _Script:
 
     async def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         parts = [_arg(len(keys)), *(_arg(key) for key in keys), *(_arg(arg) for arg in args)]
-        reply = await self._client.call(_pack([*self._evalsha, *parts]))
+        reply = await self._client.call(pack([*self._evalsha, *parts]))
         if isinstance(reply, _ErrorReply) and reply.startswith("NOSCRIPT"):
-            reply = await self._client.call(_pack([b"EVAL", self._source, *parts]))
+            reply = await self._client.call(pack([b"EVAL", self._source, *parts]))
         if isinstance(reply, _ErrorReply):
             raise ResponseError(str(reply))
         return reply
@@ -240,11 +240,11 @@ def _arg(value: Any) -> bytes:
     raise TypeError(f"a Redis argument must be bytes, str, int or float, not {type(value).__name__}")
 
 
-def _pack(parts: Sequence[bytes]) -> bytes:
+def pack(parts: Sequence[bytes]) -> bytes:
     return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
 
 
-def _parse(data: bytes, at: int) -> tuple[Any, int]:
+def parse(data: bytes, at: int) -> tuple[Any, int]:
     """One RESP2 reply from `at`: (value, the offset after it), or (None, -1) while it is incomplete."""
     end = data.find(b"\r\n", at)
     if end < 0:
@@ -267,7 +267,7 @@ def _parse(data: bytes, at: int) -> tuple[Any, int]:
         items: list[Any] = []
         position = end + 2
         for _ in range(count):
-            item, position = _parse(data, position)
+            item, position = parse(data, position)
             if position < 0:
                 return None, -1
             items.append(item)
