@@ -96,7 +96,8 @@ class _Connection(asyncio.Protocol):
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
-                future.set_exception(error)
+                # One exception object each: raised in several tasks, a shared one collects their tracebacks.
+                future.set_exception(type(error)(*error.args))
 
 
 class RespScripts:
@@ -195,6 +196,8 @@ class RespScripts:
 
     async def _exchange(self, connection: _Connection, command: bytes) -> Any:
         loop = asyncio.get_running_loop()
+        if connection.closed:  # closed since it was picked (a write to it would be dropped, and time out)
+            raise ConnectionError("Redis closed the connection")
         future: asyncio.Future[Any] = loop.create_future()
         connection.waiting.append(future)
         assert connection.transport is not None
