@@ -61,7 +61,13 @@ def _freeze(server: RedisServer, sig: int) -> None:
 def test_only_plain_redis_urls_are_served_here() -> None:
     assert supports("redis://127.0.0.1:6379/0") and supports("redis://:secret@redis:6380/2")
     assert supports("redis://user:pass@host")
-    for other in ("rediss://host:6379/0", "unix:///run/redis.sock", "redis://host:6379/0?ssl_cert_reqs=none", "x"):
+    for other in (
+        "rediss://host:6379/0",
+        "unix:///run/redis.sock",
+        "redis://host:6379/0?ssl_cert_reqs=none",
+        "redis://host:6379/x",
+        "x",
+    ):
         assert not supports(other), other
     assert limiter_scripts("rediss://host:6379/0") is None and limiter_scripts(None) is None
 
@@ -238,3 +244,34 @@ async def test_the_url_s_database_and_password_are_used_on_every_connection(
     finally:
         await with_password.aclose()
         await without.aclose()
+
+
+async def test_a_connect_that_fails_while_connections_are_open_does_not_fail_the_command(
+    redis_server: RedisServer,
+) -> None:
+    """Every open connection busy, room for another, and the new connect fails (Redis at its client limit,
+    say): the command goes on an open connection instead of failing as an outage."""
+    scripts = RespScripts(redis_server.url, timeout_s=0.5, connections=2)
+    echo = scripts.script(ECHO)
+    try:
+        await echo(keys=["k"], args=["v", 0])  # one connection open
+        scripts._port = 1  # the next connect is refused
+        results = await asyncio.gather(*(echo(keys=["k"], args=["v", n]) for n in range(20)))
+        assert [result[1] for result in results] == list(range(20))
+    finally:
+        await scripts.aclose()
+
+
+async def test_aclose_during_a_connect_leaves_nothing_open_and_fails_as_a_connection_error(
+    redis_server: RedisServer,
+) -> None:
+    scripts = RespScripts(redis_server.url, timeout_s=0.5)
+    echo = scripts.script(ECHO)
+    waiting = asyncio.ensure_future(echo(keys=["k"], args=["v", 1]))
+    await asyncio.sleep(0)  # the connect has begun
+    await scripts.aclose()
+    with pytest.raises(ConnectionError):
+        await waiting
+    assert not scripts._open
+    with pytest.raises(ConnectionError):
+        await echo(keys=["k"], args=["v", 2])

@@ -42,7 +42,14 @@ def supports(url: str) -> bool:
         _ = parts.port  # a malformed port raises here
     except ValueError:
         return False
-    return parts.scheme == "redis" and not parts.query and not parts.fragment and parts.hostname is not None
+    database = parts.path.strip("/")
+    return (
+        parts.scheme == "redis"
+        and not parts.query
+        and not parts.fragment
+        and parts.hostname is not None
+        and (database == "" or database.isdigit())  # anything else: redis-py's to refuse, at the start
+    )
 
 
 class _ErrorReply(str):
@@ -111,7 +118,7 @@ class RespScripts:
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or 6379
         self._setup: list[bytes] = []  # sent on every new connection, before any script
-        if parts.password is not None:
+        if parts.password:  # `redis://:@host` sends no AUTH, as redis-py
             credentials = [unquote(parts.username)] if parts.username else []
             self._setup.append(pack([b"AUTH", *(_arg(part) for part in (*credentials, unquote(parts.password)))]))
         database = parts.path.strip("/")
@@ -130,16 +137,24 @@ class RespScripts:
         """Send one packed command and return its reply (an _ErrorReply for an error reply)."""
         connection = self._pick()
         if connection is None:
-            connection = await self._another()
+            try:
+                connection = await self._another()
+            except (OSError, ResponseError):  # the new connection failed: an open one may still carry it
+                connection = self._any_open()
+                if connection is None:
+                    raise
         return await self._exchange(connection, command)
 
     async def aclose(self) -> None:
+        # A connect in progress is left to finish: it sees the client closed and fails with ConnectionError
+        # (a failure the limiter's policy knows), where cancelling it would cancel its waiting callers.
         self._closed = True
-        if self._connecting is not None:
-            self._connecting.cancel()
         for connection in self._open:
             connection.fail(ConnectionError("the Redis client is closed"))
         self._open.clear()
+
+    def _any_open(self) -> _Connection | None:
+        return next((connection for connection in self._open if not connection.closed), None)
 
     def _pick(self) -> _Connection | None:
         """The open connection with the fewest commands waiting; None to open another (none is open, or
@@ -169,8 +184,13 @@ class RespScripts:
 
     def _connected(self, connecting: asyncio.Task[_Connection]) -> None:
         self._connecting = None
-        if not connecting.cancelled() and connecting.exception() is None:
-            self._open.append(connecting.result())
+        if connecting.cancelled() or connecting.exception() is not None:
+            return
+        connection = connecting.result()
+        if self._closed:  # closed after the connect's own check: nothing may outlive aclose()
+            connection.fail(ConnectionError("the Redis client is closed"))
+        else:
+            self._open.append(connection)
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
