@@ -11,6 +11,7 @@ import pytest
 from tests.support import (
     ManagedProcess,
     PacemakerServer,
+    RedisServer,
     server_config,
     start_fake_upstream,
     start_pacemaker,
@@ -43,6 +44,15 @@ def server(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iter
 async def client(server: PacemakerServer) -> AsyncIterator[httpx.AsyncClient]:
     async with server.client() as http:
         yield http
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which it may kill, restart or pause (never the machine's)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture

@@ -146,6 +146,15 @@ class RedisServer:
             self._process.stop()
             self._process = None
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers (a hung host)."""
+        if self._process is not None:
+            os.kill(self._process.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._process is not None:
+            os.kill(self._process.process.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         if self._process is not None:
             self._process.stop(signal.SIGKILL)

@@ -6,10 +6,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -17,6 +16,7 @@ from redis.asyncio import Redis
 from app.enforcement.limits import Admission, LimitSpec, Period, PeriodSpend, Reservation
 from app.enforcement.memory_limiter import MemoryLimiter
 from app.enforcement.redis_limiter import RedisLimiter, build_redis
+from app.enforcement.redis_wire import RespScripts
 from app.enforcement.resilient_limiter import ResilientLimiter
 from app.errors import LimiterUnavailable
 from tests.support import RedisServer
@@ -26,14 +26,6 @@ ZERO = Decimal(0)
 SPEC = LimitSpec(rpm=6000, burst=100, tpm=100_000)
 LIFETIME = Period("life", None)
 COOLDOWN_S = 0.3
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture
@@ -51,8 +43,10 @@ class Errors:
         self.count += 1
 
 
-def resilient(client: Redis, policy: str, errors: Errors) -> tuple[ResilientLimiter, RedisLimiter]:
-    primary = RedisLimiter(client, prefix=f"pacemaker-test:{uuid.uuid4().hex}")
+def resilient(
+    client: Redis, policy: str, errors: Errors, scripts: RespScripts | None = None
+) -> tuple[ResilientLimiter, RedisLimiter]:
+    primary = RedisLimiter(client, prefix=f"pacemaker-test:{uuid.uuid4().hex}", scripts=scripts)
     limiter = ResilientLimiter(
         primary,
         MemoryLimiter(scale=0.5),
@@ -244,8 +238,20 @@ async def test_fail_closed_serves_every_request_once_redis_answers_again_despite
         await patient.aclose()
 
 
-async def _fail_closed_recovers(redis_server: RedisServer, client: Redis) -> None:
-    limiter, _ = resilient(client, "fail_closed", Errors())
+async def test_the_same_on_the_limiters_own_script_client(redis_server: RedisServer) -> None:
+    """What the lifespan builds for a plain redis:// URL (app/enforcement/redis_wire.py): its connections
+    are dropped as Redis closes them, so the restart costs no refusal once Redis answers."""
+    patient = build_redis(redis_server.url, timeout_s=2.0)
+    scripts = RespScripts(redis_server.url, timeout_s=2.0)
+    try:
+        await _fail_closed_recovers(redis_server, patient, scripts)
+    finally:
+        await scripts.aclose()
+        await patient.aclose()
+
+
+async def _fail_closed_recovers(redis_server: RedisServer, client: Redis, scripts: RespScripts | None = None) -> None:
+    limiter, _ = resilient(client, "fail_closed", Errors(), scripts)
     spec = LimitSpec(rpm=10**7, burst=10**6)
 
     async def wave(size: int) -> list[bool]:
