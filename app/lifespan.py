@@ -283,9 +283,9 @@ def build_lifespan(
             enforcer.overloaded = shedder.refusal
             edge: EdgeLimiter | None = None
             if settings.server.edge.enabled:
-                edge, edge_redis = build_edge(settings.server.edge, settings.limits.redis_url, metrics.edge)
-                if edge_redis is not None:
-                    stack.push_async_callback(edge_redis.aclose)
+                edge, edge_storage = build_edge(settings.server.edge, settings.limits.redis_url, metrics.edge)
+                if edge_storage is not None:
+                    stack.push_async_callback(edge_storage.aclose)
             resources = Resources(
                 settings=settings,
                 metrics=metrics,

@@ -33,9 +33,9 @@ time over the measured window (psutil), divided by the requests completed in it.
 Pacemaker under the JSON c=64 load, or --profile-scenario's, not counted in the table, and prints
 where its CPU goes. py-spy is not a project dependency: `.venv/bin/pip install py-spy` first.
 
---compare LABEL=DIR (repeatable) adds a Pacemaker (embedded) served from another checkout's code, e.g.
-`git worktree add --detach /tmp/wt/base <commit>`, measured in the same rounds: before/after figures
-from one run, each as the median of its rounds' paired ratios to the bare proxy.
+--compare LABEL=DIR (repeatable) adds a Pacemaker (embedded, or --compare-backend's) served from another
+checkout's code, e.g. `git worktree add --detach /tmp/wt/base <commit>`, measured in the same rounds:
+before/after figures from one run, each as the median of its rounds' paired ratios to the bare proxy.
 
 --smoke runs every row once for a fraction of a second, unpinned (seconds; figures mean nothing).
 Either way the exit status is 1 if a row is missing, had a failed request, or has a figure that
@@ -528,6 +528,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " commit, in the same rounds (repeatable): before/after figures from one run",
     )
     parser.add_argument(
+        "--compare-backend",
+        choices=list(BACKENDS),
+        default="embedded",
+        help="the backend of the --compare checkouts (default embedded; each gets a database and Redis of its own)",
+    )
+    parser.add_argument(
         "--profile",
         type=float,
         default=0.0,
@@ -597,25 +603,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "upstream": Target("upstream", "upstream (direct)", f"http://{HOST}:{fake.port}", {}, fake),
                 "bare": Target("bare", "bare proxy", f"http://{HOST}:{bare.port}", {}, bare),
             }
-            for backend in args.backends:
+
+            def pacemaker_on(backend: str, key: str, label: str, code: Path = ROOT) -> Target:
                 database_url = redis_url = None
                 if backend == "postgres-redis":
                     database_url = databases.create()
                     redis_url = f"redis://{HOST}:{start_redis(workdir, children).port}/0"
-                key = pacemaker_key(backend)
                 pacemaker, api_key = start_pacemaker(
-                    workdir, fake.port, children, name=key, database_url=database_url, redis_url=redis_url
+                    workdir, fake.port, children, name=key, database_url=database_url, redis_url=redis_url, code=code
                 )
-                label = f"Pacemaker ({BACKENDS[backend]})" if BACKENDS[backend] else "Pacemaker"
                 headers = {"Authorization": f"Bearer {api_key}"}
-                url = f"http://{HOST}:{pacemaker.port}"
-                targets[key] = Target(key, label, url, headers, pacemaker, backend)
+                return Target(key, label, f"http://{HOST}:{pacemaker.port}", headers, pacemaker, backend)
+
+            for backend in args.backends:
+                key = pacemaker_key(backend)
+                label = f"Pacemaker ({BACKENDS[backend]})" if BACKENDS[backend] else "Pacemaker"
+                targets[key] = pacemaker_on(backend, key, label)
             for label, directory in args.compare:
-                key = f"compare_{label}"
-                pacemaker, api_key = start_pacemaker(workdir, fake.port, children, name=key, code=Path(directory))
-                url = f"http://{HOST}:{pacemaker.port}"
-                targets[key] = Target(
-                    key, f"Pacemaker ({label})", url, {"Authorization": f"Bearer {api_key}"}, pacemaker, "embedded"
+                key, on = f"compare_{label}", BACKENDS[args.compare_backend]
+                targets[key] = pacemaker_on(
+                    args.compare_backend, key, f"Pacemaker ({label}{', ' + on if on else ''})", Path(directory)
                 )
             for target in targets.values():
                 for scenario in SCENARIOS.values():

@@ -42,7 +42,7 @@ from app.errors import EdgeRateLimited
 from app.redis_errors import backend_errors
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from app.edge.redis_storage import RedisWindows
 
 log = logging.getLogger(__name__)
 
@@ -277,17 +277,19 @@ class EdgeLimiter:
             log.info("edge limits: Redis is answering again")
 
 
-def build_edge(settings: EdgeSettings, redis_url: str | None, metrics: EdgeMetrics) -> tuple[EdgeLimiter, Redis | None]:
-    """The edge limiter, counting in the Redis of `redis_url` (storage auto) or in process; and the client to close.
+def build_edge(
+    settings: EdgeSettings, redis_url: str | None, metrics: EdgeMetrics
+) -> tuple[EdgeLimiter, RedisWindows | None]:
+    """The edge limiter, counting in the Redis of `redis_url` (storage auto) or in process; and the storage to close.
 
-    Redis through limits' RedisStorage (app/edge/redis_storage.py) on a pool of our own, built as the
-    key limiter's is (calls time out after 250 ms, one retry on a fresh connection): a slow Redis costs
-    a request at most that.
+    Redis through limits' RedisStorage (app/edge/redis_storage.py) on clients of our own, built as the
+    key limiter's are (the count on the script client where it serves the URL; calls time out after
+    250 ms): a slow Redis costs a request at most that.
     """
     if redis_url is None or settings.storage == "memory":
         return EdgeLimiter(settings, metrics), None
     from app.edge.redis_storage import RedisWindows
-    from app.enforcement.redis_limiter import build_redis  # redis: only when configured
+    from app.enforcement.redis_limiter import build_redis, limiter_scripts  # redis: only when configured
 
-    client = build_redis(redis_url)
-    return EdgeLimiter(settings, metrics, shared=RedisWindows(client, settings.redis_prefix)), client
+    storage = RedisWindows(build_redis(redis_url), settings.redis_prefix, scripts=limiter_scripts(redis_url))
+    return EdgeLimiter(settings, metrics, shared=storage), storage
