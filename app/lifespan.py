@@ -286,6 +286,7 @@ def build_lifespan(
                 edge, edge_storage = build_edge(settings.server.edge, settings.limits.redis_url, metrics.edge)
                 if edge_storage is not None:
                     stack.push_async_callback(edge_storage.aclose)
+                    stack.push_async_callback(edge.counted)  # first: the counts in flight, then the storage
             resources = Resources(
                 settings=settings,
                 metrics=metrics,

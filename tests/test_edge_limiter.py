@@ -209,6 +209,40 @@ async def test_a_failing_shared_storage_fails_open_logs_once_and_is_tried_again(
     assert metrics.backend_errors._value.get() == 2
 
 
+async def test_a_count_not_waited_for_is_still_counted_and_blocks_the_requests_after_it() -> None:
+    clock = Clock()
+    shared = SlowStorage(clock)
+    metrics = EdgeMetrics.register(CollectorRegistry())
+    edge = EdgeLimiter(EdgeSettings(rate="3/minute"), metrics, shared=shared, clock=clock, wall=clock)
+    for _ in range(4):
+        edge.admit_later("a")  # requests with a known key: served without waiting for Redis
+    assert shared.answered == 0  # nothing has waited for the storage
+    await edge.counted()
+    assert shared.answered == 4 + 1  # four counts, and the window's end read for the block
+    block = await edge.admit("a")  # the fourth put the address over: a request with no known key waits
+    assert block is not None and block.reason == "rate"
+    assert metrics.known_key._value.get() == 1  # the known-key request served over the limit
+    await edge.counted()  # nothing in flight: returns at once
+
+
+class SlowStorage(BoundedMemoryStorage):
+    """A shared storage that answers only after a turn of the event loop, as Redis does."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock=clock)
+        self.answered = 0
+
+    async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        await asyncio.sleep(0)
+        self.answered += 1
+        return await super().incr(key, expiry, amount)
+
+    async def get_expiry(self, key: str) -> float:
+        await asyncio.sleep(0)
+        self.answered += 1
+        return await super().get_expiry(key)
+
+
 class CountingAuthenticator(Authenticator):
     lookups = 0
 

@@ -23,6 +23,7 @@ counts pacemaker_edge_backend_errors_total, and tries Redis again after a one-se
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
@@ -121,6 +122,7 @@ class EdgeLimiter:
         # Failed authentications of an address in its current window, as last counted: (count, window end).
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._pending: dict[str, int] = {}  # lookups in flight per address (of keys not known good)
+        self._counting: set[asyncio.Task[None]] = set()  # admit_later()'s counts in flight
 
     @property
     def shared(self) -> bool:
@@ -150,6 +152,23 @@ class EdgeLimiter:
         if count <= self._rate_amount:
             return None
         return self._block(address, await self._window_end(key), RATE)
+
+    def admit_later(self, address: str) -> None:
+        """admit() without waiting for its answer, for a request served whatever it says (its key is
+        known good here): with Redis, a round trip less on the request's way. An address it puts over
+        a limit is blocked for the requests after it all the same."""
+        task = asyncio.get_running_loop().create_task(self._admit_known(address))
+        self._counting.add(task)
+        task.add_done_callback(self._counting.discard)
+
+    async def _admit_known(self, address: str) -> None:
+        if await self.admit(address) is not None:
+            self.metrics.known_key.inc()
+
+    async def counted(self) -> None:
+        """Wait for the counts admit_later() started (before the storage closes)."""
+        if self._counting:
+            await asyncio.gather(*self._counting, return_exceptions=True)
 
     # ---- failed authentications (the authenticator calls these: app/auth/authenticator.py)
 

@@ -8,7 +8,8 @@ runs); a header sent by anyone else changes nothing.
 
 An address over a limit is still served when its request's key is known good here (the key cache):
 such a request costs no lookup, and behind a NAT or an application server one caller's flood then
-does not lock out the others whose keys are known. Health, metrics, docs and the dashboard's page
+does not lock out the others whose keys are known; with the counts in Redis such a request is counted
+without waiting for the answer (EdgeLimiter.admit_later). Health, metrics, docs and the dashboard's page
 and files are never limited (they need no key; the dashboard's data comes over /v1/ws, which is).
 
 Refusals are audited cheaply: the first refusal of each block (an address over a limit, until its
@@ -71,23 +72,33 @@ async def refused(
     client = scope.get("client")
     if edge is None or client is None:
         return False
+    known: bool | None = None
+    if edge.shared:
+        # Counted in Redis: a request with a known key is served whatever its count says, so it does
+        # not wait for it (one round trip of three per request on Redis limits).
+        known = resources.authenticator.knows(_presented(scope, receive, send, key_headers))
+        if known:
+            edge.admit_later(client[0])
+            return False
     block = await edge.admit(client[0])
     if block is None:
         return False
-    if key_headers is None:
-        presented = _presented(scope, receive, send)
-    else:
-        authorization, x_api_key = (None if value is None else value.decode("latin-1") for value in key_headers)
-        presented = key_from_headers(authorization, x_api_key)
-    if not resources.authenticator.knows(presented):
+    if known is None:
+        known = resources.authenticator.knows(_presented(scope, receive, send, key_headers))
+    if not known:
         await _refuse(scope, send, resources, edge, block, client[0])
         return True
     edge.metrics.known_key.inc()
     return False
 
 
-def _presented(scope: Scope, receive: Receive, send: Send) -> str | None:
-    """The key the request presents, read as the route will read it (only for an address over a limit)."""
+def _presented(
+    scope: Scope, receive: Receive, send: Send, key_headers: tuple[bytes | None, bytes | None] | None
+) -> str | None:
+    """The key the request presents, read as the route will read it (from `key_headers` if given)."""
+    if key_headers is not None:
+        authorization, x_api_key = (None if value is None else value.decode("latin-1") for value in key_headers)
+        return key_from_headers(authorization, x_api_key)
     if scope["type"] == "websocket":
         return presented_key(WebSocket(scope, receive, send))[0]
     headers = Headers(scope=scope)
