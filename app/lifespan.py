@@ -119,6 +119,7 @@ def build_enforcer(
         RetryPolicy(**settings.retries.model_dump()),
         metrics,
         ledger=ledger,
+        settle_in_background=redis is not None,  # a round trip: the answer does not wait for it
     )
 
 
@@ -256,6 +257,7 @@ def build_lifespan(
             ledger = AuditLedger(session_maker, pending=audit.pending_cost) if audit is not None else None
             enforcer = build_enforcer(settings, metrics, redis, ledger)
             stack.push_async_callback(enforcer.limiter.aclose)
+            stack.push_async_callback(enforcer.settled)  # first: the settlements in flight, then the limiter
             tool_registry = ToolRegistry(tools)
             tool_invoker = ToolInvoker(enforcer.breakers, metrics)
             task_service, background = await _start_tasks(

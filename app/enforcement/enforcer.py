@@ -9,6 +9,7 @@ A limiter that holds no budget state for a key's period is seeded from the spend
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -40,6 +41,8 @@ from app.providers.registry import ModelRoute
 
 Sleep = Callable[[float], Awaitable[None]]
 
+log = logging.getLogger(__name__)
+
 # A state seeded, then gone again before the admit that follows (evicted, a period just ended):
 # seeding is tried this many times before the request is refused as retryable.
 SEED_ATTEMPTS = 2
@@ -58,7 +61,10 @@ class Enforcer:
         sleep: Sleep = asyncio.sleep,
         *,
         ledger: SpendLedger | None = None,
+        settle_in_background: bool = False,
     ) -> None:
+        """`settle_in_background`: settlements (a round trip to a shared limiter) run as tasks of their
+        own, off the request's way (see _settle); `settled()` waits for them."""
         self.defaults = defaults
         self.limiter = limiter
         self.seeder = BudgetSeeder(limiter, ledger)
@@ -72,6 +78,8 @@ class Enforcer:
         # Set by the lifespan: load shedding's refusal while the instance is overloaded (app/overload.py).
         self.overloaded: Callable[[], AppError | None] | None = None
         self._specs: dict[int, tuple[KeyLimits, LimitSpec]] = {}
+        self._settle_in_background = settle_in_background
+        self._settling: set[asyncio.Task[None]] = set()
 
     def spec_for(self, principal: Principal) -> LimitSpec:
         # Keys' limits are frozen and few: each one's spec is made once (a hot route asks twice per request).
@@ -179,9 +187,29 @@ class Enforcer:
     async def _settle(
         self, principal: Principal, spec: LimitSpec, reservation: Reservation, usage: Usage, cost: Decimal
     ) -> None:
-        await self.limiter.settle(
+        settling = self.limiter.settle(
             principal.key_id, spec, reservation, actual_tokens=usage.total_tokens, actual_cost_usd=cost
         )
+        if not self._settle_in_background:
+            await settling
+            return
+        # On a shared limiter the settlement is a round trip the answer need not wait for: until it
+        # lands the key holds its reservation a moment longer (the strict side, as while a request is
+        # in flight), and a client leaving can no longer cancel it half-way. Its failures are the
+        # limiter's to handle (ResilientLimiter drops a settle while its backend is down).
+        task = asyncio.get_running_loop().create_task(settling)
+        self._settling.add(task)
+        task.add_done_callback(self._settled_one)
+
+    def _settled_one(self, task: asyncio.Task[None]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("a settlement failed", exc_info=error)
+
+    async def settled(self) -> None:
+        """Wait for the settlements running in the background (before the limiter closes)."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
 
 class Ticket:
