@@ -10,8 +10,10 @@ the machine does falls on all of them alike; the added p50 is Pacemaker's p50 le
 
 Both servers are pinned to CPU 0 (with two or more CPUs; --no-pin turns that off), the fake upstream
 and this client to CPU 1. --compare LABEL=DIR adds Pacemaker from another checkout (a `git worktree`
-of an earlier commit), as chat_proxy's does. --smoke: a few requests each, unpinned (figures mean
-nothing). The exit status is 1 if a request failed. Stdout is markdown; progress goes to stderr.
+of an earlier commit), as chat_proxy's does. --backend postgres-redis serves every Pacemaker with its
+audit log and task records in PostgreSQL and its limits in Redis (each its own database and
+redis-server). --smoke: a few requests each, unpinned (figures mean nothing). The exit status is 1
+if a request failed. Stdout is markdown; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from benchmarks.chat_proxy import MESSAGES, MODEL, start_bare_proxy, start_pacemaker
+from benchmarks.chat_proxy import BACKENDS, MESSAGES, MODEL, Databases, start_bare_proxy, start_pacemaker
 from benchmarks.harness import (
     HOST,
     LOAD_CPU,
+    ROOT,
     SERVER_CPU,
     Child,
     can_pin,
@@ -40,6 +43,7 @@ from benchmarks.harness import (
     new_loop,
     pin,
     start_fake_upstream,
+    start_redis,
     verdict,
 )
 
@@ -112,6 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000, help="measured requests per target (default 10000)")
     parser.add_argument("--compare", action="append", default=[], metavar="LABEL=DIR", help="another checkout")
+    parser.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default="embedded",
+        help="every Pacemaker's backend (postgres-redis: a database and a redis-server of its own each)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--smoke", action="store_true", help="a few requests each, unpinned")
     args = parser.parse_args(argv)
@@ -122,14 +132,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     pinned = not args.smoke and can_pin(args.no_pin)
     workdir = Path(tempfile.mkdtemp(prefix="pacemaker-latency-ab-"))
     children: list[Child] = []
+    databases = Databases()
+
+    def pacemaker(name: str, code: Path = ROOT) -> tuple[Child, str]:
+        database_url = redis_url = None
+        if args.backend == "postgres-redis":
+            database_url = databases.create()
+            redis_url = f"redis://{HOST}:{start_redis(workdir, children).port}/0"
+        return start_pacemaker(
+            workdir, fake.port, children, name=name, database_url=database_url, redis_url=redis_url, code=code
+        )
+
     try:
         log(f"starting servers in {workdir}")
         fake = start_fake_upstream(workdir, children)
         bare = start_bare_proxy(workdir, fake.port, children)
         servers: dict[str, tuple[Child, str | None]] = {"bare": (bare, None)}
-        servers["pacemaker"] = start_pacemaker(workdir, fake.port, children)
+        servers["pacemaker"] = pacemaker("pacemaker")
         for label, directory in compare:
-            servers[label] = start_pacemaker(workdir, fake.port, children, name=label, code=Path(directory))
+            servers[label] = pacemaker(label, Path(directory))
         if pinned:
             for child, _key in servers.values():
                 pin(child.process.pid, {SERVER_CPU})
@@ -142,8 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             for name, (child, key) in servers.items()
         }
-        labels = {"bare": "bare proxy", "pacemaker": "Pacemaker"} | {
-            label: f"Pacemaker ({label})" for label, _ in compare
+        backend = BACKENDS[args.backend]
+        labels = {"bare": "bare proxy", "pacemaker": f"Pacemaker ({backend})" if backend else "Pacemaker"} | {
+            label: f"Pacemaker ({label}{', ' + backend if backend else ''})" for label, _ in compare
         }
         log(f"{requests} requests to each of {len(targets)} targets, interleaved ...")
         loop = new_loop()
@@ -158,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         clean_up(children, workdir, keep=False)
+        databases.drop_all()
 
 
 if __name__ == "__main__":
