@@ -11,6 +11,7 @@ its own process, prints its markdown as it is, and then gathers the rows of ever
             limits) and with the audit log in PostgreSQL and the limits in Redis (targets 1 and 2)
   latency   benchmarks.latency_ab: the added p50 at c=1 with the targets interleaved request by
             request (the figure for target 1's second half on a shared machine)
+  latency-pg-redis  the same with the audit log in PostgreSQL and the limits in Redis
   memory    benchmarks.memory: idle RSS after warm-up, the sandbox enabled (target 4)
   workers   benchmarks.workers: one worker against two, CPU per request (target 5)
 
@@ -41,6 +42,7 @@ class Run:
 RUNS = (
     Run("chat", "benchmarks.chat_proxy"),
     Run("latency", "benchmarks.latency_ab"),
+    Run("latency-pg-redis", "benchmarks.latency_ab", ("--backend", "postgres-redis")),
     Run("memory", "benchmarks.memory"),
     Run("workers", "benchmarks.workers"),
 )
