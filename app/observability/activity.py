@@ -75,7 +75,9 @@ class _Second:
         self.statuses, self.codes, self.models = {}, {}, {}
 
 
-TaskListener = Callable[[dict[str, Any]], None]
+# Hears a task start or end; given the summary's maker, called only by a listener that needs it
+# (the feed listens always, but sends only while a dashboard subscribes).
+TaskListener = Callable[[Callable[[], dict[str, Any]]], None]
 _ERRORS = frozenset({"failed", "rejected", "timeout"})
 
 
@@ -152,10 +154,8 @@ class Activity:
         self._tasks.move_to_end(record.id)
         while len(self._tasks) > RECENT_TASKS:
             self._tasks.popitem(last=False)
-        if self.listeners:
-            summary = recent.summary()
-            for listener in self.listeners:
-                listener(summary)
+        for listener in self.listeners:
+            listener(recent.summary)
 
     # --- once a second -------------------------------------------------------------------------
 

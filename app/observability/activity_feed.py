@@ -274,11 +274,11 @@ class ActivityFeed:
 
     # --- task messages ------------------------------------------------------------------------------
 
-    def _local_task(self, summary: dict[str, Any]) -> None:
+    def _local_task(self, summary: Callable[[], dict[str, Any]]) -> None:
         """A task of this instance started or ended: every subscription hears it now."""
         if not self._subscribers:
             return
-        data = orjson.dumps({"type": "activity.task", **summary})
+        data = orjson.dumps({"type": "activity.task", **summary()})
         for subscription in self._subscribers:
             subscription.offer_task(data)
 
