@@ -181,9 +181,10 @@ async def _loop(
                     for fallback in _fallback_events(spec, progress, call, told):
                         yield fallback  # the failure that follows is the fallback's: say so first
                     raise
-                for fallback in _fallback_events(spec, progress, call, told):
-                    yield fallback
-                told = len(call.fallbacks)
+                if len(call.fallbacks) > told:  # rare (a breaker handed the call on): not built per chunk
+                    for fallback in _fallback_events(spec, progress, call, told):
+                        yield fallback
+                    told = len(call.fallbacks)
                 if chunk.texts is not None:  # several upstream events read at once: one delta each
                     pieces = chunk.pieces
                     for left, piece in enumerate(pieces, 1 - len(pieces)):

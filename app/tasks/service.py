@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from opentelemetry.trace import Span
+from prometheus_client.metrics import Counter
 from starlette.types import Scope
 
 from app.agent.events import TaskCompleted, TaskFailed, outcome_of
@@ -107,6 +108,7 @@ class TaskService:
         self._recent: OrderedDict[str, TaskRecord] = OrderedDict()
         self.cancels: CancelBus | None = None  # set by the lifespan: it needs cancel_here
         self.activity: Activity | None = None  # set by the lifespan: the dashboard hears of starts and ends
+        self._outcomes: dict[tuple[str, str], Counter] = {}  # tasks_total by (transport, outcome), looked up once
 
     # --- admission --------------------------------------------------------------------------
 
@@ -236,7 +238,8 @@ class TaskService:
         try:
             async with aclosing(agent) as events:
                 async for event in events:
-                    if isinstance(event, TaskCompleted) and task.session is not None:
+                    # The session first: isinstance on a pydantic class runs its metaclass's check, per event.
+                    if task.session is not None and isinstance(event, TaskCompleted):
                         event.session = await task.session.complete()  # its turn, before anyone hears it ended
                     task.last = event
                     yield event
@@ -250,7 +253,7 @@ class TaskService:
         task.finished = True
         last = task.last
         outcome = outcome_of(last)
-        self._metrics.tasks.labels("background" if task.background else task.transport, outcome).inc()
+        self._count(task, outcome)
         audit = task.audit
         audit.status, audit.error_code = outcome_status(outcome)
         if isinstance(last, TaskCompleted):
@@ -282,6 +285,13 @@ class TaskService:
             if self._audit is not None:
                 self._audit.submit(audit.row())
             task.done.set()
+
+    def _count(self, task: AdmittedTask, outcome: str) -> None:
+        labels = ("background" if task.background else task.transport, outcome)
+        counter = self._outcomes.get(labels)
+        if counter is None:
+            counter = self._outcomes[labels] = self._metrics.tasks.labels(*labels)
+        counter.inc()
 
     def _final_record(self, task: AdmittedTask, outcome: str) -> TaskRecord:
         last, audit = task.last, task.audit
