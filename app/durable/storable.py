@@ -25,7 +25,11 @@ def _clean_json(value: Any) -> Any:
     if isinstance(value, str):
         return _clean(value)
     if isinstance(value, dict):
-        return {_clean(key) if isinstance(key, str) else key: _clean_json(item) for key, item in value.items()}
+        # None, the commonest value of a request's optional fields, is passed over without a call.
+        return {
+            _clean(key) if isinstance(key, str) else key: item if item is None else _clean_json(item)
+            for key, item in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_clean_json(item) for item in value]
     if isinstance(value, float) and not math.isfinite(value):
@@ -52,12 +56,9 @@ class Storable:
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         for name, limit in self._limits:
             value = row.get(name)
-            if value is None:
-                continue
-            if isinstance(value, str):
-                cleaned = _clean(value)
-                if cleaned is not value or len(value) > limit:
-                    row[name] = cleaned[:limit]
+            # _clean's test inlined: a row has a dozen text columns, nearly always storable as they are.
+            if isinstance(value, str) and not (value.isascii() and "\x00" not in value and len(value) <= limit):
+                row[name] = _clean(value)[:limit]
         for name in self._json:
             if row.get(name) is not None:
                 row[name] = _clean_json(row[name])
