@@ -160,6 +160,26 @@ def start_pacemaker(
     return serve_pacemaker(name, env, home / "pacemaker.log", children, cwd=code), key
 
 
+def start_pacemaker_on(
+    backend: str,
+    databases: Databases,
+    workdir: Path,
+    upstream_port: int,
+    children: list[Child],
+    *,
+    name: str,
+    code: Path = ROOT,
+) -> tuple[Child, str]:
+    """start_pacemaker on `backend`: for postgres-redis, a database of `databases` and a redis-server of its own."""
+    database_url = redis_url = None
+    if backend == "postgres-redis":
+        database_url = databases.create()
+        redis_url = f"redis://{HOST}:{start_redis(workdir, children).port}/0"
+    return start_pacemaker(
+        workdir, upstream_port, children, name=name, database_url=database_url, redis_url=redis_url, code=code
+    )
+
+
 class Databases:
     """Fresh databases on the shared PostgreSQL server (Pacemaker migrates them); drop_all() drops them."""
 
@@ -524,8 +544,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="LABEL=DIR",
-        help="also measure Pacemaker (embedded) from another checkout's code, e.g. a `git worktree` of an earlier"
-        " commit, in the same rounds (repeatable): before/after figures from one run",
+        help="also measure Pacemaker (embedded, or --compare-backend's) from another checkout's code, e.g. a"
+        " `git worktree` of an earlier commit, in the same rounds (repeatable): before/after figures from one run",
     )
     parser.add_argument(
         "--compare-backend",
@@ -605,12 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
 
             def pacemaker_on(backend: str, key: str, label: str, code: Path = ROOT) -> Target:
-                database_url = redis_url = None
-                if backend == "postgres-redis":
-                    database_url = databases.create()
-                    redis_url = f"redis://{HOST}:{start_redis(workdir, children).port}/0"
-                pacemaker, api_key = start_pacemaker(
-                    workdir, fake.port, children, name=key, database_url=database_url, redis_url=redis_url, code=code
+                pacemaker, api_key = start_pacemaker_on(
+                    backend, databases, workdir, fake.port, children, name=key, code=code
                 )
                 headers = {"Authorization": f"Bearer {api_key}"}
                 return Target(key, label, f"http://{HOST}:{pacemaker.port}", headers, pacemaker, backend)

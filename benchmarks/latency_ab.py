@@ -29,11 +29,10 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from benchmarks.chat_proxy import BACKENDS, MESSAGES, MODEL, Databases, start_bare_proxy, start_pacemaker
+from benchmarks.chat_proxy import BACKENDS, MESSAGES, MODEL, Databases, start_bare_proxy, start_pacemaker_on
 from benchmarks.harness import (
     HOST,
     LOAD_CPU,
-    ROOT,
     SERVER_CPU,
     Child,
     can_pin,
@@ -43,7 +42,6 @@ from benchmarks.harness import (
     new_loop,
     pin,
     start_fake_upstream,
-    start_redis,
     verdict,
 )
 
@@ -134,23 +132,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     children: list[Child] = []
     databases = Databases()
 
-    def pacemaker(name: str, code: Path = ROOT) -> tuple[Child, str]:
-        database_url = redis_url = None
-        if args.backend == "postgres-redis":
-            database_url = databases.create()
-            redis_url = f"redis://{HOST}:{start_redis(workdir, children).port}/0"
-        return start_pacemaker(
-            workdir, fake.port, children, name=name, database_url=database_url, redis_url=redis_url, code=code
-        )
-
     try:
         log(f"starting servers in {workdir}")
         fake = start_fake_upstream(workdir, children)
         bare = start_bare_proxy(workdir, fake.port, children)
         servers: dict[str, tuple[Child, str | None]] = {"bare": (bare, None)}
-        servers["pacemaker"] = pacemaker("pacemaker")
+        servers["pacemaker"] = start_pacemaker_on(
+            args.backend, databases, workdir, fake.port, children, name="pacemaker"
+        )
         for label, directory in compare:
-            servers[label] = pacemaker(label, Path(directory))
+            servers[label] = start_pacemaker_on(
+                args.backend, databases, workdir, fake.port, children, name=label, code=Path(directory)
+            )
         if pinned:
             for child, _key in servers.values():
                 pin(child.process.pid, {SERVER_CPU})
