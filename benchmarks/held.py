@@ -24,7 +24,8 @@ whole network namespace, so any listener's), and CPU by process.
 With two or more CPUs the server under test is pinned to CPU 0 and everything else (load
 generators, the fake upstream when it is not the one measured, this process) to CPU 1; --no-pin
 turns that off. --profile N records Pacemaker with py-spy for the first N s of one more 9,000-stream
-(or the largest count's) storm, not counted in the tables. --smoke: every row once with 200 streams
+(or the largest count's) storm, not counted in the tables (--profile-pace fast: of the largest 10 events/s
+row's). --smoke: every row once with 200 streams
 at 400/s and two-second streams, unpinned. Either way the exit status is 1 if a request failed, a
 row is missing or a figure could not be computed. Markdown on stdout; progress on stderr.
 """
@@ -507,6 +508,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS", help="py-spy Pacemaker's storm")
     parser.add_argument("--profile-target", default="pacemaker", choices=["pacemaker", "tasks"])
+    parser.add_argument(
+        "--profile-pace", default="slow", choices=list(PROFILES), help="the storm profiled: slow (1 event/s) or fast"
+    )
     parser.add_argument("--profile-out", type=Path, help="where to keep py-spy's raw stacks (default: a temp file)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
@@ -574,13 +578,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def profile_storm(servers: Servers, args: argparse.Namespace, pinning: bool) -> None:
     """py-spy on Pacemaker for the first --profile seconds of a storm of the largest count's streams."""
-    target, count = TARGETS[args.profile_target], max(args.counts)
+    target, pace_profile = TARGETS[args.profile_target], PROFILES[args.profile_pace]
+    count = max((args.counts if pace_profile.key == "slow" else args.fast_counts) or [1000])
     out = args.profile_out or servers.workdir / "pacemaker.pyspy.txt"
     server = servers.start(target)
     if pinning:
         pin_under_test(server, servers.children)
     headers = {"Authorization": f"Bearer {servers.key}"}
-    pace = PROFILES["slow"].directives + (SMOKE_PACE if args.smoke else "")
+    pace = pace_profile.directives + (SMOKE_PACE if args.smoke else "")
     log(f"profiling {target.label} for {args.profile:g} s of a {count:,}-stream storm -> {out}")
 
     def load(_duration: int) -> None:
@@ -588,7 +593,7 @@ def profile_storm(servers: Servers, args: argparse.Namespace, pinning: bool) -> 
 
     pyspy.record(server.popen.pid, args.profile, out, load, pinning)
     servers.stop_server()
-    print(f"#### Where Pacemaker's CPU goes ({target.label}, {count:,} streams at 1 event/s opened at"
+    print(f"#### Where Pacemaker's CPU goes ({target.label}, {count:,} streams at {pace_profile.label} opened at"
           f" {args.rate:,.0f}/s; py-spy, the first {args.profile:g} s)\n")  # fmt: skip
     print(pyspy.summarise(out))
 
