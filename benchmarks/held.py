@@ -24,10 +24,10 @@ whole network namespace, so any listener's), and CPU by process.
 With two or more CPUs the server under test is pinned to CPU 0 and everything else (load
 generators, the fake upstream when it is not the one measured, this process) to CPU 1; --no-pin
 turns that off. --profile N records Pacemaker with py-spy for the first N s of one more 9,000-stream
-(or the largest count's) storm, not counted in the tables (--profile-pace fast: of the largest 10 events/s
-row's). --smoke: every row once with 200 streams
-at 400/s and two-second streams, unpinned. Either way the exit status is 1 if a request failed, a
-row is missing or a figure could not be computed. Markdown on stdout; progress on stderr.
+(or the largest count's) storm, not counted in the tables (--profile-pace fast: the largest 10 events/s
+count's). --smoke: every row once with 200 streams at 400/s and two-second streams, unpinned.
+Either way the exit status is 1 if a request failed, a row is missing or a figure could not be
+computed. Markdown on stdout; progress on stderr.
 """
 
 from __future__ import annotations
@@ -526,6 +526,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unknown target: {', '.join(unknown)}")
     if not (1 <= args.rounds <= 10 and 1 <= args.procs <= 16 and 1 <= args.rate <= 100_000 and args.profile >= 0):
         parser.error("--rounds must be in [1, 10], --procs in [1, 16], --rate in [1, 100000]")
+    if args.profile > 0 and not (args.counts if args.profile_pace == "slow" else args.fast_counts):
+        parser.error(f"--profile-pace {args.profile_pace} profiles a storm of that pace's largest count: give one")
     return args
 
 
@@ -579,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def profile_storm(servers: Servers, args: argparse.Namespace, pinning: bool) -> None:
     """py-spy on Pacemaker for the first --profile seconds of a storm of the largest count's streams."""
     target, pace_profile = TARGETS[args.profile_target], PROFILES[args.profile_pace]
-    count = max((args.counts if pace_profile.key == "slow" else args.fast_counts) or [1000])
+    count = max(args.counts if pace_profile.key == "slow" else args.fast_counts)
     out = args.profile_out or servers.workdir / "pacemaker.pyspy.txt"
     server = servers.start(target)
     if pinning:
