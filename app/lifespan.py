@@ -11,8 +11,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-import orjson
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -61,19 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 GC_THRESHOLDS = (10_000, 10, 10)
-
-
-def upstream_http_session(settings: Settings) -> aiohttp.ClientSession:
-    """The one pooled client for every upstream: sized for thousands of concurrent streams."""
-    limit = max((p.max_connections for p in settings.providers.values() if p.kind == "openai"), default=100)
-    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
-    return aiohttp.ClientSession(
-        connector=connector,
-        json_serialize=lambda value: orjson.dumps(value).decode(),
-        # Upstream URLs are configured; never pick up proxies or credentials from the environment.
-        trust_env=False,
-        auto_decompress=True,
-    )
 
 
 def _limits_redis(url: str | None) -> Redis | None:
@@ -225,9 +210,7 @@ def build_lifespan(
                 stack.push_async_callback(tracing.shutdown, tracer_provider)
             engine = create_engine(settings.database)
             stack.push_async_callback(engine.dispose)
-            http = upstream_http_session(settings)
-            stack.push_async_callback(http.close)
-            providers = ProviderRegistry(settings, http)
+            providers = ProviderRegistry(settings)  # each upstream's own connection pool (app/providers/http1.py)
             stack.push_async_callback(providers.aclose)
             session_maker = create_session_maker(engine)
             redis = _limits_redis(settings.limits.redis_url)
@@ -295,7 +278,6 @@ def build_lifespan(
                 counters=counters,
                 engine=engine,
                 session_maker=session_maker,
-                http=http,
                 providers=providers,
                 tools=tool_registry,
                 authenticator=Authenticator(

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import aiohttp
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.audit.sink import AuditSink
@@ -43,7 +42,6 @@ class Resources:
     counters: TrafficCounters
     engine: AsyncEngine
     session_maker: SessionMaker
-    http: aiohttp.ClientSession
     providers: ProviderRegistry
     tools: ToolRegistry
     authenticator: Authenticator

@@ -65,7 +65,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import psutil
 from redis.asyncio import Redis
@@ -290,14 +289,13 @@ async def part_a(requests: int, rounds: int, profile_requests: int) -> InProcess
     principal = bench_principal(key_id)
     memory_settings, redis_settings = bench_settings(None), bench_settings(REDIS_URL)
     redis = build_redis(REDIS_URL)
-    http = aiohttp.ClientSession()
     redis_keys = RedisLimiter(redis).keys_for(key_id)  # the default prefix, as build_enforcer uses
     try:
         try:
             await redis.ping()
         except Exception as exc:
             raise RuntimeError(f"Redis is not reachable at {REDIS_URL}: {exc}") from exc
-        route = ProviderRegistry(memory_settings, http).route(MODEL)
+        route = ProviderRegistry(memory_settings).route(MODEL)
         memory_metrics, redis_metrics = Metrics(), Metrics()
         memory = build_enforcer(memory_settings, memory_metrics, None)
         shared = build_enforcer(redis_settings, redis_metrics, redis)
@@ -357,7 +355,6 @@ async def part_a(requests: int, rounds: int, profile_requests: int) -> InProcess
     finally:
         with contextlib.suppress(Exception):
             await redis.delete(*redis_keys)
-        await http.close()
         await redis.aclose()
 
 

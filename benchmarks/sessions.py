@@ -109,30 +109,29 @@ async def part_a(settings: Settings, store: SessionStore | None, tasks: int, lab
     """
     steps = Steps(label)
     conversations = Conversations(store, settings) if store is not None else None
-    async with aiohttp.ClientSession() as http:
-        providers = ProviderRegistry(settings, http)
-        tools = ToolRegistry(builtin_tools())
-        principal = Principal(key_id=1, name="bench", prefix="pk_bench")
-        for n in range(tasks):
-            session = f"s{n % SESSIONS}"
-            body = TaskCreate(query=QUERY.format(n=n), model="sim-small", session_id=session)
-            started = time.perf_counter_ns()
-            spec = build_task_spec(
-                body, settings=settings, providers=providers, tools=tools, stream=False, principal=principal
+    providers = ProviderRegistry(settings)
+    tools = ToolRegistry(builtin_tools())
+    principal = Principal(key_id=1, name="bench", prefix="pk_bench")
+    for n in range(tasks):
+        session = f"s{n % SESSIONS}"
+        body = TaskCreate(query=QUERY.format(n=n), model="sim-small", session_id=session)
+        started = time.perf_counter_ns()
+        spec = build_task_spec(
+            body, settings=settings, providers=providers, tools=tools, stream=False, principal=principal
+        )
+        turn = await conversations.open(1, session, spec) if conversations is not None else None
+        messages = initial_messages(spec)
+        wire = orjson.dumps(messages)  # what the provider sends: a longer body with history
+        spec.turn = [messages[-1], {"role": "assistant", "content": ANSWER}]  # what the runner builds
+        outcome = await turn.complete() if turn is not None else None
+        steps.latencies_us.append((time.perf_counter_ns() - started) / 1000)
+        if outcome is not None and (outcome.history_turns != TURNS or not outcome.stored):
+            steps.problems.append(
+                f"{label}: task {n}: {outcome.history_turns} turns sent, stored {outcome.stored} ({outcome.reason})"
             )
-            turn = await conversations.open(1, session, spec) if conversations is not None else None
-            messages = initial_messages(spec)
-            wire = orjson.dumps(messages)  # what the provider sends: a longer body with history
-            spec.turn = [messages[-1], {"role": "assistant", "content": ANSWER}]  # what the runner builds
-            outcome = await turn.complete() if turn is not None else None
-            steps.latencies_us.append((time.perf_counter_ns() - started) / 1000)
-            if outcome is not None and (outcome.history_turns != TURNS or not outcome.stored):
-                steps.problems.append(
-                    f"{label}: task {n}: {outcome.history_turns} turns sent, stored {outcome.stored} ({outcome.reason})"
-                )
-            if not wire:
-                steps.problems.append(f"{label}: no request body")
-        await providers.aclose()
+        if not wire:
+            steps.problems.append(f"{label}: no request body")
+    await providers.aclose()
     return steps
 
 

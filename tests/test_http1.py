@@ -1,8 +1,10 @@
-"""The lean HTTP/1.1 pool of non-streamed upstream calls (app/providers/http1.py), against small test servers."""
+"""The lean HTTP/1.1 pool of the upstream calls (app/providers/http1.py), read whole or streamed, against
+small test servers."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -177,3 +179,127 @@ async def test_a_body_without_length_ends_with_the_connection(server: Server) ->
     answer = await client.post("/chat/completions", {}, b"{}")
     assert (answer.status, answer.body) == (200, b'{"whole": true}')
     assert client._open == 0  # not kept: it is closed
+
+
+CHUNKED_SSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def test_a_streamed_body_comes_as_it_is_sent_and_the_connection_is_reused(server: Server) -> None:
+    step = asyncio.Event()
+
+    async def events(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await read_request(reader)
+            writer.write(CHUNKED_SSE + chunk(b"data: 1\n\n"))
+            await writer.drain()
+            await step.wait()  # the second event only once the client read the first
+            step.clear()
+            writer.write(chunk(b"data: 2\n\n") + b"0\r\n\r\n")
+        await reader.read()
+
+    client = pool(await server.start(events))
+    for _ in range(2):
+        stream = await client.stream("/chat/completions", {}, b"{}")
+        assert (stream.status, stream.headers["content-type"]) == (200, "text/event-stream")
+        assert await stream.read() == b"data: 1\n\n"
+        step.set()
+        assert await stream.read() == b"data: 2\n\n"
+        assert await stream.read() == b""
+        stream.close()
+    assert server.connections == 1  # read to its end, the connection went back to the pool
+    assert client._open == 1
+    client.close()
+
+
+async def test_the_bytes_before_a_dropped_connection_are_read_before_the_failure(server: Server) -> None:
+    async def torn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(CHUNKED_SSE + chunk(b"data: 1\n\n") + chunk(b"data: 2\n\n"))
+        await writer.drain()
+
+    client = pool(await server.start(torn))
+    stream = await client.stream("/chat/completions", {}, b"{}")
+    await server.closed.wait()
+    await asyncio.sleep(0.05)  # the close has reached the client too
+    assert await stream.read() == b"data: 1\n\ndata: 2\n\n"
+    with pytest.raises(UpstreamConnectionError):
+        await stream.read()
+    stream.close()
+    assert client._open == 0
+
+
+async def test_a_stream_closed_before_its_end_closes_its_connection_so_the_upstream_stops(server: Server) -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(CHUNKED_SSE)
+        with contextlib.suppress(ConnectionError):
+            for n in range(1000):
+                writer.write(chunk(b"data: %d\n\n" % n))
+                await writer.drain()
+                await asyncio.sleep(0.01)
+
+    client = pool(await server.start(endless))
+    stream = await client.stream("/chat/completions", {}, b"{}")
+    assert (await stream.read()).startswith(b"data: 0\n\n")
+    stream.close()
+    stream.close()  # idempotent
+    await asyncio.wait_for(server.closed.wait(), 5)
+    assert client._open == 0
+
+
+async def test_a_slow_reader_pauses_the_socket_and_its_own_slowness_is_no_timeout(server: Server) -> None:
+    """1 MB sent at once to a reader that waits past the read timeout: nothing is lost, nothing times out."""
+    sent = b"".join(chunk(b"data: %06d %s\n\n" % (n, b"x" * 1000)) for n in range(1000))
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(CHUNKED_SSE + sent + b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    client = pool(await server.start(flood), read=0.2)
+    stream = await client.stream("/chat/completions", {}, b"{}")
+    await asyncio.sleep(0.5)
+    connection = stream._connection
+    # Paused past 64 KB: what waits in the process is that and one socket read (at most 256 KB); the
+    # kernel holds the rest.
+    assert connection._paused and connection._buffered <= (64 + 256) * 1024 < len(sent)
+    body = await stream.read_all()
+    assert body.count(b"data: ") == 1000 and body.endswith(b"data: 000999 " + b"x" * 1000 + b"\n\n")
+    stream.close()
+    assert client._open == 1  # read to its end: kept
+
+
+async def test_silence_in_a_stream_fails_after_the_bytes_before_it(server: Server) -> None:
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(CHUNKED_SSE + chunk(b"data: 1\n\n"))
+        await writer.drain()
+        await reader.read()
+
+    client = pool(await server.start(stalls), read=0.2)
+    stream = await client.stream("/chat/completions", {}, b"{}")
+    assert await stream.read() == b"data: 1\n\n"
+    with pytest.raises(TimeoutError):
+        await stream.read()
+    stream.close()
+    await asyncio.wait_for(server.closed.wait(), 5)
+    assert client._open == 0
+
+
+async def test_an_error_answer_to_a_stream_is_read_whole(server: Server) -> None:
+    async def refuses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 429 Too Many\r\nContent-Length: 11\r\nRetry-After: 3\r\n\r\n{\"e\": \"no\"}")
+        await reader.read()
+
+    client = pool(await server.start(refuses))
+    stream = await client.stream("/chat/completions", {}, b"{}")
+    assert (stream.status, stream.headers["retry-after"], await stream.read_all()) == (429, "3", b'{"e": "no"}')
+    stream.close()
+    assert client._open == 1
+    client.close()

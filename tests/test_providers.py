@@ -113,7 +113,7 @@ def test_prices_come_from_the_model_then_the_price_table_and_cached_input_is_che
             "custom": {"provider": "up", "input_usd_per_mtok": "3", "output_usd_per_mtok": "4"},
         },
     )
-    registry = ProviderRegistry(settings, http=None)  # type: ignore[arg-type]  # no upstream is called
+    registry = ProviderRegistry(settings)  # no upstream is called
     mini = registry.route("mini")
     assert mini.cost(Usage(1_000_000, 1_000_000)) == Decimal("0.75")  # 0.15 in + 0.60 out
     assert mini.cost(Usage(1_000_000, 0, cached_tokens=1_000_000)) == Decimal("0.075")

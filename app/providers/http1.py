@@ -1,15 +1,17 @@
-"""A lean HTTP/1.1 client for one request and its whole answer: the non-streamed upstream call.
+"""A lean HTTP/1.1 client for the upstream calls: one request, and its answer read whole or as it comes.
 
 aiohttp's ClientSession.request was a fifth of the chat route's CPU per request (py-spy, JSON at
-concurrency 64): URL and header objects, cookie jar, tracing hooks, timer contexts and a
-ClientRequest/ClientResponse pair for every call. A completion that is read whole needs much less:
-a pooled keep-alive connection, one write, and httptools (uvicorn's own C parser) reading the
-answer. Streams stay on aiohttp (app/providers/openai.py).
+concurrency 64) and a fifth of a streamed task's CPU in a storm of new streams (1,000 opened a
+second): URL and header objects, cookie jar, tracing hooks, timer contexts and a
+ClientRequest/ClientResponse pair for every call. An upstream call needs much less: a pooled
+keep-alive connection, one write, and httptools (uvicorn's own C parser) reading the answer.
 
 The same contract as the aiohttp call it replaces: a connect timeout, a read timeout between bytes,
 the pool's size, keep-alive (an idle connection is reused, closed after `keepalive_s`), and a
 connection that did not end its answer (cancelled, timed out, failed) is closed, never reused, so
-the upstream stops. As aiohttp does for a POST, a request is never sent twice: a kept-alive
+the upstream stops. A streamed body is read with flow control (the socket is paused while more than
+64 KB wait for a reader, and silence while paused is not a timeout), and the bytes received before
+a failure are read before the failure is raised. As aiohttp does for a POST, a request is never sent twice: a kept-alive
 connection the upstream closes as the request goes out fails the call (ModelCall's retry policy
 decides what happens next).
 """
@@ -33,6 +35,9 @@ class ConnectTimeout(TimeoutError):
     """No connection within the connect timeout."""
 
 
+_HIGH_WATER = 64 * 1024  # a streamed body's bytes waiting for its reader before the socket is paused
+
+
 class Answer:
     __slots__ = ("body", "raw_headers", "status")
 
@@ -48,13 +53,19 @@ class Answer:
 class _Connection(asyncio.Protocol):
     __slots__ = (
         "_body",
+        "_buffered",
         "_done",
+        "_ended",
+        "_error",
         "_headers",
         "_headers_done",
         "_heard",
         "_loop",
         "_parser",
+        "_paused",
         "_read_timeout",
+        "_reader",
+        "_streaming",
         "_timer",
         "closed",
         "idle_since",
@@ -76,6 +87,13 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._headers: list[tuple[bytes, bytes]] = []
         self._headers_done = False
+        # A streamed answer: its body as it comes, for one reader.
+        self._streaming = False
+        self._buffered = 0  # bytes in _body not read yet
+        self._reader: asyncio.Future[None] | None = None  # the reader waiting for bytes
+        self._ended = False  # the body is complete (the reader gets b"" once _body is empty)
+        self._error: BaseException | None = None  # raised to the reader once _body is empty
+        self._paused = False
 
     # asyncio.Protocol
 
@@ -98,6 +116,14 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._cancel_timer()
         done, parser = self._done, self._parser
+        if self._streaming and done is not None and done.done():
+            if not self._ended and self._error is None:
+                if parser is not None and self._until_close():
+                    self._ended = True
+                else:
+                    self._error = UpstreamConnectionError("the connection was closed before the response ended")
+                self._wake_reader()
+            return
         if done is None or done.done():
             return
         if parser is not None and self._until_close():
@@ -119,9 +145,18 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
+        done, parser = self._done, self._parser
+        if self._streaming and done is not None and parser is not None and not done.done():
+            done.set_result(Answer(parser.get_status_code(), self._headers, b""))
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
+        if self._streaming:
+            self._buffered += len(body)
+            if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
+                self._paused = True
+                self.transport.pause_reading()
+            self._wake_reader()
 
     def on_message_complete(self) -> None:
         parser, done = self._parser, self._done
@@ -129,6 +164,12 @@ class _Connection(asyncio.Protocol):
         self._cancel_timer()
         keep = parser.should_keep_alive()
         self._parser = None
+        if self._streaming:
+            self._ended = True
+            self._wake_reader()
+            if not keep:
+                self.close()
+            return
         if not done.done():
             done.set_result(Answer(parser.get_status_code(), self._headers, b"".join(self._body)))
         if not keep:
@@ -136,20 +177,56 @@ class _Connection(asyncio.Protocol):
 
     # requests
 
-    async def exchange(self, request: bytes) -> Answer:
+    async def exchange(self, request: bytes, *, stream: bool = False) -> Answer:
+        """The whole answer; or with `stream`, its status and headers, the body then read with read()."""
         assert self.transport is not None
         done: asyncio.Future[Answer] = self._loop.create_future()
         self._done = done
         self._parser = httptools.HttpResponseParser(self)
         self._body, self._headers, self.received, self._headers_done = [], [], False, False
+        self._streaming, self._buffered, self._ended, self._error = stream, 0, False, None
         self.transport.write(request)
         self._arm()
         try:
             return await done
         finally:
-            self._done = None
+            if not stream:
+                self._done = None
             if not done.done() or done.cancelled() or done.exception() is not None:
                 self.close()  # an answer not read to its end: the connection goes, the upstream stops
+
+    async def read(self) -> bytes:
+        """The next bytes of a streamed body (all that arrived since the last read), b"" at its end; the
+        failure (TimeoutError, UpstreamConnectionError) once the bytes received before it are read."""
+        while not self._body:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                return b""
+            reader = self._reader = self._loop.create_future()
+            try:
+                await reader
+            finally:
+                self._reader = None
+        body, self._body, self._buffered = self._body, [], 0
+        if self._paused and not self.closed and self.transport is not None:
+            self._paused = False
+            self._heard = self._loop.time()  # the silence while paused was the reader's, not the upstream's
+            self.transport.resume_reading()
+        return body[0] if len(body) == 1 else b"".join(body)
+
+    def end_stream(self) -> bool:
+        """The reader is done with a streamed answer: True if the connection may be reused (the body was
+        read to its end); otherwise it is closed, so the upstream stops."""
+        reusable = self._ended and self._error is None and not self._body and not self.closed
+        self._done, self._streaming, self._body = None, False, []
+        if not reusable:
+            self.close()
+        return reusable
+
+    def _wake_reader(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
 
     def _arm(self) -> None:
         """One timer per answer, not one per read: when it fires it checks the time of the last read
@@ -160,6 +237,8 @@ class _Connection(asyncio.Protocol):
 
     def _check_silence(self) -> None:
         assert self._read_timeout is not None
+        if self._paused:
+            self._heard = self._loop.time()  # the reader is behind: the upstream is not silent
         due = self._heard + self._read_timeout
         if self._loop.time() < due:
             self._timer = self._loop.call_at(due, self._check_silence)
@@ -175,10 +254,16 @@ class _Connection(asyncio.Protocol):
     def _fail(self, exc: BaseException) -> None:
         if self._done is not None and not self._done.done():
             self._done.set_exception(exc)
+        elif self._streaming and not self._ended and self._error is None:
+            self._error = exc
+            self._wake_reader()
         self.close()
 
     def close(self) -> None:
         self._cancel_timer()
+        if self._streaming and self._parser is not None and not self._ended and self._error is None:
+            self._error = UpstreamConnectionError("the connection was closed before the response ended")
+            self._wake_reader()
         self._parser = None
         if not self.closed:
             self.closed = True
@@ -232,6 +317,19 @@ class Http1Pool:
             return await connection.exchange(request)
         finally:
             self._release(connection)
+
+    async def stream(self, path: str, headers: Mapping[str, str], body: bytes) -> Stream:
+        """POST `body` and read the answer's status and headers; its body is then the Stream's to read,
+        and the Stream must be closed (it gives the connection back, or closes it)."""
+        request = self.head(path, headers, body)
+        connection = await self._acquire()
+        try:
+            answer = await connection.exchange(request, stream=True)
+        except BaseException:
+            connection.end_stream()
+            self._release(connection)
+            raise
+        return Stream(self, connection, answer)
 
     async def _acquire(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -296,3 +394,36 @@ class Http1Pool:
         while self._idle:
             self._idle.pop().close()
             self._open -= 1
+
+
+class Stream:
+    """A streamed answer: status and headers, then its body read as it comes."""
+
+    __slots__ = ("_connection", "_pool", "raw_headers", "status")
+
+    def __init__(self, pool: Http1Pool, connection: _Connection, answer: Answer) -> None:
+        self._pool: Http1Pool | None = pool
+        self._connection = connection
+        self.status, self.raw_headers = answer.status, answer.raw_headers
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in self.raw_headers}
+
+    async def read(self) -> bytes:
+        """The bytes that arrived since the last read, b"" at the end of the body."""
+        return await self._connection.read()
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while data := await self.read():
+            parts.append(data)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Gives the connection back if the body was read to its end; otherwise closes it (the upstream
+        stops). Idempotent."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            self._connection.end_stream()
+            pool._release(self._connection)

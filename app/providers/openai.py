@@ -1,12 +1,10 @@
-"""A provider for any OpenAI-compatible upstream, over the process's one pooled aiohttp session."""
+"""A provider for any OpenAI-compatible upstream, over a lean keep-alive pool (app/providers/http1.py)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping
 
-import aiohttp
 import orjson
-from multidict import CIMultiDict
 
 from app.config import ProviderSettings
 from app.errors import (
@@ -20,7 +18,7 @@ from app.errors import (
 from app.middleware import request_id_var
 from app.observability import tracing
 from app.providers.base import LLMChunk, LLMRequest, Usage
-from app.providers.http1 import ConnectTimeout, Http1Pool, UpstreamConnectionError
+from app.providers.http1 import ConnectTimeout, Http1Pool, Stream, UpstreamConnectionError
 from app.providers.openai_wire import error_message, parse_completion, parse_text_event, request_body, text_event
 
 _DATA = b"data:"
@@ -29,20 +27,16 @@ _DONE = b"[DONE]"
 
 
 class OpenAICompatibleProvider:
-    def __init__(self, name: str, settings: ProviderSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(self, name: str, settings: ProviderSettings) -> None:
         assert settings.base_url is not None  # guaranteed by ProviderSettings validation
         self.name = name
-        self._session = session
         self._url = settings.base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Content-Type": "application/json"}
         if settings.api_key is not None:
             self._headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
-        # No total timeout: a long stream is fine as long as bytes keep coming.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
-        )
-        # Non-streamed calls, read whole, on a lean keep-alive pool of their own (app/providers/http1.py):
-        # aiohttp's request machinery was a fifth of the chat route's CPU. Streams stay on aiohttp.
+        # Streamed and non-streamed calls on one lean keep-alive pool (app/providers/http1.py): aiohttp's
+        # request machinery was a fifth of the chat route's CPU. No total timeout: a long stream is fine
+        # as long as bytes keep coming (the read timeout is between bytes).
         self._pool = Http1Pool(
             settings.base_url,
             limit=settings.max_connections,
@@ -65,7 +59,7 @@ class OpenAICompatibleProvider:
         except OSError as exc:
             raise UpstreamUnavailable(f"{self.name}: {type(exc).__name__}: {exc}") from None
         if answer.status >= 400:
-            raise _status_error(self.name, answer.status, answer.body, CIMultiDict(answer.headers))
+            raise _status_error(self.name, answer.status, answer.body, answer.headers)
         return _plain_completion(answer.body) or parse_completion(answer.body)
 
     async def generate(self, request: LLMRequest) -> AsyncGenerator[LLMChunk, None]:
@@ -77,60 +71,46 @@ class OpenAICompatibleProvider:
             headers = tracing.outgoing_headers(self._headers, request_id_var.get())
             # The body inline, not in a local: this generator lives as long as the stream, and orjson's
             # output is a 4 KB allocation however short the body (held, 4 KB more per stream).
-            response = await self._session.post(
-                self._url, data=orjson.dumps(request_body(request)), headers=headers, timeout=self._timeout
-            )
-        except TimeoutError:
+            response = await self._pool.stream("/chat/completions", headers, orjson.dumps(request_body(request)))
+        except ConnectTimeout:
             raise UpstreamTimeout(f"{self.name}: no connection within the connect timeout") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(f"{self.name}: {type(exc).__name__}: {exc}") from None
-
-        finished = False
-        try:
-            if response.status >= 400:
-                raise _status_error(self.name, response.status, await response.read(), response.headers)
-            if request.stream:
-                async for chunk in _read_event_stream(self.name, response, request.relay_model):
-                    yield chunk
-            else:
-                yield parse_completion(await response.read())
-            finished = True
         except TimeoutError:
             raise UpstreamTimeout(f"{self.name}: upstream went silent past the read timeout") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(f"{self.name}: connection lost: {type(exc).__name__}") from None
+        except UpstreamConnectionError as exc:
+            raise UpstreamUnavailable(f"{self.name}: connection lost: {exc}") from None
+        except OSError as exc:
+            raise UpstreamUnavailable(f"{self.name}: {type(exc).__name__}: {exc}") from None
+
+        try:
+            if response.status >= 400:
+                raise _status_error(self.name, response.status, await response.read_all(), response.headers)
+            async for chunk in _read_event_stream(self.name, response, request.relay_model):
+                yield chunk
+        except TimeoutError:
+            raise UpstreamTimeout(f"{self.name}: upstream went silent past the read timeout") from None
+        except UpstreamConnectionError as exc:
+            raise UpstreamUnavailable(f"{self.name}: connection lost: {exc}") from None
         finally:
-            if finished:
-                response.release()
-            else:
-                # Cancelled, abandoned or failed: drop the connection so the upstream stops generating.
-                response.close()
+            # Read to its end, the connection goes back to the pool; cancelled, abandoned or failed, it
+            # is closed so the upstream stops generating.
+            response.close()
 
     async def aclose(self) -> None:
-        """The shared session belongs to the lifespan; the pool of non-streamed calls is ours."""
         self._pool.close()
 
 
 async def _read_event_stream(
-    name: str, response: aiohttp.ClientResponse, relay_model: str | None = None
+    name: str, response: Stream, relay_model: str | None = None
 ) -> AsyncGenerator[LLMChunk, None]:
     """The chunks of an SSE body, as they come: what one read brought is folded into as few chunks as
-    its events allow (a run of tokens is one chunk), so the layers above pay per read, not per token."""
+    its events allow (a run of tokens is one chunk), so the layers above pay per read, not per token.
+    A dropped connection fails only after the bytes received before it (tokens the client is sent, and
+    counted)."""
     events = _EventStream(relay_model)
-    content = response.content
-    try:
-        while data := await content.readany():
-            for chunk in events.feed(data):
-                yield chunk  # the usage chunk comes after the one with finish_reason
-            events.raise_failure()
-    except aiohttp.ClientError:
-        # aiohttp raises a dropped connection's error before handing out data it had already
-        # received (its reads check the error first), so tokens the client was never sent would be
-        # lost, and uncounted. Deliver the whole lines still buffered, then fail.
-        for chunk in events.feed(_buffered(content)):
-            yield chunk
+    while data := await response.read():
+        for chunk in events.feed(data):
+            yield chunk  # the usage chunk comes after the one with finish_reason
         events.raise_failure()
-        raise
     if events.pending:  # a last event without its blank line
         for chunk in events.feed(b"\n\n"):
             yield chunk
@@ -325,16 +305,8 @@ def _folded(texts: list[str], raws: list[bytes] | None, finish: str | None) -> L
     return LLMChunk(text="".join(texts) or None, finish_reason=finish, texts=texts, raw=raws)
 
 
-def _buffered(content: aiohttp.StreamReader) -> bytes:
-    """What a failed stream still holds (its torn last line stays unread)."""
-    read_buffered = getattr(content, "_read_nowait", None)  # aiohttp's own, which skips the error check
-    if read_buffered is None:
-        return b""
-    data: bytes = read_buffered(-1)
-    return data
-
-
 def _status_error(name: str, status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:
+    """`headers` by lower-case name."""
     message = f"{name} answered {status}: {error_message(raw)}"
     retry_after = _retry_after(headers)
     if status == 429:
@@ -347,7 +319,7 @@ def _status_error(name: str, status: int, raw: bytes, headers: Mapping[str, str]
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("Retry-After")
+    value = headers.get("retry-after")
     try:
         return float(value) if value is not None else None
     except ValueError:

@@ -6,19 +6,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
 
-import aiohttp
-
 from app.config import ModelSettings, PriceSettings, ProviderSettings, Settings
 from app.errors import ModelNotFound
 from app.providers.base import Provider, Usage
 from app.providers.openai import OpenAICompatibleProvider
 from app.providers.simulated import SimulatedProvider
 
-ProviderFactory = Callable[[str, ProviderSettings, aiohttp.ClientSession], Provider]
+ProviderFactory = Callable[[str, ProviderSettings], Provider]
 
 PROVIDER_KINDS: dict[str, ProviderFactory] = {
     "openai": OpenAICompatibleProvider,
-    "simulated": lambda name, settings, _session: SimulatedProvider(name, settings),
+    "simulated": SimulatedProvider,
 }
 
 _PER_MILLION = Decimal(1_000_000)
@@ -45,9 +43,9 @@ class ModelRoute:
 
 
 class ProviderRegistry:
-    def __init__(self, settings: Settings, http: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.providers: dict[str, Provider] = {
-            name: PROVIDER_KINDS[cfg.kind](name, cfg, http) for name, cfg in settings.providers.items()
+            name: PROVIDER_KINDS[cfg.kind](name, cfg) for name, cfg in settings.providers.items()
         }
         plain = {name: self._route(name, cfg, settings) for name, cfg in settings.models.items()}
         # One level of fallback: a fallback's own fallback is not followed.
