@@ -47,18 +47,34 @@ from app.tasks.events import EventLog, MemoryEventLog
 from app.tasks.leases import LeaseKeeper
 from app.tasks.service import TaskService
 from app.tasks.store import TaskStore
-from app.tools.http import HttpTool, http_tool_session
+from app.tools.base import Tool
 from app.tools.invoke import ToolInvoker
 from app.tools.python import PythonTool
 from app.tools.registry import ToolRegistry, builtin_tools
 
 if TYPE_CHECKING:
+    import aiohttp
     from redis.asyncio import Redis
 
 # What only a deployment with Redis needs (redis itself is 8 MB of modules) is imported where it is built.
 
 log = logging.getLogger(__name__)
 GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def _http_tools(settings: Settings, stack: AsyncExitStack) -> list[Tool]:
+    """The configured HTTP tools, each on the client its `allow_private` asks for (aiohttp, 8.8 MB of
+    modules, is imported only where there is one)."""
+    if not settings.tools.http:
+        return []
+    from app.tools.http import HttpTool, http_tool_session
+
+    clients: dict[bool, aiohttp.ClientSession] = {}
+    for cfg in settings.tools.http:
+        if cfg.allow_private not in clients:
+            clients[cfg.allow_private] = http_tool_session(allow_private=cfg.allow_private)
+            stack.push_async_callback(clients[cfg.allow_private].close)
+    return [HttpTool(cfg, clients[cfg.allow_private]) for cfg in settings.tools.http]
 
 
 def _limits_redis(url: str | None) -> Redis | None:
@@ -216,14 +232,10 @@ def build_lifespan(
             redis = _limits_redis(settings.limits.redis_url)
             if redis is not None:
                 stack.push_async_callback(redis.aclose)
-            # Clients for HTTP tools, apart from the upstreams' pool: one refusing private addresses.
-            tool_http = {private: http_tool_session(allow_private=private) for private in (False, True)}
-            for session in tool_http.values():
-                stack.push_async_callback(session.close)
             idempotency: IdempotencyStore = (
                 RedisIdempotencyStore(redis) if redis is not None else MemoryIdempotencyStore()
             )
-            tools = [*builtin_tools(), *(HttpTool(cfg, tool_http[cfg.allow_private]) for cfg in settings.tools.http)]
+            tools = [*builtin_tools(), *_http_tools(settings, stack)]
             sandbox = Sandbox(settings.sandbox) if settings.tools.python else None
             if sandbox is not None:
                 # Compiles the guest in a subprocess on first start (seconds); the runtime loads on first use.

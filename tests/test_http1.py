@@ -294,7 +294,7 @@ async def test_silence_in_a_stream_fails_after_the_bytes_before_it(server: Serve
 async def test_an_error_answer_to_a_stream_is_read_whole(server: Server) -> None:
     async def refuses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        writer.write(b"HTTP/1.1 429 Too Many\r\nContent-Length: 11\r\nRetry-After: 3\r\n\r\n{\"e\": \"no\"}")
+        writer.write(b'HTTP/1.1 429 Too Many\r\nContent-Length: 11\r\nRetry-After: 3\r\n\r\n{"e": "no"}')
         await reader.read()
 
     client = pool(await server.start(refuses))

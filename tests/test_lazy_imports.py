@@ -1,7 +1,7 @@
 """What only some deployments or requests need is not loaded until they need it (idle memory, per worker).
 
 Checked in a fresh interpreter: an app on the embedded defaults (SQLite, no Redis, no HTTP tool,
-tracing off), started, has not imported redis, jsonschema, the OpenTelemetry SDK or
+tracing off), started, has not imported redis, jsonschema, the OpenTelemetry SDK, aiohttp or
 wasmtime; the sandbox still runs code, and wasmtime is loaded then.
 """
 
@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from app.redis_errors import backend_errors, redis_errors
 from tests.support import ROOT, pacemaker_env, run_cli, server_config
 
-LAZY = ["redis", "jsonschema", "opentelemetry.sdk", "wasmtime"]
+LAZY = ["redis", "jsonschema", "opentelemetry.sdk", "wasmtime", "aiohttp"]
 
 CHILD = """
 import asyncio, json, sys
