@@ -20,7 +20,7 @@ The breakdown: the server's mappings by kind (/proc/PID/smaps: anonymous memory,
 Python objects, and each file-backed mapping: libpython, the wasmtime library, the compiled
 module, ...); the cost of each import group, measured in a fresh interpreter (`python -c`):
 cumulative RSS after importing each group in the order the server needs them, and which groups an
-app started in process (--child: create_app plus its lifespan, the same settings) has loaded; and
+app started in process (`python -c`: create_app plus its lifespan, the same settings) has loaded; and
 the floor: the libraries Pacemaker cannot do without, imported, under uvicorn serving one route.
 
 Memory figures are robust to other work on the machine; latencies are not (say so when it was busy).
@@ -75,11 +75,11 @@ IMPORT_GROUPS: dict[str, list[str]] = {
     "asyncio, uvloop": ["asyncio", "uvloop"],
     "pydantic, fastapi, starlette": ["pydantic", "fastapi"],
     "sqlalchemy (asyncio, orm), aiosqlite, sqlmodel": ["sqlalchemy.ext.asyncio", "aiosqlite", "sqlmodel"],
-    "aiohttp": ["aiohttp"],
     "uvicorn": ["uvicorn", "uvicorn.protocols.http.httptools_impl"],
     "prometheus_client, yaml, orjson, psutil": ["prometheus_client", "yaml", "orjson", "psutil"],
     "pydantic_settings": ["pydantic_settings"],
     "redis (asyncio)": ["redis.asyncio"],
+    "aiohttp (the HTTP tools' client)": ["aiohttp"],
     "limits": ["limits.aio.strategies", "limits.aio.storage"],
     "opentelemetry sdk": ["opentelemetry.sdk.trace"],
     "jsonschema": ["jsonschema"],
@@ -92,6 +92,7 @@ IMPORT_GROUPS: dict[str, list[str]] = {
 # Top-level packages whose presence in sys.modules says a group was loaded.
 GROUP_MARKERS = {
     "redis (asyncio)": "redis",
+    "aiohttp (the HTTP tools' client)": "aiohttp",
     "limits": "limits",
     "opentelemetry sdk": "opentelemetry.sdk",
     "jsonschema": "jsonschema",
@@ -224,13 +225,6 @@ async def sandbox_calls(base: str, key: str, runs: int, failures: list[str]) -> 
 # Import groups, in fresh interpreters
 
 
-def rss_now() -> float:  # of this process
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 # Run with `python -c`: nothing of this module (or of the harness) is imported first.
 IMPORTS_CHILD = """
 import json, sys
@@ -258,21 +252,28 @@ def import_groups() -> list[dict[str, Any]]:
     return rows
 
 
-def child_app(config_path: str) -> None:
-    """--child CONFIG: what an app started in process (create_app, its lifespan) has imported; one JSON line."""
-    import os
+# What an app started in process (create_app, its lifespan) has imported, and its RSS; one JSON line. Run
+# with `python -c` too, so that what this module imports (aiohttp, the harness) does not count.
+APP_CHILD = """
+import asyncio, json, os, sys
+os.environ["PACEMAKER_CONFIG"] = sys.argv[1]
+from app.config import load_settings
+from app.main import create_app
 
-    os.environ["PACEMAKER_CONFIG"] = config_path
-    from app.config import load_settings
-    from app.main import create_app
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
 
-    async def started() -> dict[str, Any]:
-        app = create_app(load_settings())
-        async with app.router.lifespan_context(app):
-            loaded = {group: marker in sys.modules for group, marker in GROUP_MARKERS.items()}
-            return {"rss": rss_now(), "modules": len(sys.modules), "loaded": loaded}
+async def started():
+    app = create_app(load_settings())
+    async with app.router.lifespan_context(app):
+        markers = json.loads(sys.argv[2])
+        loaded = {group: marker in sys.modules for group, marker in markers.items()}
+        return {"rss": rss(), "modules": len(sys.modules), "loaded": loaded}
 
-    print(json.dumps(asyncio.run(started())))
+print(json.dumps(asyncio.run(started())))
+"""
 
 
 # The floor: the libraries `pacemaker serve` cannot do without, imported, and uvicorn serving an
@@ -284,7 +285,6 @@ FLOOR_MODULES = [
     "sqlalchemy.dialects.postgresql",  # the tables' postgresql_where indexes import it on any database
     "aiosqlite",
     "sqlmodel",
-    "aiohttp",
     "prometheus_client",
     "yaml",
     "orjson",
@@ -329,12 +329,15 @@ def floor(workdir: Path, children: list[Child]) -> dict[str, float]:
     return figures
 
 
-def run_child(*args: str) -> Any:
+def run_child(config_path: str) -> Any:
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", "--child", *args], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-c", APP_CHILD, config_path, json.dumps(GROUP_MARKERS)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"the child {args} exited with {done.returncode}:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"the app child exited with {done.returncode}:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -438,7 +441,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sandbox-runs", type=int, default=10, help="warm python-tool calls (default 10)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     parser.add_argument("--smoke", action="store_true", help="seconds: every step with the fewest requests")
-    parser.add_argument("--child", nargs=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
         args.warm_requests, args.sandbox_runs = 2, 2
@@ -503,9 +505,6 @@ def problems(figures: dict[str, Any]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.child:
-        child_app(args.child[0])
-        return 0
     workdir = Path(tempfile.mkdtemp(prefix="pacemaker-memory-"))
     children: list[Child] = []
     try:
