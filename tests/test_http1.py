@@ -303,3 +303,95 @@ async def test_an_error_answer_to_a_stream_is_read_whole(server: Server) -> None
     stream.close()
     assert client._open == 1
     client.close()
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one read", "two reads"])
+async def test_an_interim_1xx_answer_is_skipped_for_the_answer_that_follows(server: Server, split: bool) -> None:
+    """100 Continue or 103 Early Hints first: the answer is the one after it, and the next request on the
+    connection gets its own (once, the next caller got the previous one's)."""
+
+    async def hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for n in (1, 2):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
+            if split:
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            writer.write(CHUNKED_SSE + chunk(b"data: %d\n\n" % n) + b"0\r\n\r\n")
+            await writer.drain()
+            await read_request(reader)
+            writer.write(
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 429 Slow\r\nRetry-After: 5\r\nContent-Length: 2\r\n\r\n{}"
+            )
+        await reader.read()
+
+    client = pool(await server.start(hints))
+    for n in (1, 2):
+        stream = await client.stream("/chat/completions", {}, b"{}")
+        assert (stream.status, stream.headers) == (
+            200,
+            {"content-type": "text/event-stream", "transfer-encoding": "chunked"},
+        )
+        assert await stream.read_all() == b"data: %d\n\n" % n
+        stream.close()
+        answer = await client.post("/chat/completions", {}, b"{}")
+        assert (answer.status, answer.headers["retry-after"], answer.body) == (429, "5", b"{}")
+    assert server.connections == 1
+    client.close()
+
+
+async def test_bytes_after_the_end_of_an_answer_are_not_delivered_and_close_the_connection(server: Server) -> None:
+    async def stray(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        rest = b"HTTP/1.1 200 OK\r\nX-Injected: 1\r\nContent-Length: 5\r\n\r\nEVIL!"
+        writer.write(CHUNKED_SSE + chunk(b"data: 1\n\n") + b"0\r\n\r\n" + rest)
+        await writer.drain()
+        await reader.read()
+
+    client = pool(await server.start(stray))
+    stream = await client.stream("/chat/completions", {}, b"{}")
+    assert await stream.read_all() == b"data: 1\n\n"
+    assert "x-injected" not in stream.headers
+    stream.close()
+    assert client._open == 0  # not reused: it carried what nobody asked for
+    await asyncio.wait_for(server.closed.wait(), 5)
+
+
+async def test_trailers_are_not_the_answers_headers(server: Server) -> None:
+    async def trailer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 429 Slow\r\nRetry-After: 2\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(b"{}"))
+        writer.write(b"0\r\nRetry-After: 86400\r\n\r\n")
+        await reader.read()
+
+    client = pool(await server.start(trailer))
+    stream = await client.stream("/chat/completions", {}, b"{}")
+    assert (await stream.read_all(), stream.headers["retry-after"]) == (b"{}", "2")
+    stream.close()
+    client.close()
+
+
+async def test_a_protocol_switch_nobody_asked_for_fails_the_call_and_closes(server: Server) -> None:
+    async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n")
+        await reader.read()
+
+    client = pool(await server.start(upgrade))
+    with pytest.raises(UpstreamConnectionError):
+        await client.stream("/chat/completions", {}, b"{}")
+    assert client._open == 0
+    await asyncio.wait_for(server.closed.wait(), 5)
+
+
+async def test_a_body_in_another_transfer_coding_ends_with_the_connection(server: Server) -> None:
+    async def identity(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nConnection: close\r\n\r\ndata: 1\n\n")
+        await writer.drain()
+
+    client = pool(await server.start(identity))
+    stream = await client.stream("/chat/completions", {}, b"{}")
+    assert await stream.read_all() == b"data: 1\n\n"
+    stream.close()
+    assert client._open == 0

@@ -65,6 +65,7 @@ class _Connection(asyncio.Protocol):
         "_paused",
         "_read_timeout",
         "_reader",
+        "_stray",
         "_streaming",
         "_timer",
         "closed",
@@ -94,6 +95,7 @@ class _Connection(asyncio.Protocol):
         self._ended = False  # the body is complete (the reader gets b"" once _body is empty)
         self._error: BaseException | None = None  # raised to the reader once _body is empty
         self._paused = False
+        self._stray = False  # bytes past the end of the answer came in the same read
 
     # asyncio.Protocol
 
@@ -109,8 +111,12 @@ class _Connection(asyncio.Protocol):
         self._heard = self._loop.time()  # the read timer looks at this when it fires
         try:
             parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # a 101: nothing here asks to switch protocols
+            self._fail(UpstreamConnectionError("malformed response: an unasked-for protocol switch"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamConnectionError(f"malformed response: {exc}"))
+        if self._stray:  # the answer ended and more came after it: nobody asked for it
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -135,21 +141,38 @@ class _Connection(asyncio.Protocol):
     def _until_close(self) -> bool:
         if not self._headers_done:
             return False
-        names = {name.lower() for name, _value in self._headers}
-        return b"content-length" not in names and b"transfer-encoding" not in names
+        headers = {name.lower(): value.lower() for name, value in self._headers}
+        if b"content-length" in headers:
+            return False
+        # Only a chunked body ends by itself (RFC 9112 6.3): any other transfer coding ends with the connection.
+        return not headers.get(b"transfer-encoding", b"").rstrip().endswith(b"chunked")
 
-    # httptools callbacks
+    # httptools callbacks (after the end of the answer, they are for bytes nobody asked for: _stray)
+
+    def _interim(self) -> bool:
+        """A 1xx answer (100 Continue, 103 Early Hints): not the answer, which follows it (RFC 9110 15.2)."""
+        assert self._parser is not None
+        return 100 <= self._parser.get_status_code() < 200
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if self._parser is None:
+            self._stray = True
+        elif not self._headers_done:  # after them, a chunked body's trailers: not the answer's headers
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        parser, done = self._parser, self._done
+        if parser is None:
+            self._stray = True
+            return
         self._headers_done = True
-        done, parser = self._done, self._parser
-        if self._streaming and done is not None and parser is not None and not done.done():
+        if self._streaming and done is not None and not done.done() and not self._interim():
             done.set_result(Answer(parser.get_status_code(), self._headers, b""))
 
     def on_body(self, body: bytes) -> None:
+        if self._parser is None:
+            self._stray = True
+            return
         self._body.append(body)
         if self._streaming:
             self._buffered += len(body)
@@ -160,7 +183,12 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         parser, done = self._parser, self._done
-        assert parser is not None and done is not None
+        if parser is None or done is None:
+            self._stray = True
+            return
+        if self._interim():  # the answer itself comes next, on the same parser
+            self._headers, self._headers_done, self._body, self._buffered = [], False, [], 0
+            return
         self._cancel_timer()
         keep = parser.should_keep_alive()
         self._parser = None
@@ -184,7 +212,7 @@ class _Connection(asyncio.Protocol):
         self._done = done
         self._parser = httptools.HttpResponseParser(self)
         self._body, self._headers, self.received, self._headers_done = [], [], False, False
-        self._streaming, self._buffered, self._ended, self._error = stream, 0, False, None
+        self._streaming, self._buffered, self._ended, self._error, self._stray = stream, 0, False, None, False
         self.transport.write(request)
         self._arm()
         try:

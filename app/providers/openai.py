@@ -30,7 +30,6 @@ class OpenAICompatibleProvider:
     def __init__(self, name: str, settings: ProviderSettings) -> None:
         assert settings.base_url is not None  # guaranteed by ProviderSettings validation
         self.name = name
-        self._url = settings.base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Content-Type": "application/json"}
         if settings.api_key is not None:
             self._headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
