@@ -11,9 +11,9 @@ the pool's size, keep-alive (an idle connection is reused, closed after `keepali
 connection that did not end its answer (cancelled, timed out, failed) is closed, never reused, so
 the upstream stops. A streamed body is read with flow control (the socket is paused while more than
 64 KB wait for a reader, and silence while paused is not a timeout), and the bytes received before
-a failure are read before the failure is raised. As aiohttp does for a POST, a request is never sent twice: a kept-alive
-connection the upstream closes as the request goes out fails the call (ModelCall's retry policy
-decides what happens next).
+a failure are read before the failure is raised. As aiohttp does for a POST, a request is never
+sent twice: a kept-alive connection the upstream closes as the request goes out fails the call
+(ModelCall's retry policy decides what happens next).
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ class ConnectTimeout(TimeoutError):
 _HIGH_WATER = 64 * 1024  # a streamed body's bytes waiting for its reader before the socket is paused
 
 
+_CLOSED_EARLY = "the connection was closed before the response ended"
+
+
 class Answer:
     __slots__ = ("body", "raw_headers", "status")
 
@@ -47,7 +50,11 @@ class Answer:
     @property
     def headers(self) -> dict[str, str]:
         """By lower-case name (decoded only when asked: an error's Retry-After)."""
-        return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in self.raw_headers}
+        return _by_name(self.raw_headers)
+
+
+def _by_name(raw_headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw_headers}
 
 
 class _Connection(asyncio.Protocol):
@@ -127,7 +134,7 @@ class _Connection(asyncio.Protocol):
                 if parser is not None and self._until_close():
                     self._ended = True
                 else:
-                    self._error = UpstreamConnectionError("the connection was closed before the response ended")
+                    self._error = UpstreamConnectionError(_CLOSED_EARLY)
                 self._wake_reader()
             return
         if done is None or done.done():
@@ -136,7 +143,7 @@ class _Connection(asyncio.Protocol):
             # A body without Content-Length or chunking ends where the connection does (HTTP/1.0 style).
             done.set_result(Answer(parser.get_status_code(), self._headers, b"".join(self._body)))
             return
-        done.set_exception(UpstreamConnectionError("the connection was closed before the response ended"))
+        done.set_exception(UpstreamConnectionError(_CLOSED_EARLY))
 
     def _until_close(self) -> bool:
         if not self._headers_done:
@@ -243,14 +250,13 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return body[0] if len(body) == 1 else b"".join(body)
 
-    def end_stream(self) -> bool:
-        """The reader is done with a streamed answer: True if the connection may be reused (the body was
-        read to its end); otherwise it is closed, so the upstream stops."""
+    def end_stream(self) -> None:
+        """The reader is done with a streamed answer: unless its body was read to its end, the connection
+        is closed (the upstream stops, and the pool does not reuse it)."""
         reusable = self._ended and self._error is None and not self._body and not self.closed
         self._done, self._streaming, self._body = None, False, []
         if not reusable:
             self.close()
-        return reusable
 
     def _wake_reader(self) -> None:
         if self._reader is not None and not self._reader.done():
@@ -290,7 +296,7 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         self._cancel_timer()
         if self._streaming and self._parser is not None and not self._ended and self._error is None:
-            self._error = UpstreamConnectionError("the connection was closed before the response ended")
+            self._error = UpstreamConnectionError(_CLOSED_EARLY)
             self._wake_reader()
         self._parser = None
         if not self.closed:
@@ -436,7 +442,8 @@ class Stream:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in self.raw_headers}
+        """By lower-case name."""
+        return _by_name(self.raw_headers)
 
     async def read(self) -> bytes:
         """The bytes that arrived since the last read, b"" at the end of the body."""
