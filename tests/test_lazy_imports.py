@@ -1,8 +1,8 @@
 """What only some deployments or requests need is not loaded until they need it (idle memory, per worker).
 
 Checked in a fresh interpreter: an app on the embedded defaults (SQLite, no Redis, no HTTP tool,
-tracing off), started, has not imported redis, jsonschema, the OpenTelemetry SDK, aiohttp or
-wasmtime; the sandbox still runs code, and wasmtime is loaded then.
+tracing off), started, has not imported redis, jsonschema, the OpenTelemetry SDK, aiohttp,
+wasmtime or SQLAlchemy's PostgreSQL dialect; the sandbox still runs code, and wasmtime is loaded then.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from app.redis_errors import backend_errors, redis_errors
 from tests.support import ROOT, pacemaker_env, run_cli, server_config
 
-LAZY = ["redis", "jsonschema", "opentelemetry.sdk", "wasmtime", "aiohttp"]
+LAZY = ["redis", "jsonschema", "opentelemetry.sdk", "wasmtime", "aiohttp", "sqlalchemy.dialects.postgresql"]
 
 CHILD = """
 import asyncio, json, sys

@@ -7,12 +7,12 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Executable
 
 from app.audit.models import AuditRecord
 from app.config import AuditSettings
+from app.db import insert_on_conflict
 from app.durable.kind import RowKind
 from app.durable.metrics import WriterMetrics
 from app.durable.writer import DurableWriter
@@ -24,8 +24,7 @@ _ZERO = Decimal(0)
 
 def _insert(dialect: str) -> Executable:
     # Insert-or-ignore on the server-made record_uid: a batch written twice never duplicates.
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return insert(_TABLE).on_conflict_do_nothing(index_elements=["record_uid"])
+    return insert_on_conflict(_TABLE, dialect).on_conflict_do_nothing(index_elements=["record_uid"])
 
 
 AUDIT_ROWS = RowKind(name="audit", table=_TABLE, insert=_insert, noun="request", id_field="request_id")

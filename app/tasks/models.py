@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, cast, get_args
 
-from sqlalchemy import JSON, Column, DateTime, Index, Text, text
+from sqlalchemy import JSON, Column, DateTime, Index, Text
 from sqlmodel import Field, SQLModel
 
 import app.db  # noqa: F401  (sets the metadata naming convention before any table is declared)
@@ -31,15 +31,7 @@ class Task(SQLModel, table=True):
         Index("ix_task_key_created", "api_key_id", "created_at"),  # a caller's tasks, newest first
         Index("ix_task_status_lease", "status", "lease_expires_at"),  # the sweep of expired leases
         Index("ix_task_created", "created_at"),  # every task, newest first; prune
-        # A key's active background tasks, counted at each background admission: without it SQLite
-        # read every task the key ever ran (8.8 ms at 50,000). Each predicate as its dialect renders
-        # the count's WHERE, so that the planner sees it implied.
-        Index(
-            "ix_task_key_active",
-            "api_key_id",
-            sqlite_where=text(ACTIVE_BACKGROUND_SQLITE),
-            postgresql_where=text(ACTIVE_BACKGROUND_POSTGRES),
-        ),
+        # ix_task_key_active, partial, is declared in app/tables.py: see there.
     )
 
     id: str = Field(max_length=64, primary_key=True)

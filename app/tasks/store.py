@@ -14,13 +14,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import and_, delete, func, not_, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 
 from app.config import TaskSettings
+from app.db import insert_on_conflict
 from app.durable.kind import RowKind
 from app.durable.storable import Storable
 from app.durable.writer import DurableWriter
@@ -42,8 +42,7 @@ _CURSOR_ID = re.compile(r"[\x21-\x7e]{1,64}")  # printable ASCII, as task ids ar
 @functools.cache
 def _upsert(dialect: str) -> Executable:
     """Insert, or replace a record the table holds at a lower version: a replayed admission never undoes an end."""
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(_TABLE)
+    statement = insert_on_conflict(_TABLE, dialect)
     return statement.on_conflict_do_update(
         index_elements=["id"],
         set_={name: statement.excluded[name] for name in TASK_COLUMNS if name not in _IMMUTABLE},
