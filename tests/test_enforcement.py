@@ -61,6 +61,27 @@ async def test_rate_limited_json_requests_get_429_with_a_computed_retry_after(en
     assert 8 <= int(third.headers["retry-after"]) <= 10
     assert third.headers["x-ratelimit-limit"] == "2"
     assert third.headers["x-ratelimit-remaining"] == "0"
+    assert_each_rate_limit_header_once(third)
+
+
+async def test_a_refused_chat_completion_carries_each_rate_limit_header_once(enforced: PacemakerServer) -> None:
+    key = new_key(enforced, rpm=6, burst=1)
+    body = {"model": "sim-small", "messages": [{"role": "user", "content": "hi"}]}
+    async with enforced.client(key=key) as http:
+        first = await http.post("/v1/chat/completions", json=body)
+        refused = await http.post("/v1/chat/completions", json=body)
+    assert first.status_code == 200 and refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"  # OpenAI's error shape on this route
+    assert_each_rate_limit_header_once(refused)
+
+
+def assert_each_rate_limit_header_once(response: httpx.Response) -> None:
+    # They were sent twice on a 429 (from the admission and again from the refusal): a client joining
+    # repeated headers read "0, 0".
+    names = {name for name in response.headers if name.startswith("x-ratelimit-") or name == "retry-after"}
+    assert {"x-ratelimit-remaining-requests", "x-ratelimit-limit", "retry-after"} <= names
+    for name in names:
+        assert len(response.headers.get_list(name)) == 1, (name, response.headers.get_list(name))
 
 
 async def test_sse_chat_and_websocket_are_limited_like_json(enforced: PacemakerServer) -> None:
