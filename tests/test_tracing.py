@@ -186,6 +186,10 @@ async def test_a_task_with_a_tool_call_is_one_trace_continued_from_the_caller_an
         TRACE_ID,
     )
     assert _wait_for_row(traced.server.workdir, "SELECT trace_id FROM task WHERE id = ?", task["id"]) == (TRACE_ID,)
+    # And in the task resource, so that a client can find the trace of a task it reads back.
+    async with traced.server.client() as http:
+        resource = (await http.get(f"/v1/tasks/{task['id']}")).json()
+    assert resource["trace_id"] == TRACE_ID
 
     # Audit batches have spans of their own (a batch serves many requests: each is a trace root).
     batches = await traced.spans(lambda all_spans: bool(_by_name(all_spans, "audit batch")))

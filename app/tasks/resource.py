@@ -49,6 +49,9 @@ class TaskResource(BaseModel):
     cost_usd: str = Field(description=_USD_DESCRIPTION)
     error: TaskError | None = Field(description="Why a failed or cancelled task ended")
     session_id: str | None = Field(None, description="The session (conversation) the task was a turn of")
+    trace_id: str | None = Field(
+        None, description="The W3C trace id (32 hex digits) of the request that started it, when tracing is on"
+    )
 
 
 class TaskList(BaseModel):
@@ -91,4 +94,5 @@ def task_resource(record: TaskRecord) -> TaskResource:
         cost_usd=f"{record.cost_usd:.9f}",
         error=error,
         session_id=record.session_id,
+        trace_id=record.trace_id,
     )
