@@ -53,6 +53,7 @@ from app.middleware import (
     _send_too_large,
     limited_receive,
     request_id_var,
+    response_headers,
 )
 from app.observability import tracing
 from app.observability.metrics import Metrics
@@ -180,7 +181,8 @@ class FastPath:
                 if context is not None:
                     context.http_status = status
                 # Headers decided along the way (rate-limit state, cost) reach every kind of response.
-                message["headers"] = [*message.get("headers", ()), id_header, *state.pop(RESPONSE_HEADERS_KEY, ())]
+                decided = state.pop(RESPONSE_HEADERS_KEY, ())
+                message["headers"] = response_headers(message.get("headers", ()), id_header, decided)
             elif kind == "http.response.body" and not message.get("more_body", False):
                 # Journaled before the last byte goes out: a crash after the client has its
                 # whole answer cannot lose the row.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -23,6 +24,18 @@ request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 # Request state entry: a list of (name, value) byte pairs added to the response's headers.
 RESPONSE_HEADERS_KEY = "response_headers"
+
+
+def response_headers(
+    own: Iterable[tuple[bytes, bytes]], request_id: tuple[bytes, bytes], decided: Iterable[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """A response's headers: its own, the request id, and those decided along the way (rate-limit
+    state, cost) that it does not set itself. A refusal's x-ratelimit-* are fresher than the
+    admission's: sent both, a client joining repeated headers read "600, 400"."""
+    headers = [*own, request_id]
+    names = {name.lower() for name, _ in headers}
+    headers.extend(pair for pair in decided if pair[0] not in names)
+    return headers
 
 
 def add_response_headers(scope: Scope, headers: dict[str, str]) -> None:
@@ -60,8 +73,8 @@ class RequestContextMiddleware:
             if message["type"] in ("http.response.start", "websocket.http.response.start"):
                 # Headers decided along the way (rate-limit state, cost) reach every kind of response.
                 # Popped: a held stream would keep them (about 1 KB) as long as it lasts.
-                extra = state.pop(RESPONSE_HEADERS_KEY, ())
-                message["headers"] = [*message.get("headers", ()), header, *extra]
+                decided = state.pop(RESPONSE_HEADERS_KEY, ())
+                message["headers"] = response_headers(message.get("headers", ()), header, decided)
             await send(message)
 
         counters = self.counters

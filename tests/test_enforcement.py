@@ -11,7 +11,9 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from starlette.types import Receive, Scope, Send
 
+from app.middleware import RequestContextMiddleware, TrafficCounters, add_response_headers
 from tests.support import PacemakerServer, read_sse, server_config, start_pacemaker
 
 
@@ -73,6 +75,25 @@ async def test_a_refused_chat_completion_carries_each_rate_limit_header_once(enf
     assert first.status_code == 200 and refused.status_code == 429
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"  # OpenAI's error shape on this route
     assert_each_rate_limit_header_once(refused)
+
+
+async def test_a_later_refusal_s_headers_replace_those_of_the_admission() -> None:
+    # A task's second model call refused on tokens: the admission put its x-ratelimit-* on the
+    # request's scope, the refusal carries the same names with fresher values. Each goes out once,
+    # the refusal's (they were joined, "600, 400"); what the response does not set still goes out.
+    async def refusing_app(scope: Scope, receive: Receive, send: Send) -> None:
+        add_response_headers(scope, {"x-ratelimit-remaining-tokens": "600", "x-ratelimit-limit-requests": "60"})
+        headers = [(b"content-type", b"application/problem+json"), (b"x-ratelimit-remaining-tokens", b"400")]
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = RequestContextMiddleware(refusing_app, TrafficCounters())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        response = await http.post("/v1/tasks")
+    assert response.status_code == 429
+    assert response.headers.get_list("x-ratelimit-remaining-tokens") == ["400"]
+    assert response.headers.get_list("x-ratelimit-limit-requests") == ["60"]
+    assert len(response.headers.get_list("x-request-id")) == 1
 
 
 def assert_each_rate_limit_header_once(response: httpx.Response) -> None:

@@ -147,8 +147,7 @@ class Enforcer:
         self._observe_budget(principal, admission)
         reservation = admission.reservation
         if reservation is None:
-            # On the scope they reach the 429 already; on the error as well, they were sent twice.
-            raise self._rejected(_refusal(admission, spec, {} if scope is not None else headers))
+            raise self._rejected(_refusal(admission, spec, headers))
         try:
             slot = self.concurrency.acquire(principal.key_id, self._max_concurrency(principal))
         except AppError as exc:

@@ -50,7 +50,9 @@ class TaskResource(BaseModel):
     error: TaskError | None = Field(description="Why a failed or cancelled task ended")
     session_id: str | None = Field(None, description="The session (conversation) the task was a turn of")
     trace_id: str | None = Field(
-        None, description="The W3C trace id (32 hex digits) of the request that started it, when tracing is on"
+        None,
+        description="The W3C trace id (32 hex digits) of the task's span, continued from the caller's"
+        " traceparent when it sent one; null when tracing is off",
     )
 
 
